@@ -1,0 +1,18 @@
+"""masq_fx: modality-aware post-training quantization of multimodal LLMs as graph transforms."""
+
+from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.modality import Modality, ModalityPolicy, ModalityTokens, modality_ids
+from masq_fx.models import DecoderInputs, ModelAdapter, UnsupportedModelError, adapter_for
+
+__all__ = [
+    "CapturedDecoder",
+    "DecoderInputs",
+    "Modality",
+    "ModalityPolicy",
+    "ModalityTokens",
+    "ModelAdapter",
+    "UnsupportedModelError",
+    "adapter_for",
+    "capture",
+    "modality_ids",
+]

@@ -1,0 +1,212 @@
+"""Capture the language decoder of an HF model as an exported FX graph.
+
+The graph computes ``logits = lm_head(decoder(inputs_embeds, position_ids, attention_mask))`` and
+has four placeholders, in this order: ``inputs_embeds``, ``position_ids``, ``modality_ids``,
+``attention_mask``. ``modality_ids`` is unused by the float graph; modality-aware transforms read
+it. Vision and audio towers are not captured: :meth:`ModelAdapter.decoder_inputs` runs them
+eagerly. The sequence length (and the batch size) are dynamic.
+
+Every ``aten.linear`` node is tagged with the name of its module relative to the decoder
+(``layers.3.self_attn.q_proj``; the head is ``lm_head``) in ``node.meta["masq_fx.module"]``, and
+every node inside a decoder layer with its index in ``node.meta["masq_fx.layer"]``.
+
+**Where results live.** A transform's results (smoothing scales, per-modality tables, quantized
+weights, low-rank factors) are kept as *data keyed by module name* in the pipeline context
+(:class:`masq_fx.pipeline.Context`), and the graph edit that uses them is a pure function of that
+data. They can therefore be replayed onto a fresh capture of the same model (a generation graph
+with a KV cache, or a model being loaded from a checkpoint) instead of living inside one graph.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+
+PLACEHOLDERS = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
+MODULE_KEY = "masq_fx.module"
+LAYER_KEY = "masq_fx.layer"
+_DECODER_PREFIX = "decoder."
+_LAYER_PATH = re.compile(r"^decoder\.layers\.(\d+)$")
+
+
+class _ExportableDecoder(nn.Module):
+    """The decoder and LM head behind the four-tensor signature of a captured graph."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        modality_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+        ).last_hidden_state
+        return self.lm_head(hidden)
+
+
+@dataclass
+class CapturedDecoder:
+    """An exported decoder graph plus what transforms need to know about it."""
+
+    graph_module: fx.GraphModule
+    family: str
+    num_layers: int
+    hidden_size: int
+    position_rows: int
+    capture_seconds: float = 0.0
+    #: module name → the original float weight (shared with the HF model, never modified)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
+        return self.graph_module(*inputs.args())
+
+    def linear_nodes(self) -> dict[str, fx.Node]:
+        """Module name → its linear node, in graph order."""
+        return {n.meta[MODULE_KEY]: n for n in self.graph_module.graph.nodes if MODULE_KEY in n.meta}
+
+    def decoder_linears(self) -> list[str]:
+        """Module names of the linears inside decoder layers (the quantization targets)."""
+        return [name for name, node in self.linear_nodes().items() if LAYER_KEY in node.meta]
+
+    def layer_nodes(self, index: int) -> list[fx.Node]:
+        """All nodes of decoder layer ``index``, in graph order."""
+        return [n for n in self.graph_module.graph.nodes if n.meta.get(LAYER_KEY) == index]
+
+    def placeholder(self, name: str) -> fx.Node:
+        for node in self.graph_module.graph.find_nodes(op="placeholder"):
+            if node.name == name:
+                return node
+        raise KeyError(f"captured graph has no placeholder {name!r}")
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear)
+
+
+def _weight_attr(node: fx.Node) -> str | None:
+    weight = node.args[1]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return str(weight.target)
+    return None
+
+
+def module_name_of(attr: str) -> str:
+    """``decoder.layers.0.mlp.up_proj.weight`` → ``layers.0.mlp.up_proj``."""
+    name = attr.rsplit(".", 1)[0]
+    return name[len(_DECODER_PREFIX):] if name.startswith(_DECODER_PREFIX) else name
+
+
+def _layer_index(node: fx.Node) -> int | None:
+    for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
+        match = _LAYER_PATH.match(path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def annotate(gm: fx.GraphModule) -> None:
+    """Tag linear nodes with their module name and layer nodes with their layer index."""
+    for node in gm.graph.nodes:
+        layer = _layer_index(node)
+        if layer is not None:
+            node.meta[LAYER_KEY] = layer
+        if is_linear(node):
+            attr = _weight_attr(node)
+            if attr is not None:
+                node.meta[MODULE_KEY] = module_name_of(attr)
+
+
+def _dynamic_shapes(example: DecoderInputs) -> tuple[dict[int, Dim], ...]:
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=32768)
+    pos = {1: batch, 2: seq} if example.position_ids.dim() == 3 else {0: batch, 1: seq}
+    return ({0: batch, 1: seq}, pos, {0: batch, 1: seq}, {0: batch, 1: seq})
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Remove parameters the graph never reads (the token embedding lives outside the graph)."""
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    used = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used and name.startswith(_DECODER_PREFIX + "embed_tokens"):
+            owner, attr = name.rsplit(".", 1)
+            delattr(gm.get_submodule(owner), attr)
+    gm.recompile()
+
+
+def example_inputs(adapter: ModelAdapter, batch: int = 2, seq: int = 8) -> DecoderInputs:
+    """Random text-only decoder inputs of the model's width and dtype, used to trace."""
+    cfg = adapter.text_config()
+    dtype = next(adapter.language_model().parameters()).dtype
+    return DecoderInputs(
+        inputs_embeds=torch.randn(batch, seq, cfg.hidden_size, dtype=dtype),
+        position_ids=adapter.default_position_ids(batch, seq),
+        modality_ids=torch.zeros(batch, seq, dtype=torch.long),
+        attention_mask=torch.ones(batch, seq, dtype=torch.long),
+    )
+
+
+def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedDecoder:
+    """Export ``model``'s language decoder (and LM head) with dynamic batch and sequence length.
+
+    ``example`` fixes nothing but dtypes and ranks; a random text-only example is used if omitted.
+    The model is put in eval mode. Its parameters are shared with the graph, not copied.
+    """
+    adapter = adapter_for(model)
+    model.eval()
+    example = example or example_inputs(adapter)
+    wrapper = _ExportableDecoder(adapter.language_model(), adapter.lm_head())
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(
+            wrapper, example.args(), dynamic_shapes=_dynamic_shapes(example), strict=False
+        )
+    gm = program.module()
+    _drop_unused_attributes(gm)
+    annotate(gm)
+    seconds = time.perf_counter() - start
+    cfg = adapter.text_config()
+    captured = CapturedDecoder(
+        graph_module=gm,
+        family=adapter.family,
+        num_layers=len(adapter.layers()),
+        hidden_size=cfg.hidden_size,
+        position_rows=adapter.position_rows,
+        capture_seconds=seconds,
+    )
+    captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
+    return captured
+
+
+def _weight_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    attr = _weight_attr(node)
+    assert attr is not None
+    owner, name = attr.rsplit(".", 1)
+    return getattr(gm.get_submodule(owner), name)
+
+
+def iter_linears(gm: fx.GraphModule) -> Iterator[tuple[str, fx.Node]]:
+    """(module name, node) of every tagged linear in graph order."""
+    for node in gm.graph.nodes:
+        if MODULE_KEY in node.meta:
+            yield node.meta[MODULE_KEY], node

@@ -1,0 +1,14 @@
+"""Model adapters, one module per architecture family. Importing this package registers them all."""
+
+from masq_fx.models.base import DecoderInputs, ModelAdapter
+from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, supported_families
+from masq_fx.models import llama, qwen_vl  # noqa: F401  (registration)
+
+__all__ = [
+    "DecoderInputs",
+    "ModelAdapter",
+    "UnsupportedModelError",
+    "adapter_for",
+    "register_adapter",
+    "supported_families",
+]

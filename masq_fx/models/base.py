@@ -1,0 +1,161 @@
+"""The adapter interface: what masq_fx needs to know about one family of HF models.
+
+An adapter answers four questions about a model, and nothing else:
+
+* where the language decoder is (a module with ``.layers`` that maps ``inputs_embeds`` to
+  hidden states) and which module is the LM head;
+* how the decoder's inputs are made: :meth:`ModelAdapter.decoder_inputs` runs the model's own
+  forward (so the real vision/audio towers, embedding merge and position-id code run eagerly)
+  and catches the arguments that reach the decoder;
+* the placeholder token ids of each modality;
+* the shape of the decoder's position ids (``[batch, seq]``, or ``[3, batch, seq]`` for M-RoPE).
+
+Detection is by model class (``isinstance``), never by a path or a name substring.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
+
+
+@dataclass(frozen=True)
+class DecoderInputs:
+    """The four inputs of a captured decoder graph, in graph order."""
+
+    inputs_embeds: torch.Tensor  # [batch, seq, hidden]
+    position_ids: torch.Tensor  # [batch, seq] or [3, batch, seq]
+    modality_ids: torch.Tensor  # [batch, seq], Modality codes
+    attention_mask: torch.Tensor  # [batch, seq], 1 = real token, 0 = padding
+
+    def args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.inputs_embeds, self.position_ids, self.modality_ids, self.attention_mask)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "DecoderInputs":
+        """Cast the embeddings to ``dtype`` and move everything to ``device``."""
+        return replace(
+            self,
+            inputs_embeds=self.inputs_embeds.to(device=device, dtype=dtype),
+            position_ids=self.position_ids.to(device=device),
+            modality_ids=self.modality_ids.to(device=device),
+            attention_mask=self.attention_mask.to(device=device),
+        )
+
+
+class _Caught(Exception):
+    """Raised by the pre-hook to stop the model's forward once the decoder's inputs are known."""
+
+
+class ModelAdapter(ABC):
+    """Base class of one model family. Subclasses set the class variables and the two accessors."""
+
+    family: ClassVar[str]
+    #: the HF classes this adapter handles, matched with ``isinstance``
+    model_classes: ClassVar[tuple[type[nn.Module], ...]]
+    #: number of rows of the decoder's position ids: 1 for plain RoPE, 3 for M-RoPE
+    position_rows: ClassVar[int] = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, cls.model_classes)
+
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder: ``forward(inputs_embeds=, position_ids=, attention_mask=)`` → ``last_hidden_state``."""
+
+    @abstractmethod
+    def modality_tokens(self) -> ModalityTokens:
+        """Placeholder token ids of the image, video and audio modalities."""
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    def text_config(self) -> Any:
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def default_position_ids(self, batch: int, seq: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Position ids the decoder would make for itself with no cache."""
+        pos = torch.arange(seq, device=device).expand(batch, seq)
+        return pos.expand(self.position_rows, batch, seq).clone() if self.position_rows > 1 else pos.clone()
+
+    def decoder_inputs(self, batch: Mapping[str, torch.Tensor], policy: ModalityPolicy = ModalityPolicy()) -> DecoderInputs:
+        """Run the model's own forward on a processed ``batch`` up to its decoder and return the decoder's inputs.
+
+        ``batch`` is what the model's processor returns (``input_ids``, ``attention_mask``,
+        ``pixel_values``, ``input_features``, ``mm_token_type_ids``, ...). The towers run eagerly.
+        """
+        if "input_ids" not in batch:
+            raise ValueError("decoder_inputs needs 'input_ids' in the batch (the processor's output)")
+        caught: dict[str, Any] = {}
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            caught.update(kwargs)
+            if args:
+                caught.setdefault("input_ids", args[0])
+            raise _Caught
+
+        handle = self.language_model().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(**batch, use_cache=False)
+        except _Caught:
+            pass
+        finally:
+            handle.remove()
+        if not caught:
+            raise RuntimeError(f"{type(self.model).__name__}.forward never called its language decoder")
+
+        input_ids = batch["input_ids"]
+        embeds = caught.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.embed(caught["input_ids"])
+        bsz, seq = input_ids.shape
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones(bsz, seq, dtype=torch.long, device=input_ids.device)
+        positions = caught.get("position_ids")
+        if positions is None:
+            positions = self.default_position_ids(bsz, seq, input_ids.device)
+        elif positions.dim() == 2 and self.position_rows > 1:
+            positions = positions.expand(self.position_rows, bsz, seq).clone()
+        if "mm_token_type_ids" in batch:
+            mods = modality_ids_from_token_types(batch["mm_token_type_ids"], policy)
+            mods = torch.where(attention_mask.bool(), mods, 0)
+        else:
+            mods = modality_ids(input_ids, self.modality_tokens(), policy, attention_mask)
+        return DecoderInputs(
+            inputs_embeds=embeds.detach(),
+            position_ids=positions.detach(),
+            modality_ids=mods,
+            attention_mask=attention_mask.long(),
+        )
+
+
+def config_token(config: Any, *names: str) -> int | None:
+    """The first of ``names`` that ``config`` defines with a non-negative integer value."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= 0:
+            return value
+    return None
