@@ -1,0 +1,130 @@
+"""Observer insertion and the calibration runner: the first two transforms of every pipeline.
+
+:class:`InsertObservers` adds one :class:`~masq_fx.observers.ModalityObserver` node per distinct
+linear input (q/k/v share one, gate/up share one); each takes ``(x, modality_ids,
+attention_mask)`` from the graph's own placeholders. :class:`Calibrate` feeds the calibration
+samples through the graph, collects the statistics into ``context.stats`` (keyed by the module
+name of every linear that reads the observed input) and removes the observer nodes again, even
+when interrupted, so the graph is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from masq_fx.capture import LAYER_KEY, MODULE_KEY
+from masq_fx.graph import input_node
+from masq_fx.modality import Modality
+from masq_fx.observers import ModalityObserver
+from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Context
+
+OBSERVERS = "observers"
+STATS = "stats"
+OBSERVER_PREFIX = "masq_fx_observer_"
+_SITES_KEY = "masq_fx.observed_linears"
+
+
+@dataclass
+class InsertObservers:
+    """Insert a modality-partitioned observer on the input of every decoder linear.
+
+    ``moment_modalities``: modalities whose second moment ``Σ xᵀx`` is tracked (the CMC
+    whitening needs the non-text ones). ``include_head``: observe ``lm_head``'s input too.
+    """
+
+    moment_modalities: tuple[Modality, ...] = (Modality.VISION, Modality.AUDIO)
+    include_head: bool = False
+    name: str = "insert_observers"
+    requires: tuple[str, ...] = (GRAPH,)
+    provides: tuple[str, ...] = (OBSERVERS,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        graph = gm.graph
+        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+        # linears whose inputs come from the same node (q/k/v; gate/up) share one observer,
+        # which watches the tensor the first of them actually reads
+        sites: dict[fx.Node, list[fx.Node]] = {}
+        for node in graph.nodes:
+            module = node.meta.get(MODULE_KEY)
+            if module is None or (LAYER_KEY not in node.meta and not self.include_head):
+                continue
+            sites.setdefault(input_node(node), []).append(node)
+        for index, linears in enumerate(sites.values()):
+            tensor = linears[0].args[0]
+            target = f"{OBSERVER_PREFIX}{index}"
+            gm.add_submodule(target, ModalityObserver(self.moment_modalities))
+            with graph.inserting_after(tensor):
+                observer = graph.call_module(
+                    target, (tensor, placeholders["modality_ids"], placeholders["attention_mask"])
+                )
+            observer.meta[_SITES_KEY] = tuple(n.meta[MODULE_KEY] for n in linears)
+        return gm
+
+
+def observer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.find_nodes(op="call_module") if str(n.target).startswith(OBSERVER_PREFIX)]
+
+
+def remove_observers(gm: fx.GraphModule) -> None:
+    """Erase every observer node and submodule."""
+    for node in observer_nodes(gm):
+        target = str(node.target)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(target)
+    gm.recompile()
+
+
+@dataclass
+class Calibrate:
+    """Run the calibration samples through the graph and keep the observers' statistics."""
+
+    progress: bool = True
+    name: str = "calibrate"
+    requires: tuple[str, ...] = (OBSERVERS, CALIBRATION_DATA)
+    provides: tuple[str, ...] = (STATS,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        nodes = observer_nodes(gm)
+        if not nodes:
+            raise RuntimeError("the graph has no observers: run InsertObservers before Calibrate")
+        try:
+            gm.recompile()
+            with torch.no_grad():
+                for sample in tqdm(context.calibration, desc="calibrate", unit="sample", disable=not self.progress):
+                    gm(*sample.args())
+            for node in nodes:
+                stats = gm.get_submodule(str(node.target)).stats
+                if stats is None:
+                    continue
+                for module in node.meta[_SITES_KEY]:
+                    context.stats[module] = stats
+        finally:
+            remove_observers(gm)
+        context.provided.discard(OBSERVERS)
+        return gm
+
+
+def calibration_tokens(samples: Iterable) -> dict[Modality, int]:
+    """Number of (unpadded) tokens of each modality in a set of decoder inputs."""
+    counts = {m: 0 for m in Modality}
+    for sample in samples:
+        valid = sample.attention_mask.bool()
+        for m in Modality:
+            counts[m] += int(((sample.modality_ids == int(m)) & valid).sum())
+    return counts
+
+
+def observe(
+    context: Context,
+    moment_modalities: tuple[Modality, ...] = (Modality.VISION, Modality.AUDIO),
+    progress: bool = True,
+) -> Context:
+    """Insert observers and calibrate: ``context.stats`` gets every decoder linear's input statistics."""
+    from masq_fx.pipeline import Pipeline
+
+    return Pipeline([InsertObservers(moment_modalities), Calibrate(progress=progress)]).run(context, progress=False)

@@ -1,0 +1,366 @@
+"""Tiny random-weight models of the real HF classes, one per supported family, for tests and demos.
+
+Every builder makes its config in code (no download), seeds the weights and the example batch, and
+returns a :class:`TinyModel`: the model in eval mode plus a ``batch`` shaped like its processor's
+output, ready for ``model(**batch)`` and ``adapter.decoder_inputs(batch)``. Decoders are 2 layers
+of width 64 with a 256-token vocabulary; each build takes well under a second on a CPU.
+
+By default a batch holds two rows of different lengths, left-padded (``attention_mask`` has zeros
+at the start of row 1); ``batch_size=1`` gives one unpadded row. Every row holds the family's
+modalities:
+
+==========================  ======================
+family                      modalities in a row
+==========================  ======================
+``llama``                   text
+``llava``                   text + image
+``qwen2-vl``                text + image
+``qwen2.5-vl``              text + image
+``qwen2-audio``             text + audio
+``qwen2.5-omni-thinker``    text + image + audio
+==========================  ======================
+
+Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from masq_fx.modality import Modality
+
+VOCAB = 256
+HIDDEN = 64
+LAYERS = 2
+#: special token ids used by every tiny config (text tokens are drawn from 1..239)
+TINY_TOKENS: dict[str, int] = {
+    "pad": 0,
+    "bos": 245,
+    "eos": 246,
+    "audio_start": 247,
+    "audio_end": 248,
+    "image": 250,
+    "video": 251,
+    "vision_start": 252,
+    "vision_end": 253,
+    "audio": 254,
+}
+_TEXT_MAX = 240
+
+# Qwen-style vision towers: a 1x4x4 patch grid merges (2x2) into 4 image tokens.
+_GRID = (1, 4, 4)
+_PATCH, _TEMPORAL_PATCH, _MERGE = 14, 2, 2
+_IMAGE_TOKENS = _GRID[0] * _GRID[1] * _GRID[2] // _MERGE**2
+# Audio encoders: 16 mel bins, clips of 40 (even rows) or 32 (odd rows) frames -> 10 or 8 tokens.
+_MEL_BINS = 16
+_AUDIO_FRAMES = 40
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16
+
+
+@dataclass
+class TinyModel:
+    """A tiny model of one family and an example processed batch for it."""
+
+    family: str
+    model: nn.Module
+    #: what the model's processor would return (``input_ids``, ``attention_mask``, pixel/audio tensors, ...)
+    batch: dict[str, torch.Tensor]
+    #: the modalities present in ``batch``, text included
+    modalities: tuple[Modality, ...] = (Modality.TEXT,)
+
+
+def _text_decoder(**extra: Any) -> dict[str, Any]:
+    """Shared decoder sizes: hidden 64, 2 layers, 4 query / 2 KV heads (head_dim 16), vocab 256."""
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=TINY_TOKENS["pad"],
+        bos_token_id=TINY_TOKENS["bos"],
+        eos_token_id=TINY_TOKENS["eos"],
+        **extra,
+    )
+
+
+def _qwen_vision_tower() -> dict[str, Any]:
+    """Qwen2.5-VL / Omni vision tower: 1 block of width 32, projecting to the decoder width."""
+    return dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=HIDDEN,
+        patch_size=_PATCH,
+        spatial_merge_size=_MERGE,
+        temporal_patch_size=_TEMPORAL_PATCH,
+        window_size=56,
+        fullatt_block_indexes=[0],
+    )
+
+
+def _build(config: Any, cls: type[nn.Module], seed: int) -> nn.Module:
+    """``cls(config)`` with weights drawn from ``seed``, leaving the global RNG untouched; eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    return model.eval()
+
+
+class _Rows:
+    """Token rows of a batch: row ``i`` is long for even ``i`` and short for odd ``i``."""
+
+    def __init__(self, seed: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def text(self, row: int, long: int, short: int) -> list[int]:
+        n = long if row % 2 == 0 else short
+        return torch.randint(1, _TEXT_MAX, (n,), generator=self.gen).tolist()
+
+    @staticmethod
+    def left_pad(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``rows``, left-padded to one length."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), TINY_TOKENS["pad"], dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _image_span(placeholders: int) -> list[int]:
+    t = TINY_TOKENS
+    return [t["vision_start"]] + [t["image"]] * placeholders + [t["vision_end"]]
+
+
+def _audio_frames(row: int) -> int:
+    return _AUDIO_FRAMES if row % 2 == 0 else _AUDIO_FRAMES - 8
+
+
+def _audio_tokens(frames: int) -> int:
+    """Placeholder tokens of a clip of ``frames`` mel frames (conv stride 2, then avg-pool 2)."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def _audio_span(frames: int) -> list[int]:
+    t = TINY_TOKENS
+    return [t["audio_start"]] + [t["audio"]] * _audio_tokens(frames) + [t["audio_end"]]
+
+
+def _audio_inputs(gen: torch.Generator, frames: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``input_features`` ``[clips, mel, 40]`` (zero after each clip) and ``feature_attention_mask`` ``[clips, 40]``."""
+    feats = torch.randn(len(frames), _MEL_BINS, _AUDIO_FRAMES, generator=gen)
+    fmask = torch.zeros(len(frames), _AUDIO_FRAMES, dtype=torch.long)
+    for i, n in enumerate(frames):
+        fmask[i, :n] = 1
+        feats[i, :, n:] = 0
+    return {"input_features": feats, "feature_attention_mask": fmask}
+
+
+def _qwen_image_inputs(gen: torch.Generator, images: int) -> dict[str, torch.Tensor]:
+    """Flattened patches ``[images * 16, 3 * 2 * 14 * 14]`` and ``image_grid_thw`` ``[images, 3]``."""
+    patches = _GRID[0] * _GRID[1] * _GRID[2]
+    return {
+        "pixel_values": torch.randn(images * patches, 3 * _TEMPORAL_PATCH * _PATCH * _PATCH, generator=gen),
+        "image_grid_thw": torch.tensor([_GRID] * images),
+    }
+
+
+def _mm_token_types(ids: torch.Tensor) -> torch.Tensor:
+    """The Qwen-VL processors' ``mm_token_type_ids``: 0 text, 1 image, 2 video, 3 audio."""
+    types = torch.zeros_like(ids)
+    types[ids == TINY_TOKENS["image"]] = 1
+    types[ids == TINY_TOKENS["video"]] = 2
+    types[ids == TINY_TOKENS["audio"]] = 3
+    return types
+
+
+def tiny_llama(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``LlamaForCausalLM``; text-only rows of 12 and 9 tokens."""
+    model = _build(LlamaConfig(**_text_decoder()), LlamaForCausalLM, seed)
+    rows = _Rows(seed, batch_size)
+    batch = rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)])
+    return TinyModel("llama", model, batch)
+
+
+def tiny_llava(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``LlavaForConditionalGeneration`` (CLIP tower, Llama decoder); one 28x28 image (4 tokens) per row."""
+    image_size, patch = 28, 14
+    image_tokens = (image_size // patch) ** 2  # the CLS token is dropped ("default" feature strategy)
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
+        ),
+        text_config=dict(model_type="llama", **_text_decoder()),
+        image_token_index=TINY_TOKENS["image"],
+        image_seq_length=image_tokens,
+    )
+    model = _build(config, LlavaForConditionalGeneration, seed)
+    rows = _Rows(seed, batch_size)
+    image = [TINY_TOKENS["image"]] * image_tokens
+    batch = rows.left_pad([rows.text(i, 3, 2) + image + rows.text(i, 5, 3) for i in range(batch_size)])
+    batch["pixel_values"] = torch.randn(batch_size, 3, image_size, image_size, generator=rows.gen)
+    return TinyModel("llava", model, batch, (Modality.TEXT, Modality.VISION))
+
+
+def _qwen_vl(family: str, config_cls: type, model_cls: type[nn.Module], vision: dict, seed: int, batch_size: int) -> TinyModel:
+    t = TINY_TOKENS
+    config = config_cls(
+        text_config=_text_decoder(rope_parameters=dict(_MROPE)),
+        vision_config=vision,
+        image_token_id=t["image"],
+        video_token_id=t["video"],
+        vision_start_token_id=t["vision_start"],
+        vision_end_token_id=t["vision_end"],
+    )
+    model = _build(config, model_cls, seed)
+    rows = _Rows(seed, batch_size)
+    image = _image_span(_IMAGE_TOKENS)
+    batch = rows.left_pad([rows.text(i, 3, 2) + image + rows.text(i, 4, 2) for i in range(batch_size)])
+    batch.update(_qwen_image_inputs(rows.gen, batch_size))
+    batch["mm_token_type_ids"] = _mm_token_types(batch["input_ids"])
+    return TinyModel(family, model, batch, (Modality.TEXT, Modality.VISION))
+
+
+def tiny_qwen2_vl(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen2VLForConditionalGeneration``; one 1x4x4-patch image (4 merged tokens) per row."""
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=HIDDEN,
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=_PATCH,
+        spatial_merge_size=_MERGE,
+        temporal_patch_size=_TEMPORAL_PATCH,
+    )
+    return _qwen_vl("qwen2-vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, seed, batch_size)
+
+
+def tiny_qwen25_vl(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen2_5_VLForConditionalGeneration``; one 1x4x4-patch image (4 merged tokens) per row."""
+    return _qwen_vl(
+        "qwen2.5-vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, _qwen_vision_tower(), seed, batch_size
+    )
+
+
+def tiny_qwen2_audio(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen2AudioForConditionalGeneration``; one audio clip per row (10 or 8 tokens)."""
+    t = TINY_TOKENS
+    config = Qwen2AudioConfig(
+        audio_config=dict(
+            model_type="qwen2_audio_encoder",
+            d_model=32,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            num_mel_bins=_MEL_BINS,
+            max_source_positions=_AUDIO_FRAMES // 2,  # the encoder takes exactly 2 * max_source_positions frames
+        ),
+        text_config=dict(model_type="qwen2", **_text_decoder()),
+        audio_token_index=t["audio"],
+    )
+    model = _build(config, Qwen2AudioForConditionalGeneration, seed)
+    rows = _Rows(seed, batch_size)
+    frames = [_audio_frames(i) for i in range(batch_size)]
+    batch = rows.left_pad([rows.text(i, 3, 2) + _audio_span(frames[i]) + rows.text(i, 4, 3) for i in range(batch_size)])
+    batch.update(_audio_inputs(rows.gen, frames))
+    return TinyModel("qwen2-audio", model, batch, (Modality.TEXT, Modality.AUDIO))
+
+
+def tiny_qwen25_omni_thinker(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen2_5OmniThinkerForConditionalGeneration``; per row one image (4 tokens), then one audio clip (10 or 8)."""
+    t = TINY_TOKENS
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=_text_decoder(rope_parameters=dict(_MROPE)),
+        vision_config=_qwen_vision_tower(),
+        audio_config=dict(
+            d_model=32,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            num_mel_bins=_MEL_BINS,
+            max_source_positions=_AUDIO_FRAMES // 2,
+            n_window=_AUDIO_FRAMES // 4,  # chunks of 2 * n_window frames
+            output_dim=HIDDEN,
+        ),
+        image_token_index=t["image"],
+        video_token_index=t["video"],
+        audio_token_index=t["audio"],
+        audio_start_token_id=t["audio_start"],
+        audio_end_token_id=t["audio_end"],
+        # not declared by Qwen2_5OmniThinkerConfig, but read by its get_rope_index (real checkpoints set it)
+        vision_start_token_id=t["vision_start"],
+        vision_end_token_id=t["vision_end"],
+    )
+    model = _build(config, Qwen2_5OmniThinkerForConditionalGeneration, seed)
+    rows = _Rows(seed, batch_size)
+    frames = [_audio_frames(i) for i in range(batch_size)]
+    image = _image_span(_IMAGE_TOKENS)
+    batch = rows.left_pad(
+        [
+            rows.text(i, 3, 2) + image + rows.text(i, 2, 2) + _audio_span(frames[i]) + rows.text(i, 3, 2)
+            for i in range(batch_size)
+        ]
+    )
+    batch.update(_qwen_image_inputs(rows.gen, batch_size))
+    batch.update(_audio_inputs(rows.gen, frames))
+    return TinyModel("qwen2.5-omni-thinker", model, batch, (Modality.TEXT, Modality.VISION, Modality.AUDIO))
+
+
+_BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
+    "llama": tiny_llama,
+    "llava": tiny_llava,
+    "qwen2-vl": tiny_qwen2_vl,
+    "qwen2.5-vl": tiny_qwen25_vl,
+    "qwen2-audio": tiny_qwen2_audio,
+    "qwen2.5-omni-thinker": tiny_qwen25_omni_thinker,
+}
+
+#: the families :func:`tiny_model` can build, in a fixed order
+TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def tiny_model(family: str, seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """A tiny model of ``family`` (one of :data:`TINY_FAMILIES`) and an example batch of ``batch_size`` rows.
+
+    Weights and batch are drawn from ``seed`` (the global RNG is left alone). Rows alternate
+    long/short, so any ``batch_size >= 2`` has left padding.
+    """
+    try:
+        builder = _BUILDERS[family]
+    except KeyError:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of: {', '.join(TINY_FAMILIES)}") from None
+    return builder(seed, batch_size)

@@ -1,0 +1,44 @@
+"""An FX-insertable module that records the per-modality statistics of a linear layer's input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from masq_fx.modality import Modality
+from masq_fx.observers.stats import ModalityStats
+
+
+class ModalityObserver(nn.Module):
+    """Accumulates :class:`ModalityStats` of its input; returns ``None``.
+
+    ``_is_impure`` keeps a ``call_module`` node targeting it alive through
+    ``Graph.eliminate_dead_code`` although nothing uses its output.
+    """
+
+    _is_impure = True
+
+    def __init__(self, moment_modalities: Iterable[Modality | str | int] = ()) -> None:
+        super().__init__()
+        self.moment_modalities: tuple[Modality, ...] = tuple(sorted({Modality.parse(m) for m in moment_modalities}))
+        self.stats: ModalityStats | None = None
+
+    def forward(self, x: Tensor, modality_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Record ``x`` ``[batch, seq, C]``; tokens where ``attention_mask`` ``[batch, seq]`` is 0 are skipped."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, seq, channels], got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            if self.stats is None:
+                self.stats = ModalityStats.empty(x.shape[-1], self.moment_modalities, device=x.device)
+            valid = None if attention_mask is None else attention_mask != 0
+            self.stats.update(x, modality_ids, valid)
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        self.stats = None
+
+    def extra_repr(self) -> str:
+        moments = ", ".join(m.name.lower() for m in self.moment_modalities)
+        return f"moment_modalities=({moments})"

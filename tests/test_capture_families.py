@@ -1,0 +1,174 @@
+"""Capture of every supported family on its tiny random-weight model (real HF classes, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from masq_fx.capture import LAYER_KEY, MODULE_KEY, PLACEHOLDERS, CapturedDecoder, capture
+from masq_fx.modality import Modality
+from masq_fx.models import ModelAdapter, UnsupportedModelError, adapter_for, supported_families
+from masq_fx.models.tiny import TINY_FAMILIES, TINY_TOKENS, TinyModel, tiny_model
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def layer_linears(i: int) -> set[str]:
+    return {f"layers.{i}.{p}" for p in PROJECTIONS}
+
+
+def hf_logits(tiny: TinyModel, batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return tiny.model(**(tiny.batch if batch is None else batch)).logits
+
+
+def run(captured: CapturedDecoder, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return captured(inputs)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def family(request) -> tuple[TinyModel, ModelAdapter, CapturedDecoder]:
+    """A tiny model, its adapter and its captured decoder, built once per family."""
+    tiny = tiny_model(request.param)
+    return tiny, adapter_for(tiny.model), capture(tiny.model)
+
+
+def test_adapter_matches_family(family):
+    tiny, adapter, captured = family
+    assert adapter.family == tiny.family == captured.family
+    assert tiny.family in supported_families()
+    assert captured.num_layers == 2 and captured.hidden_size == 64
+    assert adapter.lm_head() is tiny.model.get_output_embeddings()
+
+
+def test_placeholders(family):
+    _, _, captured = family
+    names = [n.name for n in captured.graph_module.graph.find_nodes(op="placeholder")]
+    assert names == list(PLACEHOLDERS)
+
+
+def test_decoder_linears_are_tagged(family):
+    _, _, captured = family
+    expected = set().union(*(layer_linears(i) for i in range(captured.num_layers)))
+    names = captured.decoder_linears()
+    assert len(names) == 7 * captured.num_layers
+    assert set(names) == expected
+    assert set(captured.linear_nodes()) == expected | {"lm_head"}
+    assert set(captured.weights) == expected | {"lm_head"}
+
+
+def test_matches_hf_logits_on_multimodal_batch(family):
+    tiny, adapter, captured = family
+    inputs = adapter.decoder_inputs(tiny.batch)
+    bsz, seq = tiny.batch["input_ids"].shape
+    assert tiny.batch["attention_mask"].min() == 0, "the tiny batch should exercise left padding"
+    expected_pos = (3, bsz, seq) if adapter.position_rows == 3 else (bsz, seq)
+    assert tuple(inputs.position_ids.shape) == expected_pos
+    close(run(captured, inputs), hf_logits(tiny))
+
+
+def test_modality_ids_mark_placeholders(family):
+    tiny, adapter, _ = family
+    ids = tiny.batch["input_ids"]
+    mods = adapter.decoder_inputs(tiny.batch).modality_ids
+    expected = torch.full_like(ids, int(Modality.TEXT))
+    expected[ids == TINY_TOKENS["image"]] = int(Modality.VISION)
+    expected[ids == TINY_TOKENS["audio"]] = int(Modality.AUDIO)
+    assert torch.equal(mods, expected)
+    present = {Modality(int(v)) for v in mods.unique()}
+    assert present == set(tiny.modalities)
+    for row in mods:  # every row holds every modality of the family
+        assert {Modality(int(v)) for v in row.unique()} == set(tiny.modalities)
+
+
+def test_dynamic_sequence_length_and_batch(family):
+    tiny, adapter, captured = family
+    ref = hf_logits(tiny)
+    inputs = adapter.decoder_inputs(tiny.batch)
+
+    # a causal prefix of the multimodal inputs gives the prefix of the logits
+    k = inputs.inputs_embeds.shape[1] - 3
+    prefix = type(inputs)(
+        inputs_embeds=inputs.inputs_embeds[:, :k],
+        position_ids=inputs.position_ids[..., :k],
+        modality_ids=inputs.modality_ids[:, :k],
+        attention_mask=inputs.attention_mask[:, :k],
+    )
+    close(run(captured, prefix), ref[:, :k])
+
+    # a text-only batch of another batch size and length, left-padded
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 240, (3, 5), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = TINY_TOKENS["pad"]
+    text = {"input_ids": ids, "attention_mask": mask}
+    close(run(captured, adapter.decoder_inputs(text)), hf_logits(tiny, text))
+
+    # one unpadded multimodal row (same seed, so the same weights as the captured model)
+    single = tiny_model(tiny.family, batch_size=1)
+    assert torch.equal(single.model.get_output_embeddings().weight, tiny.model.get_output_embeddings().weight)
+    close(run(captured, adapter_for(single.model).decoder_inputs(single.batch)), hf_logits(single))
+
+
+def test_layer_nodes(family):
+    _, _, captured = family
+    seen: set[int] = set()
+    for i in range(captured.num_layers):
+        nodes = captured.layer_nodes(i)
+        assert nodes, f"layer {i} has no nodes"
+        assert all(n.meta[LAYER_KEY] == i for n in nodes)
+        assert {n.meta[MODULE_KEY] for n in nodes if MODULE_KEY in n.meta} == layer_linears(i)
+        ids = {id(n) for n in nodes}
+        assert not ids & seen
+        seen |= ids
+    assert captured.linear_nodes()["lm_head"].meta.get(LAYER_KEY) is None
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(nn.Linear(4, 4), id="linear"),
+        pytest.param(
+            GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)), id="gpt2"
+        ),
+    ],
+)
+def test_unsupported_model(model):
+    with pytest.raises(UnsupportedModelError) as info:
+        adapter_for(model)
+    message = str(info.value)
+    assert type(model).__name__ in message
+    for name in supported_families():
+        assert f"- {name}:" in message
+    assert "ModelAdapter" in message and "register_adapter" in message
+    with pytest.raises(UnsupportedModelError):
+        capture(model)
+
+
+def test_tiny_models_are_seeded():
+    a, b, c = tiny_model("llava", seed=3), tiny_model("llava", seed=3), tiny_model("llava", seed=4)
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    for key in a.batch:
+        assert torch.equal(a.batch[key], b.batch[key]), key
+    assert not torch.equal(a.model.lm_head.weight, c.model.lm_head.weight)
+    assert set(TINY_FAMILIES) <= set(supported_families())
+    with pytest.raises(ValueError, match="qwen2-audio"):
+        tiny_model("gpt2")
+
+
+def test_qwen2_audio_refuses_unexpanded_audio_placeholders():
+    tiny = tiny_model("qwen2-audio", batch_size=1)
+    ids = torch.tensor([[5, 6, TINY_TOKENS["audio_start"], TINY_TOKENS["audio"], TINY_TOKENS["audio_end"], 7]])
+    legacy = {**tiny.batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with pytest.raises(ValueError, match="legacy"):
+        adapter_for(tiny.model).decoder_inputs(legacy)
