@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
 
 PLACEHOLDERS = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
@@ -70,6 +71,8 @@ class CapturedDecoder:
     num_layers: int
     hidden_size: int
     position_rows: int
+    #: the modalities the model has placeholder tokens for (text always)
+    modalities: tuple[Modality, ...] = (Modality.TEXT,)
     capture_seconds: float = 0.0
     #: module name → the original float weight (shared with the HF model, never modified)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -192,10 +195,21 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         num_layers=len(adapter.layers()),
         hidden_size=cfg.hidden_size,
         position_rows=adapter.position_rows,
+        modalities=_model_modalities(adapter),
         capture_seconds=seconds,
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
     return captured
+
+
+def _model_modalities(adapter: ModelAdapter) -> tuple[Modality, ...]:
+    tokens = adapter.modality_tokens()
+    found = {Modality.TEXT}
+    if tokens.image is not None or tokens.video is not None:
+        found.add(Modality.VISION)
+    if tokens.audio is not None:
+        found.add(Modality.AUDIO)
+    return tuple(sorted(found))
 
 
 def _weight_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

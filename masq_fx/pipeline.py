@@ -24,6 +24,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from masq_fx.capture import CapturedDecoder
+from masq_fx.graph import SmoothingGroup
 from masq_fx.models import DecoderInputs
 from masq_fx.observers import ModalityStats
 
@@ -57,6 +58,8 @@ class Context:
     calibration: Sequence[DecoderInputs] = ()
     #: module name of a linear → statistics of its input (linears sharing an input share the object)
     stats: dict[str, ModalityStats] = field(default_factory=dict)
+    #: smoothing groups of the float graph (filled by the step that first needs them)
+    groups: list[SmoothingGroup] = field(default_factory=list)
     #: module name → named result tensors of transforms (scales, tables, quantized weights, factors)
     results: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     provided: set[str] = field(default_factory=set)

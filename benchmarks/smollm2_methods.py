@@ -1,0 +1,92 @@
+"""Perplexity of SmolLM2-135M-Instruct under FP, RTN, SmoothQuant, MAS-init and MAS (reference numerics).
+
+Evaluation protocol:
+- model: the real SmolLM2-135M-Instruct weights (offline GGUF, rebuilt as a float Llama);
+- evaluation: non-overlapping 512-token windows (``--eval-windows``, default 16) of the
+  *evaluation* split of ``pydoc_data.topics`` (every 4th document key in sorted order);
+- calibration: ``--calib-samples`` (default 32) windows of 256 tokens of the disjoint
+  *calibration* split (the other documents);
+- quantization: symmetric per-output-channel weights, dynamic symmetric per-token activations,
+  on all 7 × 30 decoder linears; ``lm_head``, embeddings, norms, attention matmuls and the
+  KV cache stay in float;
+- methods, each on a fresh copy of one calibrated capture: RTN; SmoothQuant α=0.5 tied (one
+  scale per input, folded into the norm) and per-linear (online); MAS-init (per-linear,
+  per-modality SmoothQuant); MAS (learned: AdamW lr 5e-2, 2 epochs, per layer).
+SmolLM2 is text only, so MAS-init equals per-linear SmoothQuant here; MAS differs by learning.
+
+Run: ``.venv/bin/python benchmarks/smollm2_methods.py`` (about 15-20 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from masq_fx.calibration import observe
+from masq_fx.capture import capture
+from masq_fx.data.text import token_windows
+from masq_fx.eval.perplexity import perplexity
+from masq_fx.models import adapter_for
+from masq_fx.pipeline import Context, Pipeline
+from masq_fx.pretrained import load_smollm2
+from masq_fx.recipes import preset, recipe_steps
+from masq_fx.transforms import quant_linears
+
+METHODS = (
+    ("RTN", "rtn", None),
+    ("SmoothQuant (tied, folded)", "smoothquant", None),
+    ("SmoothQuant (per-linear)", "smoothquant", "per_linear"),
+    ("MAS-init", "mas-init", None),
+    ("MAS (learned)", "mas", None),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--bits", default="8/8,4/8", help="comma-separated W/A bit pairs")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+
+    model, tokenizer = load_smollm2()
+    adapter = adapter_for(model)
+    evaluation = token_windows(tokenizer, "evaluation", window=512, count=args.eval_windows)
+    calibration = token_windows(tokenizer, "calibration", window=256, count=args.calib_samples)
+    samples = [adapter.decoder_inputs({"input_ids": r[None], "attention_mask": torch.ones_like(r[None])}) for r in calibration]
+
+    base = capture(model)
+    start = time.perf_counter()
+    stats = observe(Context(base, samples), progress=True).stats
+    calib_s = time.perf_counter() - start
+    fp = perplexity(base, adapter, evaluation, progress=True)
+    rows = [("FP32", "-", fp, 0.0, 0, False)]
+    for bits in args.bits.split(","):
+        wbits, abits = (int(b) for b in bits.split("/"))
+        for label, method, variant in METHODS:
+            captured = copy.deepcopy(base)
+            context = Context(captured, samples, stats=stats, provided={"stats"})
+            start = time.perf_counter()
+            Pipeline(recipe_steps(preset(method, wbits, abits, variant))).run(context, progress=False)
+            seconds = time.perf_counter() - start
+            quantized = [m.name for m in quant_linears(captured.graph_module) if m.weight_quant is not None]
+            head = "lm_head" in quantized
+            ppl = perplexity(captured, adapter, evaluation, progress=True)
+            rows.append((label, f"W{wbits}A{abits}", ppl, seconds, len(quantized) - head, head))
+            print(f"{label} W{wbits}A{abits}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
+
+    print()
+    print(f"SmolLM2-135M-Instruct, {args.eval_windows} × 512 eval tokens, {args.calib_samples} × 256 calib tokens "
+          f"(calibration pass {calib_s:.0f} s)")
+    print(f"{'method':<28} {'bits':<6} {'ppl':>8} {'Δ vs FP':>9} {'quantize s':>11} {'decoder linears':>16} {'lm_head':>8}")
+    for label, bits, ppl, seconds, linears, head in rows:
+        delta = "" if label == "FP32" else f"{100 * (ppl / fp - 1):+.1f}%"
+        print(f"{label:<28} {bits:<6} {ppl:>8.3f} {delta:>9} {seconds:>11.0f} {linears:>16} {'yes' if head else 'no':>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation of float and quantized models."""

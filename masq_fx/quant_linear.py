@@ -1,0 +1,137 @@
+"""The reference (fake-quant) linear that replaces each decoder projection in a transformed graph.
+
+For a token ``x`` of modality ``m`` it computes, exactly as the MASQuant specification::
+
+    y = Q_a(x ⊘ s[m]) · Q_w(W · diag(s[m]))ᵀ + b
+
+``s`` is a table of smoothing scales with one row per *distinct* scale set and
+``row_of_modality`` maps each :class:`~masq_fx.modality.Modality` to its row (a modality without
+its own row uses text's). With one row this is plain SmoothQuant; with ``s ≡ 1`` and no
+quantizers it is the float linear. ``weight_rows`` chooses the stored weights:
+
+* ``"per_row"``: every row has its own quantized weight ``Q_w(W·diag(s[r]))`` (MAS simulation);
+  the output of a token is taken from its row's GEMM (masked sum, no data-dependent shapes);
+* ``"text"``: one stored weight ``Q_w(W·diag(s[text]))`` for all tokens (what CMC compensates).
+
+``divide_input=False`` means an upstream node already divided the input by ``s[m]`` (a smoothing
+folded into a norm, or shared by a group of linears); the module then only scales the weight.
+The float weight and bias are shared with the HF model and never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, fake_quant_act, fake_quant_weight
+
+WeightRows = Literal["per_row", "text"]
+
+
+class QuantLinear(nn.Module):
+    """Modality-routed, smoothed, fake-quantized linear: ``forward(x, modality_ids) -> y``."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.weight = weight
+        self.bias = bias
+        self.scales: nn.Parameter | None = None
+        self.register_buffer("row_of_modality", torch.zeros(NUM_MODALITIES, dtype=torch.long))
+        self.divide_input = True
+        #: the scales were folded into an upstream norm: fixed, not learnable
+        self.scales_folded = False
+        #: False computes the smoothed float linear (the MAS learning target)
+        self.quantizers_enabled = True
+        self.weight_rows: WeightRows = "per_row"
+        self.weight_quant: WeightQuantConfig | None = None
+        self.act_quant: ActQuantConfig | None = None
+        self.act_static_scale: Tensor | None = None
+        self._frozen_weights: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def set_scales(self, scales: Tensor | nn.Parameter | None, row_of_modality: Tensor | None = None) -> None:
+        """Install a ``[rows, in_features]`` scale table (shared ``nn.Parameter`` objects stay shared)."""
+        if scales is not None:
+            if scales.dim() != 2 or scales.shape[1] != self.in_features:
+                raise ValueError(
+                    f"{self.name}: scales must be [rows, {self.in_features}], got {tuple(scales.shape)}"
+                )
+            if not isinstance(scales, nn.Parameter):
+                scales = nn.Parameter(scales.detach().float().clone(), requires_grad=False)
+        self.scales = scales
+        rows = torch.zeros(NUM_MODALITIES, dtype=torch.long) if row_of_modality is None else row_of_modality.long()
+        if scales is not None and int(rows.max()) >= scales.shape[0]:
+            raise ValueError(f"{self.name}: row_of_modality points past the {scales.shape[0]} scale rows")
+        self.row_of_modality = rows.to(self.row_of_modality.device)
+        self.unfreeze()
+
+    def freeze(self) -> None:
+        """Cache the quantized weights (call once the scales are final); :meth:`unfreeze` undoes it."""
+        with torch.no_grad():
+            self._frozen_weights = self._weights().detach()
+
+    def unfreeze(self) -> None:
+        self._frozen_weights = None
+
+    def _scaled_weight(self, row: int | None) -> Tensor:
+        weight = self.weight.float()
+        if self.scales is not None and row is not None:
+            weight = weight * self.scales[row]
+        if self.weight_quant is None or not self.quantizers_enabled:
+            return weight
+        return fake_quant_weight(weight, self.weight_quant)
+
+    def _weights(self) -> Tensor:
+        """``[rows, out, in]`` effective weights: one per scale row, or the text row only."""
+        if self.scales is None:
+            return self._scaled_weight(None)[None]
+        if self.weight_rows == "text":
+            return self._scaled_weight(int(self.row_of_modality[Modality.TEXT]))[None]
+        return torch.stack([self._scaled_weight(r) for r in range(self.scales.shape[0])])
+
+    def smooth_input(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        """``x ⊘ s[m]`` per token (a gather of the token's scale row), in float32."""
+        x = x.float()
+        if self.scales is None or not self.divide_input:
+            return x
+        return x / self.scales[self.row_of_modality[modality_ids]]
+
+    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        dtype = x.dtype
+        xs = self.smooth_input(x, modality_ids)
+        if self.act_quant is not None and self.quantizers_enabled:
+            xs = fake_quant_act(xs, self.act_quant, self.act_static_scale)
+        if self.quantizers_enabled and self._frozen_weights is not None:
+            weights = self._frozen_weights
+        else:
+            weights = self._weights()
+        if weights.shape[0] == 1:
+            y = F.linear(xs, weights[0])
+        else:
+            token_rows = self.row_of_modality[modality_ids].unsqueeze(-1)
+            y = F.linear(xs, weights[0])
+            for row in range(1, weights.shape[0]):
+                y = torch.where(token_rows == row, F.linear(xs, weights[row]), y)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        rows = 0 if self.scales is None else self.scales.shape[0]
+        return (
+            f"{self.name}, in={self.in_features}, out={self.out_features}, scale_rows={rows}, "
+            f"weight_rows={self.weight_rows}, divide_input={self.divide_input}, "
+            f"w={self.weight_quant}, a={self.act_quant}"
+        )

@@ -1,0 +1,56 @@
+"""Methods as recipes: RTN, SmoothQuant, MAS-init and MAS are step lists over the same transforms.
+
+A :class:`Recipe` is one typed config; :func:`recipe_steps` turns it into pipeline steps that
+run after calibration statistics exist (``context.stats``), so several methods can be ablated
+on one calibrated capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from masq_fx.pipeline import Transform
+from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
+from masq_fx.transforms import PrepareQuantLinears, QuantizeActivations, QuantizeWeights, SmoothingConfig, SmoothScales
+from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
+
+Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: Method = "mas"
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activation: ActQuantConfig = field(default_factory=ActQuantConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    learning: MASLearningConfig = field(default_factory=MASLearningConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
+            raise ValueError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
+
+
+def preset(method: Method, wbits: int, abits: int, variant: str | None = None) -> Recipe:
+    """The paper's settings: symmetric per-channel weights, dynamic per-token activations.
+
+    SmoothQuant defaults to the tied variant (one scale per input, folded into the norm, all
+    tokens); MAS to per-linear, per-modality scales (the official code).
+    """
+    smoothing = SmoothingConfig(variant="tied", per_modality=False) if method == "smoothquant" else SmoothingConfig()
+    if variant is not None:
+        smoothing = replace(smoothing, variant=variant)
+    return Recipe(method, WeightQuantConfig(bits=wbits), ActQuantConfig(bits=abits), smoothing)
+
+
+def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
+    """Pipeline steps of ``recipe`` (they require calibration statistics)."""
+    if recipe.method == "fp":
+        return []
+    steps: list[Transform] = [PrepareQuantLinears()]
+    if recipe.method != "rtn":
+        steps.append(SmoothScales(recipe.smoothing))
+    steps += [QuantizeWeights(recipe.weight), QuantizeActivations(recipe.activation)]
+    if recipe.method == "mas":
+        steps.append(LearnMAS(recipe.learning, progress=progress))
+    return steps

@@ -1,0 +1,284 @@
+"""MAS learning: per-modality smoothing scales learned layer by layer (MASQuant, spec §5.7–5.8).
+
+The prepared graph is split into one submodule per decoder layer (plus the ops before and after
+them) with ``torch.fx.passes.split_module``. Calibration samples then flow through it twice:
+
+* the float stream: each layer with its quantizers off (smoothing kept, so it is the float layer
+  up to rounding);
+* the quantized stream: each layer as quantized so far.
+
+For layer ``i``, its scales (float32 master copies) are learned with AdamW to minimise the
+modality-weighted mean absolute error between the quantized layer fed the quantized stream and
+the float layer fed the float stream; then both streams advance through layer ``i``. Only one
+layer's activations per sample are held at a time. Scales are clamped to ``≥ min_scale`` before
+every step (they stay positive). A non-finite loss skips the step and names the layer.
+
+With ``checkpoint`` set, the learned scales are written atomically after every layer, and a
+rerun with the same file skips the layers already learned (resume after an interruption).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, fx, nn
+from torch.fx.passes.split_module import split_module
+from tqdm.auto import tqdm
+
+from masq_fx.capture import LAYER_KEY
+from masq_fx.modality import NUM_MODALITIES
+from masq_fx.pipeline import CALIBRATION_DATA, Context
+from masq_fx.quant_linear import QuantLinear
+from masq_fx.transforms.quantize import ACT_QUANT, WEIGHT_QUANT
+from masq_fx.transforms.smoothing import SCALES
+
+LEARNED_SCALES = "learned_scales"
+
+
+@dataclass(frozen=True)
+class MASLearningConfig:
+    epochs: int = 2
+    lr: float = 5e-2
+    weight_decay: float = 0.0
+    #: loss weight of text, vision, audio tokens (Modality order)
+    loss_weights: tuple[float, float, float] = (1.0, 0.5, 1.0)
+    #: "modality_mean": Σ_m w_m·mean_m|Δ| / Σ_m w_m over present modalities;
+    #: "official": Σ_m w_m·Σ_m|Δ| / (d·N), the official code's normalisation (spec §14 item 26)
+    normalization: Literal["modality_mean", "official"] = "modality_mean"
+    min_scale: float = 1e-2
+    checkpoint: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if len(self.loss_weights) != NUM_MODALITIES or any(w < 0 for w in self.loss_weights):
+            raise ValueError(f"loss_weights must be {NUM_MODALITIES} non-negative numbers (text, vision, audio)")
+        if self.normalization not in ("modality_mean", "official"):
+            raise ValueError(f"normalization must be 'modality_mean' or 'official', got {self.normalization!r}")
+
+
+def modality_weighted_mae(
+    output: Tensor,
+    target: Tensor,
+    modality_ids: Tensor,
+    valid: Tensor,
+    weights: tuple[float, ...],
+    normalization: str = "modality_mean",
+) -> Tensor:
+    """Modality-weighted mean absolute error over the valid tokens of ``[batch, seq, d]`` tensors."""
+    error = (output.float() - target.float()).abs().mean(-1)  # [batch, seq]
+    total = output.new_zeros((), dtype=torch.float32)
+    norm = 0.0
+    count = int(valid.sum())
+    for modality, weight in enumerate(weights):
+        mask = valid & (modality_ids == modality)
+        n = int(mask.sum())
+        if n == 0 or weight == 0:
+            continue
+        if normalization == "official":
+            total = total + weight * error[mask].sum() / count
+        else:
+            total = total + weight * error[mask].mean()
+            norm += weight
+    return total / norm if normalization == "modality_mean" and norm > 0 else total
+
+
+class _Layers:
+    """The prepared graph split into ``pre``, one submodule per decoder layer, and ``post``."""
+
+    def __init__(self, gm: fx.GraphModule, num_layers: int) -> None:
+        started = False
+
+        def partition(node: fx.Node) -> int:
+            nonlocal started
+            layer = node.meta.get(LAYER_KEY)
+            if layer is not None:
+                started = True
+                return layer + 1
+            return num_layers + 1 if started else 0
+
+        self.split = split_module(gm, gm, partition, keep_original_order=True)
+        self.layer_nodes = {
+            node: int(str(node.target).split("_")[1]) - 1
+            for node in self.split.graph.find_nodes(op="call_module")
+            if str(node.target).startswith("submod_") and 1 <= int(str(node.target).split("_")[1]) <= num_layers
+        }
+        nodes = list(self.split.graph.nodes)
+        # only what feeds a decoder layer is evaluated (the head after the last layer is not)
+        needed: set[fx.Node] = set(self.layer_nodes)
+        for node in reversed(nodes):
+            if node in needed:
+                needed.update(node.all_input_nodes)
+        nodes = [n for n in nodes if n in needed]
+        position = {node: i for i, node in enumerate(nodes)}
+        self.last_use = {node: max((position[u] for u in node.users if u in position), default=-1) for node in nodes}
+        self.order = nodes
+
+
+def _value(split: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        return split.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "get_attr":
+        owner, _, name = str(node.target).rpartition(".")
+        return getattr(split.get_submodule(owner), name)
+    raise RuntimeError(f"unexpected node {node.op} {node.target} in the split graph")
+
+
+def _outputs(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    return [v for v in value if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def _set_quantizers(module: nn.Module, enabled: bool) -> None:
+    for sub in module.modules():
+        if isinstance(sub, QuantLinear):
+            sub.quantizers_enabled = enabled
+
+
+def _layer_scales(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Name (of the first QuantLinear holding it) → each distinct learnable scale table of a layer."""
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+    for sub in module.modules():
+        if isinstance(sub, QuantLinear) and sub.scales is not None and not sub.scales_folded:
+            found.setdefault(id(sub.scales), (sub.name, sub.scales))
+    return dict(found.values())
+
+
+@dataclass
+class LearnMAS:
+    """Learn every decoder layer's smoothing scales against the float model, layer by layer."""
+
+    config: MASLearningConfig = field(default_factory=MASLearningConfig)
+    progress: bool = True
+    name: str = "learn_mas"
+    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT, ACT_QUANT, CALIBRATION_DATA)
+    provides: tuple[str, ...] = (LEARNED_SCALES,)
+    losses: dict[int, tuple[float, float]] = field(default_factory=dict, init=False)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        for module in gm.modules():
+            if isinstance(module, QuantLinear):
+                module.unfreeze()
+        layers = _Layers(gm, context.captured.num_layers)
+        done = self._resume(gm)
+        samples = list(context.calibration)
+        fp_envs = [self._inputs(layers, s) for s in samples]
+        q_envs = [dict(env) for env in fp_envs]
+        bar = tqdm(total=len(layers.layer_nodes), desc="MAS layers", unit="layer", disable=not self.progress)
+        for index, node in enumerate(layers.order):
+            if node.op in ("placeholder", "output"):
+                continue
+            layer = layers.layer_nodes.get(node)
+            module = layers.split.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if layer is not None and layer not in done:
+                self._learn(layer, module, node, layers.split, fp_envs, q_envs, samples)
+                self._save(gm, layer)
+            with torch.no_grad():
+                for fp_env, q_env in zip(fp_envs, q_envs):
+                    if module is not None:
+                        _set_quantizers(module, False)
+                    fp_env[node] = _value(layers.split, node, fp_env)
+                    if module is not None:
+                        _set_quantizers(module, True)
+                    q_env[node] = _value(layers.split, node, q_env)
+                    for env in (fp_env, q_env):
+                        for arg in list(env):
+                            if layers.last_use.get(arg, -1) <= index and arg.op != "placeholder":
+                                del env[arg]
+            if layer is not None:
+                bar.update(1)
+                if layer in self.losses:
+                    bar.set_postfix_str(f"layer {layer} loss {self.losses[layer][0]:.4g} → {self.losses[layer][1]:.4g}")
+        bar.close()
+        for module in gm.modules():
+            if isinstance(module, QuantLinear):
+                if module.scales is not None:
+                    module.scales.requires_grad_(False)
+                    context.result(module.name)["smooth_scales"] = module.scales.detach().clone()
+                module.freeze()
+        return gm
+
+    @staticmethod
+    def _inputs(layers: _Layers, sample) -> dict[fx.Node, Any]:
+        placeholders = layers.split.graph.find_nodes(op="placeholder")
+        return dict(zip(placeholders, sample.args()))
+
+    def _learn(self, layer, module, node, split, fp_envs, q_envs, samples) -> None:
+        params = _layer_scales(module)
+        if not params:
+            return
+        cfg = self.config
+        with torch.no_grad():
+            _set_quantizers(module, False)
+            targets = [_outputs(_value(split, node, env)) for env in fp_envs]
+            _set_quantizers(module, True)
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        epoch_losses = []
+        for _ in range(cfg.epochs):
+            total = 0.0
+            for env, target, sample in zip(q_envs, targets, samples):
+                with torch.no_grad():
+                    for p in params.values():
+                        p.clamp_(min=cfg.min_scale)
+                outputs = _outputs(_value(split, node, env))
+                valid = sample.attention_mask.bool()
+                loss = sum(
+                    modality_weighted_mae(o, t, sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
+                    for o, t in zip(outputs, target)
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"MAS learning: non-finite loss at decoder layer {layer}; check that layer's "
+                        "activations and scales (lower lr, or raise min_scale)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+            epoch_losses.append(total / len(samples))
+        with torch.no_grad():
+            for p in params.values():
+                p.clamp_(min=cfg.min_scale)
+                p.requires_grad_(False)
+        self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
+
+    def _save(self, gm: fx.GraphModule, layer: int) -> None:
+        path = self.config.checkpoint
+        if path is None:
+            return
+        state = {f"{m.name}.scales": m.scales.detach().contiguous() for m in gm.modules() if isinstance(m, QuantLinear) and m.scales is not None}
+        state["completed_layers"] = torch.tensor([layer + 1])
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+
+    def _resume(self, gm: fx.GraphModule) -> set[int]:
+        path = self.config.checkpoint
+        if path is None or not Path(path).exists():
+            return set()
+        state = load_file(str(path))
+        completed = int(state.pop("completed_layers")[0])
+        for module in gm.modules():
+            if isinstance(module, QuantLinear) and module.scales is not None:
+                saved = state.get(f"{module.name}.scales")
+                if saved is not None and saved.shape == module.scales.shape:
+                    with torch.no_grad():
+                        module.scales.copy_(saved)
+        return set(range(completed))
+
+
+__all__ = ["LEARNED_SCALES", "LearnMAS", "MASLearningConfig", "modality_weighted_mae"]

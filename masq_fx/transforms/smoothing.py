@@ -1,0 +1,193 @@
+"""SmoothQuant and MAS-initialisation scales, per linear or tied per group, routed by modality.
+
+For every smoothed linear input channel ``j`` and scale row ``r`` (a modality, or all tokens)::
+
+    s_r[j] = clamp( max|X_r[:, j]|^α / max|W[:, j]|^(1-α) , min_scale )
+
+``max|X_r|`` comes from the modality-partitioned observers; ``max|W[:, j]|`` is the weight's
+input-channel abs-max over output rows, of this linear alone (``variant="per_linear"``, the
+official MASQuant code) or of all linears reading the same input (``variant="tied"``, reference
+SmoothQuant). With ``per_modality=True`` (MAS initialisation) each calibrated modality gets its
+own row and a modality the model has but calibration lacked falls back to text's row, with a
+warning; with ``per_modality=False`` there is one row from all tokens (SmoothQuant).
+
+Tied groups share one scale ``nn.Parameter``. A tied norm group with a single row is folded
+into the norm's γ (``γ / s``; the graph gets a new γ, the HF model keeps its own); otherwise a
+:class:`ModalityScale` node right after the shared input divides every token by its row once
+for the whole group ("per-modality norm weights"). Which group kinds are smoothed is a config
+field: q/k/v and gate/up (``"norm"``) and o_proj (``"attention"``) by default, as the official
+code; down_proj (``"activation"``) optional.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, fx, nn
+
+from masq_fx.calibration import STATS
+from masq_fx.capture import LAYER_KEY, MODULE_KEY
+from masq_fx.graph import SmoothingGroup
+from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.observers import ModalityStats
+from masq_fx.pipeline import Context
+from masq_fx.quant_linear import QuantLinear
+from masq_fx.transforms.prepare import QUANT_LINEARS
+
+SCALES = "scales"
+ROUTER_PREFIX = "masq_fx_router_"
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    alpha: float = 0.5
+    variant: Literal["per_linear", "tied"] = "per_linear"
+    per_modality: bool = True
+    kinds: tuple[str, ...] = ("norm", "attention")
+    min_scale: float = 1e-5
+    fold_into_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if self.variant not in ("per_linear", "tied"):
+            raise ValueError(f"variant must be 'per_linear' or 'tied', got {self.variant!r}")
+        unknown = set(self.kinds) - {"norm", "attention", "activation"}
+        if unknown:
+            raise ValueError(f"unknown smoothing site kinds {sorted(unknown)}; use 'norm', 'attention', 'activation'")
+        if self.min_scale <= 0:
+            raise ValueError(f"min_scale must be positive, got {self.min_scale}")
+
+
+class ModalityScale(nn.Module):
+    """``x ⊘ s[row_of_modality[m]]`` per token; shares its table with the group's QuantLinears."""
+
+    def __init__(self, scales: nn.Parameter, row_of_modality: Tensor) -> None:
+        super().__init__()
+        self.scales = scales
+        self.register_buffer("row_of_modality", row_of_modality.clone())
+
+    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        return (x.float() / self.scales[self.row_of_modality[modality_ids]]).to(x.dtype)
+
+
+def scale_rows(
+    stats: ModalityStats, model_modalities: tuple[Modality, ...], per_modality: bool
+) -> tuple[Tensor, Tensor, list[Modality]]:
+    """Activation abs-max per scale row ``[rows, C]``, the modality → row map, and absent modalities."""
+    if not per_modality:
+        return stats.all_tokens().absmax[None], torch.zeros(NUM_MODALITIES, dtype=torch.long), []
+    present = stats.present()
+    if Modality.TEXT not in present:
+        raise ValueError("calibration has no text tokens; MAS needs text as the fallback row")
+    rows = torch.zeros(NUM_MODALITIES, dtype=torch.long)
+    for index, modality in enumerate(present):
+        rows[modality] = index
+    absent = [m for m in model_modalities if m not in present]
+    return torch.stack([stats.of(m).absmax for m in present]), rows, absent
+
+
+def smoothquant_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float, min_scale: float) -> Tensor:
+    """``clamp(a^α / w^(1-α), min_scale)`` with both maxima clamped to ``min_scale`` first."""
+    a = act_absmax.float().clamp_min(min_scale)
+    w = weight_absmax.float().clamp_min(min_scale)
+    return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(min_scale)
+
+
+@dataclass
+class SmoothScales:
+    """Compute smoothing scales from calibration statistics and install them in the graph."""
+
+    config: SmoothingConfig = field(default_factory=SmoothingConfig)
+    name: str = "smooth_scales"
+    requires: tuple[str, ...] = (QUANT_LINEARS, STATS)
+    provides: tuple[str, ...] = (SCALES,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        nodes = {
+            node.meta[MODULE_KEY]: node
+            for node in gm.graph.find_nodes(op="call_module")
+            if isinstance(gm.get_submodule(str(node.target)), QuantLinear)
+        }
+        missing: set[Modality] = set()
+        for group in context.groups:
+            if group.kind not in self.config.kinds:
+                continue
+            linears = [name for name in group.linears if name in nodes]
+            if not linears:
+                continue
+            stats = context.stats.get(linears[0])
+            if stats is None:
+                raise ValueError(f"no calibration statistics for {linears[0]}: run Calibrate before SmoothScales")
+            act, rows, absent = scale_rows(stats, context.captured.modalities, self.config.per_modality)
+            missing.update(absent)
+            modules = [gm.get_submodule(str(nodes[n].target)) for n in linears]
+            if self.config.variant == "tied" and len(modules) > 1:
+                self._tie(gm, group, [nodes[n] for n in linears], modules, act, rows)
+            else:
+                for module in modules:
+                    w = module.weight.detach().abs().amax(0)
+                    module.set_scales(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), rows)
+            for module in modules:
+                record = context.result(module.name)
+                record["smooth_scales"] = module.scales.detach().clone()
+                record["row_of_modality"] = module.row_of_modality.clone()
+        if missing:
+            names = ", ".join(m.name.lower() for m in sorted(missing))
+            warnings.warn(
+                f"calibration has no {names} tokens: those tokens use the text scales (and get no CMC branch); "
+                "add calibration samples with them",
+                stacklevel=2,
+            )
+        gm.recompile()
+        return gm
+
+    def _tie(
+        self,
+        gm: fx.GraphModule,
+        group: SmoothingGroup,
+        nodes: list[fx.Node],
+        modules: list[QuantLinear],
+        act: Tensor,
+        rows: Tensor,
+    ) -> None:
+        w = torch.stack([m.weight.detach().abs().amax(0) for m in modules]).amax(0)
+        scales = nn.Parameter(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), requires_grad=False)
+        for module in modules:
+            module.set_scales(scales, rows)
+            module.divide_input = False
+        inputs = {node.args[0] for node in nodes}
+        if self.config.fold_into_norm and group.kind == "norm" and group.norm_weight and scales.shape[0] == 1:
+            _fold_into_norm(gm, group, scales[0].detach())
+            for module in modules:
+                module.scales_folded = True
+            return
+        modality_ids = nodes[0].args[1]
+        for index, x in enumerate(inputs):
+            target = f"{ROUTER_PREFIX}{nodes[0].meta[MODULE_KEY].replace('.', '_')}_{index}"
+            gm.add_submodule(target, ModalityScale(scales, rows))
+            with gm.graph.inserting_before(min((n for n in nodes if n.args[0] is x), key=_order)):
+                router = gm.graph.call_module(target, (x, modality_ids))
+            if LAYER_KEY in nodes[0].meta:
+                router.meta[LAYER_KEY] = nodes[0].meta[LAYER_KEY]
+            for node in nodes:
+                if node.args[0] is x:
+                    node.args = (router, *node.args[1:])
+
+
+def _order(node: fx.Node) -> int:
+    return list(node.graph.nodes).index(node)
+
+
+def _fold_into_norm(gm: fx.GraphModule, group: SmoothingGroup, scale: Tensor) -> None:
+    """Give the graph its own ``γ / s`` (and ``β / s``); the HF model's parameters are untouched."""
+    for attr in (group.norm_weight, group.norm_bias):
+        if attr is None:
+            continue
+        owner, name = attr.rsplit(".", 1)
+        module = gm.get_submodule(owner)
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter((old.detach().float() / scale).to(old.dtype), requires_grad=False))
