@@ -83,7 +83,8 @@ class WeightQuantConfig:
 
     ``group_size=None`` quantizes per output channel, otherwise per group of
     ``group_size`` consecutive input features. ``clip_search`` picks, per row or group,
-    the clipping ratio in ``linspace(1, clip_min, clip_steps)`` minimizing the weight MSE.
+    the clipping ratio in ``linspace(1, clip_min, clip_steps)`` minimizing the weight MSE
+    (the ratio scales ``amax``, or both ``min`` and ``max`` if asymmetric; ties keep the larger).
     """
 
     bits: int = 8
@@ -165,7 +166,7 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def _symmetric_scale(amax: Tensor, qmin: int, qmax: int) -> Tensor:
-    return torch.clamp(amax / float(qmax), min=EPS)
+    return torch.clamp(amax / (float(qmax - qmin) / 2), min=EPS)
 
 
 def _asymmetric_qparams(mn: Tensor, mx: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:

@@ -51,8 +51,8 @@ def weights(draw, continuous: bool = False) -> torch.Tensor:
     shape = (draw(st.integers(1, 6)), draw(st.sampled_from(IN_FEATURES)))
     if continuous or draw(st.booleans()):
         return _random_tensor(draw, shape)
-    values = st.floats(-1e3, 1e3, width=32)
-    return torch.tensor(draw(st.lists(values, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))).reshape(shape)
+    n = shape[0] * shape[1]
+    return torch.tensor(draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=n, max_size=n))).reshape(shape)
 
 
 @st.composite

@@ -7,7 +7,7 @@ An adapter answers four questions about a model, and nothing else:
 * how the decoder's inputs are made: :meth:`ModelAdapter.decoder_inputs` runs the model's own
   forward (so the real vision/audio towers, embedding merge and position-id code run eagerly)
   and catches the arguments that reach the decoder;
-* the placeholder token ids of each modality;
+* the placeholder token ids of each modality (read from the config by default);
 * the shape of the decoder's position ids (``[batch, seq]``, or ``[3, batch, seq]`` for M-RoPE).
 
 Detection is by model class (``isinstance``), never by a path or a name substring.
@@ -58,7 +58,7 @@ class _Caught(Exception):
 
 
 class ModelAdapter(ABC):
-    """Base class of one model family. Subclasses set the class variables and the two accessors."""
+    """Base class of one model family. Subclasses set the class variables and :meth:`language_model`."""
 
     family: ClassVar[str]
     #: the HF classes this adapter handles, matched with ``isinstance``
@@ -77,9 +77,14 @@ class ModelAdapter(ABC):
     def language_model(self) -> nn.Module:
         """The decoder: ``forward(inputs_embeds=, position_ids=, attention_mask=)`` → ``last_hidden_state``."""
 
-    @abstractmethod
     def modality_tokens(self) -> ModalityTokens:
-        """Placeholder token ids of the image, video and audio modalities."""
+        """Placeholder token ids of the image, video and audio modalities, read from the model config."""
+        cfg = self.model.config
+        return ModalityTokens(
+            image=config_token(cfg, "image_token_id", "image_token_index"),
+            video=config_token(cfg, "video_token_id", "video_token_index"),
+            audio=config_token(cfg, "audio_token_id", "audio_token_index"),
+        )
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()

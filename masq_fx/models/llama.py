@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-from masq_fx.modality import ModalityTokens
 from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
 
@@ -17,6 +16,3 @@ class LlamaAdapter(ModelAdapter):
 
     def language_model(self) -> nn.Module:
         return self.model.model
-
-    def modality_tokens(self) -> ModalityTokens:
-        return ModalityTokens()

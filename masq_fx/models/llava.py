@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from masq_fx.modality import ModalityTokens
-from masq_fx.models.base import ModelAdapter, config_token
+from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
 
 
@@ -23,6 +22,3 @@ class LlavaAdapter(ModelAdapter):
 
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
-
-    def modality_tokens(self) -> ModalityTokens:
-        return ModalityTokens(image=config_token(self.model.config, "image_token_id", "image_token_index"))

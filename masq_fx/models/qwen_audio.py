@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import Qwen2AudioForConditionalGeneration
 
-from masq_fx.modality import ModalityPolicy, ModalityTokens
-from masq_fx.models.base import DecoderInputs, ModelAdapter, config_token
+from masq_fx.modality import ModalityPolicy
+from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.registry import register_adapter
 
 
@@ -26,8 +26,6 @@ class Qwen2AudioAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
 
-    def modality_tokens(self) -> ModalityTokens:
-        return ModalityTokens(audio=config_token(self.model.config, "audio_token_id", "audio_token_index"))
 
     def decoder_inputs(self, batch: Mapping[str, torch.Tensor], policy: ModalityPolicy = ModalityPolicy()) -> DecoderInputs:
         """As :meth:`ModelAdapter.decoder_inputs`, refusing the legacy one-``<|AUDIO|>``-per-clip layout.

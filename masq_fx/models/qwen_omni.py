@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-from masq_fx.modality import ModalityTokens
-from masq_fx.models.base import ModelAdapter, config_token
+from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
 
 
@@ -27,11 +26,3 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
 
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
-
-    def modality_tokens(self) -> ModalityTokens:
-        cfg = self.model.config
-        return ModalityTokens(
-            image=config_token(cfg, "image_token_id", "image_token_index"),
-            video=config_token(cfg, "video_token_id", "video_token_index"),
-            audio=config_token(cfg, "audio_token_id", "audio_token_index"),
-        )

@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from masq_fx.modality import ModalityTokens
-from masq_fx.models.base import ModelAdapter, config_token
+from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
 
 
@@ -16,12 +15,6 @@ class _QwenVLAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
 
-    def modality_tokens(self) -> ModalityTokens:
-        cfg = self.model.config
-        return ModalityTokens(
-            image=config_token(cfg, "image_token_id", "image_token_index"),
-            video=config_token(cfg, "video_token_id", "video_token_index"),
-        )
 
 
 @register_adapter
