@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch import nn
 
 from masq_fx.calibration import Calibrate, InsertObservers
@@ -60,6 +61,7 @@ SMOOTHQUANT_PER_LINEAR = SmoothingConfig(variant="per_linear", per_modality=Fals
 class Captured:
     """A captured tiny model kept pristine: every test works on a deep copy of ``captured``."""
 
+    model: nn.Module
     captured: CapturedDecoder
     inputs: DecoderInputs
     reference: torch.Tensor  # float logits of ``inputs``
@@ -74,7 +76,16 @@ def _captured(family: str) -> Captured:
     captured = capture(tiny.model)
     with torch.no_grad():
         reference = captured(inputs)
-    return Captured(captured, inputs, reference)
+    return Captured(tiny.model, captured, inputs, reference)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +113,10 @@ def smoothed(
     weight: WeightQuantConfig | None = None,
     activation: ActQuantConfig | None = None,
     calibration: list[DecoderInputs] | None = None,
+    captured: CapturedDecoder | None = None,
 ) -> Context:
     """Fresh copy → observe + calibrate → prepare → (smooth) → (quantize weights / activations)."""
-    context = Context(base.fresh(), calibration or [base.inputs])
+    context = Context(base.fresh() if captured is None else captured, calibration or [base.inputs])
     steps = [InsertObservers(), Calibrate(progress=False), PrepareQuantLinears()]
     if smoothing is not None:
         steps.append(SmoothScales(smoothing))
@@ -506,14 +518,74 @@ def test_mas_learning_reduces_the_loss_keeps_scales_positive_and_resumes(omni, t
     assert mae(learned_logits) <= mae(init_logits), (mae(learned_logits), mae(init_logits))
 
     # resume: a second run on a fresh capture with the same checkpoint learns nothing and reproduces
-    assert checkpoint.exists()
-    again = smoothed(omni, TIED_ROUTED, W4, A8)
+    saved = load_file(str(checkpoint))
+    assert int(saved["completed_layers"][0]) == 2
+    assert all(torch.equal(saved[f"{n}.scales"], s) for n, s in learned_scales.items())
+    hf_state = {k: v.clone() for k, v in omni.model.state_dict().items()}
+    again = smoothed(omni, TIED_ROUTED, W4, A8, captured=capture(omni.model))
     assert not torch.equal(logits(again, omni.inputs), learned_logits)
     resumed = LearnMAS(config, progress=False)
     Pipeline([resumed]).run(again, progress=False)
     assert resumed.losses == {}
     assert torch.equal(logits(again, omni.inputs), learned_logits)
     assert all(torch.equal(s, _scale_tables(again)[n]) for n, s in learned_scales.items())
+    # learned scales keep the smoothing exact (the routers share the tables), HF weights untouched
+    set_quantizers(again, False)
+    torch.testing.assert_close(logits(again, omni.inputs), omni.reference, rtol=0, atol=1e-4)
+    assert all(torch.equal(v, hf_state[k]) for k, v in omni.model.state_dict().items())
+
+
+def test_interrupted_mas_resumes_to_the_uninterrupted_result(omni, tmp_path, monkeypatch):
+    config = MASLearningConfig(epochs=1, checkpoint=tmp_path / "mas.safetensors")
+    full = smoothed(omni, PER_LINEAR, W4, A8)
+    Pipeline([LearnMAS(replace(config, checkpoint=None), progress=False)]).run(full, progress=False)
+
+    learn = LearnMAS._learn
+
+    def crash_at_layer_1(self, layer, *args):
+        if layer == 1:
+            raise KeyboardInterrupt
+        return learn(self, layer, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LearnMAS, "_learn", crash_at_layer_1)
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline([LearnMAS(config, progress=False)]).run(smoothed(omni, PER_LINEAR, W4, A8), progress=False)
+    assert config.checkpoint.exists() and not config.checkpoint.with_suffix(".safetensors.tmp").exists()
+
+    resumed_context = smoothed(omni, PER_LINEAR, W4, A8)
+    resumed = LearnMAS(config, progress=False)
+    Pipeline([resumed]).run(resumed_context, progress=False)
+    assert sorted(resumed.losses) == [1]
+    assert torch.equal(logits(resumed_context, omni.inputs), logits(full, omni.inputs))
+
+
+def test_mas_learning_clamps_to_min_scale_and_leaves_folded_scales_fixed(omni, monkeypatch):
+    smallest_before_step: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        smallest_before_step.append(min(float(p.detach().min()) for g in self.param_groups for p in g["params"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    context = smoothed(omni, TIED_FOLDED, W4, A8)
+    mods = modules(context)
+    init = _scale_tables(context)
+    learnable = {n for n, m in mods.items() if m.scales is not None and not m.scales_folded}
+    assert learnable == {f"layers.{i}.self_attn.o_proj" for i in range(2)}
+    floor = float(torch.cat([init[n].flatten() for n in learnable]).quantile(0.25))
+    config = MASLearningConfig(epochs=1, min_scale=floor)
+    Pipeline([LearnMAS(config, progress=False)]).run(context, progress=False)
+    learned = _scale_tables(context)
+    assert len(smallest_before_step) == 2 and min(smallest_before_step) >= floor  # one step per layer
+    for name in init:
+        if name in learnable:
+            assert (learned[name] >= floor).all() and not torch.equal(learned[name], init[name])
+        else:  # folded into the norm: fixed
+            assert torch.equal(learned[name], init[name])
+    set_quantizers(context, False)
+    torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- 9. modality-weighted MAE
@@ -556,6 +628,15 @@ def test_modality_weighted_mae_is_differentiable():
 # ----------------------------------------------------------------------------- 10. static per-tensor
 
 
+def smoothed_absmax(context: Context, module: QuantLinear) -> torch.Tensor:
+    """max over modalities m and channels j of absmax_m[j] / s[row(m)][j], from the observed stats."""
+    stats = context.stats[module.name]
+    if module.scales is None:
+        return stats.all_tokens().absmax.max()
+    rows = module.row_of_modality
+    return torch.stack([(stats.of(m).absmax / module.scales.detach()[rows[m]]).max() for m in Modality]).max()
+
+
 @pytest.mark.parametrize(
     "config, grid",
     [(PER_LINEAR, "full"), (TIED_ROUTED, "restricted"), (TIED_FOLDED, "full")],
@@ -584,14 +665,8 @@ def test_static_per_tensor_activation_scale_is_the_smoothed_calibration_absmax(o
         set_quantizers(context, True)
 
     for name, module in mods.items():
-        stats = context.stats[name]
-        if module.scales is None:
-            absmax = stats.all_tokens().absmax.max()
-        else:
-            rows = module.row_of_modality
-            absmax = torch.stack([(stats.of(m).absmax / module.scales.detach()[rows[m]]).max() for m in Modality]).max()
         assert module.act_static_scale is not None and module.act_static_scale.dim() == 0
-        assert torch.equal(module.act_static_scale, calibrate_static_scale(absmax, aq)), name
+        assert torch.equal(module.act_static_scale, calibrate_static_scale(smoothed_absmax(context, module), aq)), name
         torch.testing.assert_close(module.act_static_scale, calibrate_static_scale(seen[name], aq), rtol=1e-5, atol=0)
 
     out = logits(context, omni.inputs)
@@ -603,3 +678,12 @@ def test_static_activation_quantization_needs_calibration(omni):
     Pipeline([PrepareQuantLinears()]).run(context, progress=False)
     with pytest.raises(ValueError, match="calibration statistics"):
         Pipeline([QuantizeActivations(ActQuantConfig(granularity="per_tensor"))]).run(context, progress=False)
+
+
+def test_static_activation_scales_follow_the_learned_smoothing_scales(omni):
+    """After MAS learning the per-tensor scales must be those of the *learned* x ⊘ s, not of the init."""
+    aq = ActQuantConfig(bits=8, granularity="per_tensor")
+    context = smoothed(omni, PER_LINEAR, W4, aq)
+    Pipeline([LearnMAS(MASLearningConfig(epochs=1), progress=False)]).run(context, progress=False)
+    for module in quant_linears(context.graph_module):
+        assert torch.equal(module.act_static_scale, calibrate_static_scale(smoothed_absmax(context, module), aq)), module.name

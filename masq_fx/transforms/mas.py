@@ -34,7 +34,8 @@ from masq_fx.capture import LAYER_KEY
 from masq_fx.modality import NUM_MODALITIES
 from masq_fx.pipeline import CALIBRATION_DATA, Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.transforms.quantize import ACT_QUANT, WEIGHT_QUANT
+from masq_fx.quantizers import calibrate_static_scale
+from masq_fx.transforms.quantize import ACT_QUANT, WEIGHT_QUANT, _smoothed_absmax
 from masq_fx.transforms.smoothing import SCALES
 
 LEARNED_SCALES = "learned_scales"
@@ -205,6 +206,9 @@ class LearnMAS:
                 if module.scales is not None:
                     module.scales.requires_grad_(False)
                     context.result(module.name)["smooth_scales"] = module.scales.detach().clone()
+                if module.act_quant is not None and module.act_quant.granularity == "per_tensor":
+                    # static scales were calibrated for the initial scales: recalibrate for the learned ones
+                    module.act_static_scale = calibrate_static_scale(_smoothed_absmax(module, context), module.act_quant)
                 module.freeze()
         return gm
 
@@ -258,7 +262,7 @@ class LearnMAS:
         path = self.config.checkpoint
         if path is None:
             return
-        state = {f"{m.name}.scales": m.scales.detach().contiguous() for m in gm.modules() if isinstance(m, QuantLinear) and m.scales is not None}
+        state = {f"{m.name}.scales": m.scales.detach().clone(memory_format=torch.contiguous_format) for m in gm.modules() if isinstance(m, QuantLinear) and m.scales is not None}
         state["completed_layers"] = torch.tensor([layer + 1])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
