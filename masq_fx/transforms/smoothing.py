@@ -5,9 +5,10 @@ For every smoothed linear input channel ``j`` and scale row ``r`` (a modality, o
     s_r[j] = clamp( max|X_r[:, j]|^α / max|W[:, j]|^(1-α) , min_scale )
 
 ``max|X_r|`` comes from the modality-partitioned observers; ``max|W[:, j]|`` is the weight's
-input-channel abs-max over output rows, of this linear alone (``variant="per_linear"``, the
-official MASQuant code) or of all linears reading the same input (``variant="tied"``, reference
-SmoothQuant). With ``per_modality=True`` (MAS initialisation) each calibrated modality gets its
+input-channel abs-max over output rows, of this linear alone (``variant="per_linear"``, applied
+online like the official MASQuant code, which starts k/v and gate from copies of q's and up's
+scales where we start each linear from its own weight) or of all linears reading the same input
+(``variant="tied"``, reference SmoothQuant). With ``per_modality=True`` (MAS initialisation) each calibrated modality gets its
 own row and a modality the model has but calibration lacked falls back to text's row, with a
 warning; with ``per_modality=False`` there is one row from all tokens (SmoothQuant).
 
