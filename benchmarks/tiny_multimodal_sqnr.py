@@ -1,4 +1,7 @@
-"""Per-layer, per-modality output SQNR of RTN / SmoothQuant / MAS-init / MAS on tiny multimodal models.
+"""Per-layer, per-modality output SQNR of RTN / SmoothQuant / MAS-init / MAS / MAS+CMC on tiny multimodal models.
+
+MAS rows keep one quantized weight per modality (the official "MAS simulation"); MAS+CMC rows
+store one weight (text's) plus whitened low-rank branches of rank ratio ρ for vision and audio.
 
 Tiny Qwen2.5-VL (text + image) and Qwen2.5-Omni thinker (text + image + audio) built from the
 real HF classes with random weights: this shows the whole pipeline runs on real modelling code
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -23,9 +27,18 @@ from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
+from masq_fx.transforms.cmc import CMCConfig
 
 FAMILIES = ("qwen2.5-vl", "qwen2.5-omni-thinker")
-METHODS = (("RTN", "rtn"), ("SmoothQuant", "smoothquant"), ("MAS-init", "mas-init"), ("MAS", "mas"))
+METHODS = (
+    ("RTN", "rtn", None),
+    ("SmoothQuant", "smoothquant", None),
+    ("MAS-init", "mas-init", None),
+    ("MAS", "mas", None),
+    ("MAS+CMC .05", "mas", CMCConfig(rank_ratio=0.05)),
+    ("MAS+CMC .2", "mas", CMCConfig(rank_ratio=0.2)),
+    ("MAS+CMC full", "mas", CMCConfig(rank_ratio=1.0)),
+)
 
 
 def _batches(family: str, seeds: range):
@@ -47,20 +60,21 @@ def main() -> None:
         stats = observe(Context(base, calib), progress=False).stats
         modalities = [m for m in Modality if any((s.modality_ids == int(m)).any() for s in evaluation)]
         print(f"\n{family} (tiny, random weights): per-layer output SQNR in dB vs FP, eval tokens per modality")
-        header = f"{'method':<12} {'bits':<5} " + " ".join(
+        header = f"{'method':<13} {'bits':<5} " + " ".join(
             f"{f'L{layer} {m.name.lower()}':>13}" for layer in range(base.num_layers) for m in modalities
         )
         print(header)
         for wbits, abits in ((8, 8), (4, 8)):
-            for label, method in METHODS:
+            for label, method, cmc in METHODS:
                 captured = copy.deepcopy(base)
                 context = Context(captured, calib, stats=stats, provided={"stats"})
-                Pipeline(recipe_steps(preset(method, wbits, abits), progress=False)).run(context, progress=False)
+                recipe = replace(preset(method, wbits, abits), cmc=cmc)
+                Pipeline(recipe_steps(recipe, progress=False)).run(context, progress=False)
                 sqnr = per_modality_layer_sqnr(base, captured, evaluation)
                 cells = " ".join(
                     f"{sqnr[(layer, m)]:>13.2f}" for layer in range(base.num_layers) for m in modalities
                 )
-                print(f"{label:<12} W{wbits}A{abits} {cells}")
+                print(f"{label:<13} W{wbits}A{abits} {cells}")
 
 
 if __name__ == "__main__":

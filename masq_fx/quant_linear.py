@@ -11,7 +11,10 @@ quantizers it is the float linear. ``weight_rows`` chooses the stored weights:
 
 * ``"per_row"``: every row has its own quantized weight ``Q_w(W·diag(s[r]))`` (MAS simulation);
   the output of a token is taken from its row's GEMM (masked sum, no data-dependent shapes);
-* ``"text"``: one stored weight ``Q_w(W·diag(s[text]))`` for all tokens (what CMC compensates).
+* ``"text"``: one stored weight ``Q_w(W·diag(s[text]))`` for all tokens. A token whose row ``r``
+  differs from text's is then wrong unless compensated: cross-modal compensation adds the
+  low-rank branch ``(x ⊘ s[r]) · L_r · R_r`` (:meth:`set_branch`) to that row's tokens, computed
+  for every token and masked (no data-dependent shapes).
 
 ``divide_input=False`` means an upstream node already divided the input by ``s[m]`` (a smoothing
 folded into a norm, or shared by a group of linears); the module then only scales the weight.
@@ -52,6 +55,10 @@ class QuantLinear(nn.Module):
         self.act_quant: ActQuantConfig | None = None
         self.act_static_scale: Tensor | None = None
         self._frozen_weights: Tensor | None = None
+        #: scale row → (L [in, rank], R [rank, out]) of the cross-modal compensation branch
+        self.branches: dict[int, tuple[Tensor, Tensor]] = {}
+        #: the branch reads the smoothed float input, or its fake-quantized version
+        self.branch_input: Literal["smoothed", "quantized"] = "smoothed"
 
     @property
     def in_features(self) -> int:
@@ -93,11 +100,23 @@ class QuantLinear(nn.Module):
             return weight
         return fake_quant_weight(weight, self.weight_quant)
 
+    def set_branch(self, row: int, left: Tensor, right: Tensor) -> None:
+        """Add the compensation branch ``x ⊘ s[row] · left · right`` for the tokens of ``row``."""
+        if left.shape[0] != self.in_features or right.shape[1] != self.out_features or left.shape[1] != right.shape[0]:
+            raise ValueError(
+                f"{self.name}: branch factors must be [{self.in_features}, r] and [r, {self.out_features}], "
+                f"got {tuple(left.shape)} and {tuple(right.shape)}"
+            )
+        self.branches[row] = (left.detach().float().contiguous(), right.detach().float().contiguous())
+
     def _weights(self) -> Tensor:
-        """``[rows, out, in]`` effective weights: one per scale row, or the text row only."""
+        """``[rows, out, in]`` effective weights: one per scale row, or the text row only.
+
+        With quantizers off the result is always per row: the smoothed float linear.
+        """
         if self.scales is None:
             return self._scaled_weight(None)[None]
-        if self.weight_rows == "text":
+        if self.weight_rows == "text" and self.quantizers_enabled:
             return self._scaled_weight(int(self.row_of_modality[Modality.TEXT]))[None]
         return torch.stack([self._scaled_weight(r) for r in range(self.scales.shape[0])])
 
@@ -111,27 +130,30 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         dtype = x.dtype
         xs = self.smooth_input(x, modality_ids)
+        xq = xs
         if self.act_quant is not None and self.quantizers_enabled:
-            xs = fake_quant_act(xs, self.act_quant, self.act_static_scale)
+            xq = fake_quant_act(xs, self.act_quant, self.act_static_scale)
         if self.quantizers_enabled and self._frozen_weights is not None:
             weights = self._frozen_weights
         else:
             weights = self._weights()
-        if weights.shape[0] == 1:
-            y = F.linear(xs, weights[0])
-        else:
-            token_rows = self.row_of_modality[modality_ids].unsqueeze(-1)
-            y = F.linear(xs, weights[0])
-            for row in range(1, weights.shape[0]):
-                y = torch.where(token_rows == row, F.linear(xs, weights[row]), y)
+        token_rows = self.row_of_modality[modality_ids].unsqueeze(-1)
+        y = F.linear(xq, weights[0])
+        for row in range(1, weights.shape[0]):
+            y = torch.where(token_rows == row, F.linear(xq, weights[row]), y)
+        if self.quantizers_enabled:
+            source = xq if self.branch_input == "quantized" else xs
+            for row, (left, right) in self.branches.items():
+                y = y + torch.where(token_rows == row, source @ left @ right, 0.0)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(dtype)
 
     def extra_repr(self) -> str:
         rows = 0 if self.scales is None else self.scales.shape[0]
+        ranks = {row: left.shape[1] for row, (left, _) in self.branches.items()}
         return (
             f"{self.name}, in={self.in_features}, out={self.out_features}, scale_rows={rows}, "
             f"weight_rows={self.weight_rows}, divide_input={self.divide_input}, "
-            f"w={self.weight_quant}, a={self.act_quant}"
+            f"w={self.weight_quant}, a={self.act_quant}, branch_ranks={ranks}"
         )

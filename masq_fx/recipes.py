@@ -1,4 +1,4 @@
-"""Methods as recipes: RTN, SmoothQuant, MAS-init and MAS are step lists over the same transforms.
+"""Methods as recipes: RTN, SmoothQuant, MAS-init, MAS and MAS+CMC are step lists over the same transforms.
 
 A :class:`Recipe` is one typed config; :func:`recipe_steps` turns it into pipeline steps that
 run after calibration statistics exist (``context.stats``), so several methods can be ablated
@@ -13,6 +13,7 @@ from typing import Literal
 from masq_fx.pipeline import Transform
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.transforms import PrepareQuantLinears, QuantizeActivations, QuantizeWeights, SmoothingConfig, SmoothScales
+from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
@@ -25,10 +26,14 @@ class Recipe:
     activation: ActQuantConfig = field(default_factory=ActQuantConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     learning: MASLearningConfig = field(default_factory=MASLearningConfig)
+    #: cross-modal compensation after MAS: one stored weight plus low-rank branches (None: per-row weights)
+    cmc: CMCConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
             raise ValueError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
+        if self.cmc is not None and self.method not in ("mas-init", "mas"):
+            raise ValueError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
 
 
 def preset(method: Method, wbits: int, abits: int, variant: str | None = None) -> Recipe:
@@ -53,4 +58,6 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     steps += [QuantizeWeights(recipe.weight), QuantizeActivations(recipe.activation)]
     if recipe.method == "mas":
         steps.append(LearnMAS(recipe.learning, progress=progress))
+    if recipe.cmc is not None:
+        steps.append(CrossModalCompensation(recipe.cmc))
     return steps

@@ -1,0 +1,203 @@
+"""Cross-Modal Compensation (CMC): one stored weight plus a whitened low-rank branch per modality.
+
+After MAS, each linear has a scale row per modality. CMC keeps a single quantized weight
+``Q(W·diag(s_t))`` (text's) and, for every other row ``m``, adds ``x̃·L_m·R_m`` to that row's tokens,
+where ``x̃ = x ⊘ s_m``. The branch approximates the error ``E_m = W·diag(s_m) − Q(W·diag(s_t))``
+(or ``Q(W·diag(s_m)) − Q(W·diag(s_t))`` with ``target="quantized"``) in the norm that matters on
+that modality's activations::
+
+    C̃ = D⁻¹ C D⁻¹ + λ·mean(diag(D⁻¹ C D⁻¹))·I      (C = Σ xᵀx of modality m, float64; D = diag(s_m))
+    C̃ = U S Uᵀ (eigh);   T = S^½ Uᵀ  (TᵀT = C̃);   T⁻¹ = U S^-½   (closed form, no inverse)
+    T Eᵀ = U' Σ V'ᵀ (SVD);   L = T⁻¹ U'_r;   R = Σ_r V'_rᵀ
+
+so ``E[‖x̃(Eᵀ − LR)‖²] ∝ ‖T(Eᵀ − LR)‖²_F`` is minimal among rank-``r`` factors (Eckart–Young in
+the whitened space). ``whiten=False`` uses ``T = I`` (plain truncated SVD). ``C`` is the raw
+second moment the observers collected on the float stream; no second calibration pass.
+
+The rank is ``rank`` (absolute) or ``⌊rank_ratio·min(d_in, d_out)⌋``, at least ``rank_floor``
+(0 by default; the official code uses 32), at most ``min(d_in, d_out)``. A modality without its
+own scale row (absent from calibration) gets no branch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, fx
+
+from masq_fx.modality import Modality
+from masq_fx.pipeline import Context
+from masq_fx.quant_linear import QuantLinear
+from masq_fx.quantizers import WeightQuantConfig, fake_quant_weight
+from masq_fx.transforms.prepare import quant_linears
+from masq_fx.transforms.quantize import WEIGHT_QUANT
+from masq_fx.transforms.smoothing import SCALES
+
+CMC = "cmc"
+
+
+@dataclass(frozen=True)
+class CMCConfig:
+    rank_ratio: float | None = 0.2
+    rank: int | None = None
+    rank_floor: int = 0
+    damping: float = 0.01
+    target: Literal["float", "quantized"] = "float"
+    whiten: bool = True
+    branch_input: Literal["smoothed", "quantized"] = "smoothed"
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.rank_ratio is None):
+            raise ValueError("set exactly one of rank (absolute) and rank_ratio (fraction of min(d_in, d_out))")
+        if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
+            raise ValueError(f"rank_ratio must lie in (0, 1], got {self.rank_ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be non-negative, got {self.damping}")
+        if self.target not in ("float", "quantized"):
+            raise ValueError(f"target must be 'float' or 'quantized', got {self.target!r}")
+
+    def rank_for(self, d_in: int, d_out: int) -> int:
+        full = min(d_in, d_out)
+        wanted = self.rank if self.rank is not None else math.floor(self.rank_ratio * full)
+        return max(1, min(full, max(self.rank_floor, wanted)))
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``T`` with ``TᵀT = C̃`` and its closed-form inverse."""
+
+    t: Tensor
+    t_inv: Tensor
+
+    @classmethod
+    def from_moment(cls, moment: Tensor, scale: Tensor, damping: float) -> "Whitening":
+        inv = 1.0 / scale.double()
+        c = moment.double() * inv[:, None] * inv[None, :]
+        c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype)
+        eigenvalues, u = torch.linalg.eigh(c)
+        # eigenvalues under eigh's resolution (n·eps·λ_max) are numerically zero: a singular moment
+        # (damping 0 and fewer tokens than channels) would otherwise give T⁻¹ ~ 1/√tiny = inf in float32
+        f64 = torch.finfo(torch.float64)
+        floor = (eigenvalues.max() * c.shape[0] * f64.eps).clamp_min(f64.tiny)
+        eigenvalues = eigenvalues.clamp_min(floor)
+        return cls(t=eigenvalues.sqrt()[:, None] * u.T, t_inv=u * eigenvalues.rsqrt()[None, :])
+
+    @classmethod
+    def identity(cls, channels: int) -> "Whitening":
+        eye = torch.eye(channels, dtype=torch.float64)
+        return cls(t=eye, t_inv=eye)
+
+
+@dataclass(frozen=True)
+class BranchReport:
+    """Diagnostics of one branch."""
+
+    module: str
+    modality: Modality
+    rank: int
+    #: ‖T(Eᵀ − LR)‖ / ‖TEᵀ‖ (whitened, i.e. on the calibration distribution)
+    relative_error: float
+    #: exp(entropy of the normalised singular values of TEᵀ)
+    effective_rank: float
+    #: branch parameters (= extra multiply-adds per token) relative to the dense weight's
+    overhead: float
+
+
+def low_rank_factors(error_t: Tensor, whitening: Whitening, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(L, R, singular values) of the rank-``rank`` whitened approximation of ``error_t`` = Eᵀ [in, out]."""
+    u, sigma, vh = torch.linalg.svd(whitening.t @ error_t.double(), full_matrices=False)
+    left = whitening.t_inv @ u[:, :rank]
+    right = sigma[:rank, None] * vh[:rank]
+    return left, right, sigma
+
+
+def _effective_rank(sigma: Tensor) -> float:
+    p = sigma / sigma.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@dataclass
+class CrossModalCompensation:
+    """Switch every multi-row QuantLinear to one text weight plus a low-rank branch per other row."""
+
+    config: CMCConfig = field(default_factory=CMCConfig)
+    name: str = "cmc"
+    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT)
+    provides: tuple[str, ...] = (CMC,)
+    reports: list[BranchReport] = field(default_factory=list, init=False)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        self.reports = []
+        skipped: set[Modality] = set()
+        for module in quant_linears(gm):
+            if module.scales is None or module.scales.shape[0] < 2:
+                continue
+            if module.weight_quant is None:
+                raise ValueError(f"{module.name} has no weight quantizer: run QuantizeWeights before CMC")
+            stats = context.stats.get(module.name)
+            text_row = int(module.row_of_modality[Modality.TEXT])
+            base = self._quantized(module, text_row, module.weight_quant)
+            for modality in Modality:
+                row = int(module.row_of_modality[modality])
+                if modality == Modality.TEXT or row == text_row:
+                    continue
+                moment = None if stats is None else stats.moments.get(modality)
+                if self.config.whiten and moment is None:
+                    skipped.add(modality)
+                    continue
+                self._compensate(module, modality, row, base, moment, context)
+            module.weight_rows = "text"
+            module.branch_input = self.config.branch_input
+            module.freeze()
+        if skipped:
+            names = ", ".join(m.name.lower() for m in sorted(skipped))
+            warnings.warn(
+                f"no second-moment statistics of {names}: those rows got no CMC branch; "
+                "calibrate with InsertObservers(moment_modalities=...) including them",
+                stacklevel=2,
+            )
+        return gm
+
+    @staticmethod
+    def _quantized(module: QuantLinear, row: int, config: WeightQuantConfig) -> Tensor:
+        with torch.no_grad():
+            return fake_quant_weight(module.weight.float() * module.scales[row].detach(), config).double()
+
+    def _compensate(
+        self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context
+    ) -> None:
+        cfg = self.config
+        scale = module.scales[row].detach()
+        if cfg.target == "quantized":
+            target = self._quantized(module, row, module.weight_quant)
+        else:
+            target = module.weight.detach().double() * scale.double()
+        error_t = (target - base).T  # [in, out]
+        whitening = (
+            Whitening.from_moment(moment, scale, cfg.damping) if cfg.whiten else Whitening.identity(module.in_features)
+        )
+        rank = cfg.rank_for(module.in_features, module.out_features)
+        left, right, sigma = low_rank_factors(error_t, whitening, rank)
+        module.set_branch(row, left, right)
+        residual = whitening.t @ (error_t - left @ right)
+        total = (whitening.t @ error_t).norm()
+        self.reports.append(
+            BranchReport(
+                module=module.name,
+                modality=modality,
+                rank=rank,
+                relative_error=float(residual.norm() / total.clamp_min(1e-300)),
+                effective_rank=_effective_rank(sigma),
+                overhead=rank * (module.in_features + module.out_features) / (module.in_features * module.out_features),
+            )
+        )
+        record = context.result(module.name)
+        record[f"cmc_left.{modality.name.lower()}"] = left.float()
+        record[f"cmc_right.{modality.name.lower()}"] = right.float()
