@@ -55,6 +55,9 @@ class QuantLinear(nn.Module):
         self.act_quant: ActQuantConfig | None = None
         self.act_static_scale: Tensor | None = None
         self._frozen_weights: Tensor | None = None
+        #: quantized weights ``[rows, out, in]`` solved by a weight transform (GPTQ); they replace
+        #: ``Q_w(W·diag(s[r]))`` until the scales change
+        self._solved: Tensor | None = None
         #: scale row → (L [in, rank], R [rank, out]) of the cross-modal compensation branch
         self.branches: dict[int, tuple[Tensor, Tensor]] = {}
         #: the branch reads the smoothed float input, or its fake-quantized version
@@ -69,7 +72,10 @@ class QuantLinear(nn.Module):
         return self.weight.shape[0]
 
     def set_scales(self, scales: Tensor | nn.Parameter | None, row_of_modality: Tensor | None = None) -> None:
-        """Install a ``[rows, in_features]`` scale table (shared ``nn.Parameter`` objects stay shared)."""
+        """Install a ``[rows, in_features]`` scale table (shared ``nn.Parameter`` objects stay shared).
+
+        Solved weights and compensation branches depend on the scales and are dropped.
+        """
         if scales is not None:
             if scales.dim() != 2 or scales.shape[1] != self.in_features:
                 raise ValueError(
@@ -82,7 +88,26 @@ class QuantLinear(nn.Module):
         if scales is not None and int(rows.max()) >= scales.shape[0]:
             raise ValueError(f"{self.name}: row_of_modality points past the {scales.shape[0]} scale rows")
         self.row_of_modality = rows.to(self.row_of_modality.device)
+        self._solved = None
+        self.branches = {}
         self.unfreeze()
+
+    def set_solved_weights(self, weights: Tensor) -> None:
+        """Install quantized weights ``[rows, out, in]`` computed elsewhere (one per scale row)."""
+        rows = 1 if self.scales is None else self.scales.shape[0]
+        if weights.shape != (rows, self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.name}: solved weights must be [{rows}, {self.out_features}, {self.in_features}], "
+                f"got {tuple(weights.shape)}"
+            )
+        self._solved = weights.detach().float()
+        self.freeze()
+
+    def quantized_weight(self, row: int | None) -> Tensor:
+        """The stored quantized weight of scale row ``row`` (``None``: unsmoothed)."""
+        if self._solved is not None:
+            return self._solved[row or 0]
+        return self._scaled_weight(row)
 
     def freeze(self) -> None:
         """Cache the quantized weights (call once the scales are final); :meth:`unfreeze` undoes it."""
@@ -115,10 +140,12 @@ class QuantLinear(nn.Module):
         With quantizers off the result is always per row: the smoothed float linear.
         """
         if self.scales is None:
-            return self._scaled_weight(None)[None]
-        if self.weight_rows == "text" and self.quantizers_enabled:
-            return self._scaled_weight(int(self.row_of_modality[Modality.TEXT]))[None]
-        return torch.stack([self._scaled_weight(r) for r in range(self.scales.shape[0])])
+            return self.quantized_weight(None)[None] if self.quantizers_enabled else self._scaled_weight(None)[None]
+        if not self.quantizers_enabled:
+            return torch.stack([self._scaled_weight(r) for r in range(self.scales.shape[0])])
+        if self.weight_rows == "text":
+            return self.quantized_weight(int(self.row_of_modality[Modality.TEXT]))[None]
+        return torch.stack([self.quantized_weight(r) for r in range(self.scales.shape[0])])
 
     def smooth_input(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         """``x ⊘ s[m]`` per token (a gather of the token's scale row), in float32."""

@@ -239,6 +239,21 @@ def _fake_quant_grouped(wg: Tensor, config: WeightQuantConfig) -> tuple[Tensor, 
     return _quantize(wg, scale, zp, config.qmin, config.qmax), scale, zp
 
 
+@torch.no_grad()
+def weight_qparams(w: Tensor, config: WeightQuantConfig) -> tuple[Tensor, Tensor | None]:
+    """Scale (and zero point) ``[out, 1]`` for a slice ``[out, k]`` of weight columns quantized as one
+    group (with the clipping search if configured); used by error-feedback solvers such as GPTQ."""
+    wg = w.float()[:, None, :]
+    ratio = _search_clip_ratio(wg, config) if config.clip_search else 1.0
+    scale, zp = _weight_qparams(wg, config, ratio)
+    return scale[:, 0], None if zp is None else zp[:, 0]
+
+
+def fake_quant_with(x: Tensor, scale: Tensor, zero_point: Tensor | None, config: WeightQuantConfig) -> Tensor:
+    """Quantize-dequantize ``x`` on ``config``'s grid with given (broadcastable) parameters."""
+    return _dequantize(_quantize(x.float(), scale, zero_point, config.qmin, config.qmax), scale, zero_point)
+
+
 @dataclass
 class QuantizedWeight:
     """Integer representation of a weight, for the backend and checkpoints.

@@ -13,7 +13,9 @@ from typing import Literal
 from masq_fx.pipeline import Transform
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.transforms import PrepareQuantLinears, QuantizeActivations, QuantizeWeights, SmoothingConfig, SmoothScales
+from masq_fx.modality import Modality
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
+from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
@@ -28,10 +30,21 @@ class Recipe:
     learning: MASLearningConfig = field(default_factory=MASLearningConfig)
     #: cross-modal compensation after MAS: one stored weight plus low-rank branches (None: per-row weights)
     cmc: CMCConfig | None = None
+    #: GPTQ error feedback on the final smoothed weights (None: round to nearest)
+    gptq: GPTQConfig | None = None
+
+    @property
+    def moment_modalities(self) -> tuple[Modality, ...]:
+        """Modalities whose second moment calibration must collect for this recipe."""
+        if self.gptq is not None:
+            return tuple(Modality)
+        return (Modality.VISION, Modality.AUDIO) if self.cmc is not None else ()
 
     def __post_init__(self) -> None:
         if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
             raise ValueError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
+        if self.gptq is not None and self.method == "fp":
+            raise ValueError("GPTQ needs quantized weights: pick a method other than 'fp'")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
             raise ValueError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
 
@@ -58,6 +71,8 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     steps += [QuantizeWeights(recipe.weight), QuantizeActivations(recipe.activation)]
     if recipe.method == "mas":
         steps.append(LearnMAS(recipe.learning, progress=progress))
+    if recipe.gptq is not None:
+        steps.append(GPTQWeights(recipe.gptq, progress=progress))
     if recipe.cmc is not None:
         steps.append(CrossModalCompensation(recipe.cmc))
     return steps

@@ -1,0 +1,117 @@
+"""GPTQ-style error feedback for the quantized weights (an optional weight-side transform).
+
+For each QuantLinear and scale row ``r`` the smoothed weight ``W̃ = W·diag(s_r)`` is quantized
+column by column; the rounding error of each column is spread over the not-yet-quantized columns
+through the inverse Hessian ``H̃⁻¹`` of the layer-wise loss ``E‖x̃(W̃ − Q)ᵀ‖²``, where
+``H̃ = D⁻¹HD⁻¹`` and ``H = Σ xᵀx`` over the calibration tokens that use row ``r`` (the observers'
+float64 second moments, so no extra calibration pass). Scales are fixed per output channel from
+the full row (or per group when a group starts), on the same grid as the plain quantizer, so the
+result is an ordinary quantized weight. Run it after the scales are final (after MAS learning);
+changing the scales drops the solved weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from masq_fx.calibration import STATS
+from masq_fx.modality import Modality
+from masq_fx.pipeline import Context
+from masq_fx.quant_linear import QuantLinear
+from masq_fx.quantizers import WeightQuantConfig, fake_quant_with, weight_qparams
+from masq_fx.transforms.prepare import quant_linears
+from masq_fx.transforms.quantize import WEIGHT_QUANT
+
+SOLVED_WEIGHTS = "solved_weights"
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damping: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.damping <= 0:
+            raise ValueError(f"damping must be positive, got {self.damping}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> Tensor:
+    """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    columns = w.shape[1]
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += gptq.damping * h.diagonal().mean() * torch.eye(columns, dtype=h.dtype)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    group = columns if config.group_size is None else config.group_size
+    block = max(group, gptq.block_size // group * group) if group < columns else gptq.block_size
+    q = torch.zeros_like(w)
+    scale, zero_point = weight_qparams(w, config) if group == columns else (None, None)
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros_like(w_block)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if group < columns and column % group == 0:
+                scale, zero_point = weight_qparams(w_block[:, i : i + group], config)
+            value = w_block[:, i]
+            quantized = fake_quant_with(value[:, None], scale, zero_point, config)[:, 0].double()
+            q[:, column] = quantized
+            error = (value - quantized) / h_block[i, i]
+            w_block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return q.to(weight.dtype)
+
+
+def _row_hessian(module: QuantLinear, stats, row: int) -> Tensor:
+    modalities = [m for m in Modality if int(module.row_of_modality[m]) == row and stats.count[m] > 0]
+    missing = [m for m in modalities if m not in stats.moments]
+    if missing or not modalities:
+        names = ", ".join(m.name.lower() for m in missing) or "any modality"
+        raise ValueError(
+            f"GPTQ needs the second moment of {names} at {module.name}: calibrate with "
+            "InsertObservers(moment_modalities=(Modality.TEXT, Modality.VISION, Modality.AUDIO))"
+        )
+    return sum(stats.moments[m] for m in modalities)
+
+
+@dataclass
+class GPTQWeights:
+    """Solve every quantized QuantLinear's weights (per scale row) with GPTQ error feedback."""
+
+    config: GPTQConfig = field(default_factory=GPTQConfig)
+    progress: bool = True
+    name: str = "gptq"
+    requires: tuple[str, ...] = (WEIGHT_QUANT, STATS)
+    provides: tuple[str, ...] = (SOLVED_WEIGHTS,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        modules = [m for m in quant_linears(gm) if m.weight_quant is not None]
+        for module in tqdm(modules, desc="GPTQ", unit="linear", disable=not self.progress):
+            stats = context.stats.get(module.name)
+            if stats is None:
+                raise ValueError(f"no calibration statistics for {module.name}: run Calibrate before GPTQ")
+            rows = 1 if module.scales is None else module.scales.shape[0]
+            solved = []
+            for row in range(rows):
+                hessian = _row_hessian(module, stats, row)
+                weight = module.weight.detach().double()
+                if module.scales is not None:
+                    scale = module.scales[row].detach().double()
+                    weight = weight * scale
+                    hessian = hessian / scale[:, None] / scale[None, :]
+                solved.append(gptq_quantize(weight, hessian, module.weight_quant, self.config).float())
+            module.set_solved_weights(torch.stack(solved))
+        return gm
