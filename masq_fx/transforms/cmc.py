@@ -77,7 +77,7 @@ class Whitening:
 
     @classmethod
     def from_moment(cls, moment: Tensor, scale: Tensor, damping: float) -> "Whitening":
-        inv = scale.double()
+        inv = 1.0 / scale.double()
         c = moment.double() * inv[:, None] * inv[None, :]
         c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype)
         eigenvalues, u = torch.linalg.eigh(c)
