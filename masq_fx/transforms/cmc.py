@@ -32,7 +32,6 @@ from torch import Tensor, fx
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.quantizers import WeightQuantConfig, fake_quant_weight
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 from masq_fx.transforms.smoothing import SCALES
@@ -143,7 +142,7 @@ class CrossModalCompensation:
                 raise ValueError(f"{module.name} has no weight quantizer: run QuantizeWeights before CMC")
             stats = context.stats.get(module.name)
             text_row = int(module.row_of_modality[Modality.TEXT])
-            base = self._quantized(module, text_row, module.weight_quant)
+            base = module.quantized_weight(text_row).detach().double()
             for modality in Modality:
                 row = int(module.row_of_modality[modality])
                 if modality == Modality.TEXT or row == text_row:
@@ -165,18 +164,13 @@ class CrossModalCompensation:
             )
         return gm
 
-    @staticmethod
-    def _quantized(module: QuantLinear, row: int, config: WeightQuantConfig) -> Tensor:
-        with torch.no_grad():
-            return fake_quant_weight(module.weight.float() * module.scales[row].detach(), config).double()
-
     def _compensate(
         self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context
     ) -> None:
         cfg = self.config
         scale = module.scales[row].detach()
         if cfg.target == "quantized":
-            target = self._quantized(module, row, module.weight_quant)
+            target = module.quantized_weight(row).detach().double()
         else:
             target = module.weight.detach().double() * scale.double()
         error_t = (target - base).T  # [in, out]
