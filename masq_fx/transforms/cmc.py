@@ -16,7 +16,8 @@ second moment the observers collected on the float stream; no second calibration
 
 The rank is ``rank`` (absolute) or ``⌊rank_ratio·min(d_in, d_out)⌋``, at least ``rank_floor``
 (0 by default; the official code uses 32), at most ``min(d_in, d_out)``. A modality without its
-own scale row (absent from calibration) gets no branch.
+own scale row (absent from calibration) gets no branch; one whose second moment was not collected
+gets an unwhitened branch, with a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ CMC = "cmc"
 
 @dataclass(frozen=True)
 class CMCConfig:
-    rank_ratio: float | None = 0.2
+    """Rank: ``rank`` (absolute) or ``rank_ratio`` (of ``min(d_in, d_out)``), at most one of them;
+    neither means ``rank_ratio=0.2``."""
+
+    rank_ratio: float | None = None
     rank: int | None = None
     rank_floor: int = 0
     damping: float = 0.01
@@ -50,20 +54,23 @@ class CMCConfig:
     branch_input: Literal["smoothed", "quantized"] = "smoothed"
 
     def __post_init__(self) -> None:
-        if (self.rank is None) == (self.rank_ratio is None):
-            raise ValueError("set exactly one of rank (absolute) and rank_ratio (fraction of min(d_in, d_out))")
+        if self.rank is not None and self.rank_ratio is not None:
+            raise ValueError("set at most one of rank (absolute) and rank_ratio (fraction of min(d_in, d_out))")
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
             raise ValueError(f"rank_ratio must lie in (0, 1], got {self.rank_ratio}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
-        if self.damping < 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be a non-negative number, got {self.damping}")
         if self.target not in ("float", "quantized"):
             raise ValueError(f"target must be 'float' or 'quantized', got {self.target!r}")
+        if self.branch_input not in ("smoothed", "quantized"):
+            raise ValueError(f"branch_input must be 'smoothed' or 'quantized', got {self.branch_input!r}")
 
     def rank_for(self, d_in: int, d_out: int) -> int:
         full = min(d_in, d_out)
-        wanted = self.rank if self.rank is not None else math.floor(self.rank_ratio * full)
+        ratio = 0.2 if self.rank_ratio is None else self.rank_ratio
+        wanted = self.rank if self.rank is not None else math.floor(ratio * full)
         return max(1, min(full, max(self.rank_floor, wanted)))
 
 
@@ -138,8 +145,11 @@ class CrossModalCompensation:
         for module in quant_linears(gm):
             if module.scales is None or module.scales.shape[0] < 2:
                 continue
-            if module.weight_quant is None:
-                raise ValueError(f"{module.name} has no weight quantizer: run QuantizeWeights before CMC")
+            if module.weight_quant is None or not module.quantizers_enabled:
+                raise ValueError(
+                    f"{module.name} has no active weight quantizer: run QuantizeWeights before CMC "
+                    "(with quantizers enabled)"
+                )
             stats = context.stats.get(module.name)
             text_row = int(module.row_of_modality[Modality.TEXT])
             base = module.quantized_weight(text_row).detach().double()
@@ -150,7 +160,6 @@ class CrossModalCompensation:
                 moment = None if stats is None else stats.moments.get(modality)
                 if self.config.whiten and moment is None:
                     skipped.add(modality)
-                    continue
                 self._compensate(module, modality, row, base, moment, context)
             module.weight_rows = "text"
             module.branch_input = self.config.branch_input
@@ -158,7 +167,7 @@ class CrossModalCompensation:
         if skipped:
             names = ", ".join(m.name.lower() for m in sorted(skipped))
             warnings.warn(
-                f"no second-moment statistics of {names}: those rows got no CMC branch; "
+                f"no second-moment statistics of {names}: their CMC branches are unwhitened (less accurate); "
                 "calibrate with InsertObservers(moment_modalities=...) including them",
                 stacklevel=2,
             )
@@ -175,7 +184,9 @@ class CrossModalCompensation:
             target = module.weight.detach().double() * scale.double()
         error_t = (target - base).T  # [in, out]
         whitening = (
-            Whitening.from_moment(moment, scale, cfg.damping) if cfg.whiten else Whitening.identity(module.in_features)
+            Whitening.from_moment(moment, scale, cfg.damping)
+            if cfg.whiten and moment is not None
+            else Whitening.identity(module.in_features)
         )
         rank = cfg.rank_for(module.in_features, module.out_features)
         left, right, sigma = low_rank_factors(error_t, whitening, rank)
