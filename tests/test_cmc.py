@@ -601,7 +601,7 @@ def test_text_only_input_is_untouched_by_cmc(omni):
         (CMCConfig(rank=100), 64, 32, 32),  # capped at min(d_in, d_out)
         (CMCConfig(rank_ratio=0.2, rank_floor=32), 64, 128, 32),  # official floor
         (CMCConfig(rank_ratio=0.2, rank_floor=32), 16, 8, 8),  # floor capped at full rank
-        (CMCConfig(rank=4, rank_ratio=None, rank_floor=10), 64, 64, 10),
+        (CMCConfig(rank=4, rank_floor=10), 64, 64, 10),
         (CMCConfig(rank_ratio=0.2, rank_floor=3), 64, 64, 12),  # floor below the ratio's rank
     ],
 )

@@ -155,7 +155,7 @@ def test_installed_branch_is_the_spec_whitened_truncated_svd(seed, d_in, d_out, 
     rank = min(rank, d_in, d_out)
     weight, bias, scales, x, ids = random_case(seed, d_in, d_out, tokens)
     wq = WeightQuantConfig(bits=wbits)
-    module = compensated_linear(weight, bias, scales, wq, x, ids, CMCConfig(rank=rank, rank_ratio=None, damping=damping, target=target))
+    module = compensated_linear(weight, bias, scales, wq, x, ids, CMCConfig(rank=rank, damping=damping, target=target))
     assert module.weight_rows == "text" and set(module.branches) == {1, 2}
     for modality in (VISION, AUDIO):
         xm = x[ids == int(modality)].double()
@@ -219,7 +219,7 @@ def omni_stats():
     "config",
     [
         CMCConfig(rank_ratio=0.2),
-        CMCConfig(rank=20, rank_ratio=None, damping=0.05, target="quantized"),
+        CMCConfig(rank=20, damping=0.05, target="quantized"),
         CMCConfig(rank_ratio=1.0),
     ],
     ids=["ratio0.2", "rank20_quantized", "full"],
