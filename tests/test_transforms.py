@@ -306,9 +306,10 @@ def test_text_weight_without_compensation_computes_x_diag_st_over_sm_w():
     weight, bias, x, ids, scales = linear_case(3, 3)
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(scales, torch.tensor([0, 1, 2]))
-    module.weight_rows = "text"
-    module.quantizers_enabled = False
+    module.weight_rows = "text"  # no quantizers installed: the text weight is W·diag(s_t) exactly
     y = module(x, ids)
+    module.quantizers_enabled = False  # off means the smoothed float linear, whatever weight_rows says
+    torch.testing.assert_close(module(x, ids).double(), x.double() @ weight.double().T + bias.double(), rtol=1e-5, atol=1e-5)
     ratio = scales[0] / scales[ids]  # [2, 7, in]
     expected = torch.einsum("bti,oi->bto", x.double() * ratio.double(), weight.double()) + bias.double()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
