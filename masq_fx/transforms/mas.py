@@ -19,6 +19,7 @@ rerun with the same file skips the layers already learned (resume after an inter
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from masq_fx.transforms.quantize import ACT_QUANT, WEIGHT_QUANT, _smoothed_absma
 from masq_fx.transforms.smoothing import SCALES
 
 LEARNED_SCALES = "learned_scales"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,7 @@ class LearnMAS:
                 p.clamp_(min=cfg.min_scale)
                 p.requires_grad_(False)
         self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
+        _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
 
     def _save(self, gm: fx.GraphModule, layer: int) -> None:
         path = self.config.checkpoint
