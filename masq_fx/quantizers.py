@@ -249,9 +249,13 @@ def weight_qparams(w: Tensor, config: WeightQuantConfig) -> tuple[Tensor, Tensor
     return scale[:, 0], None if zp is None else zp[:, 0]
 
 
+@torch.no_grad()
 def fake_quant_with(x: Tensor, scale: Tensor, zero_point: Tensor | None, config: WeightQuantConfig) -> Tensor:
-    """Quantize-dequantize ``x`` on ``config``'s grid with given (broadcastable) parameters."""
-    return _dequantize(_quantize(x.float(), scale, zero_point, config.qmin, config.qmax), scale, zero_point)
+    """Quantize-dequantize ``x`` on ``config``'s grid with given (broadcastable) parameters (no STE)."""
+    q = torch.round(x.float() * (1.0 / scale))
+    if zero_point is not None:
+        q = q + zero_point
+    return _dequantize(torch.clamp(q, config.qmin, config.qmax), scale, zero_point)
 
 
 @dataclass

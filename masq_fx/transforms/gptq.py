@@ -43,19 +43,26 @@ class GPTQConfig:
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> Tensor:
-    """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily."""
-    w = weight.double().clone()
+    """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily.
+
+    The inverse-Hessian factor is computed in float64; the column sweep runs in float32.
+    """
+    w = weight.float().clone()
     h = hessian.double().clone()
     columns = w.shape[1]
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += gptq.damping * h.diagonal().mean() * torch.eye(columns, dtype=h.dtype)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve (torch.cholesky_inverse is ~100x slower on CPU)
+    l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(columns, dtype=h.dtype), upper=False)
+    h_inv = torch.linalg.cholesky(l_inv.T @ l_inv, upper=True).float()
     group = columns if config.group_size is None else config.group_size
     block = max(group, gptq.block_size // group * group) if group < columns else gptq.block_size
     q = torch.zeros_like(w)
-    scale, zero_point = weight_qparams(w, config) if group == columns else (None, None)
+    scale = zero_point = None
+    if group == columns:
+        scale, zero_point = weight_qparams(w, config)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         w_block = w[:, start:end].clone()
@@ -65,13 +72,13 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gp
             column = start + i
             if group < columns and column % group == 0:
                 scale, zero_point = weight_qparams(w_block[:, i : i + group], config)
-            value = w_block[:, i]
-            quantized = fake_quant_with(value[:, None], scale, zero_point, config)[:, 0].double()
-            q[:, column] = quantized
+            value = w_block[:, i : i + 1]
+            quantized = fake_quant_with(value, scale, zero_point, config)
+            q[:, column : column + 1] = quantized
             error = (value - quantized) / h_block[i, i]
-            w_block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+            w_block[:, i:].addmm_(error, h_block[i : i + 1, i:], alpha=-1.0)
+            errors[:, i : i + 1] = error
+        w[:, end:].addmm_(errors, h_inv[start:end, end:], alpha=-1.0)
     return q.to(weight.dtype)
 
 
