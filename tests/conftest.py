@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["helpers"]
+
 settings.register_profile(
     "masq_fx",
     deadline=None,

@@ -19,11 +19,12 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch import fx, nn
+
+from helpers import graph_of
 
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
-from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
 from masq_fx.observers import ModalityStats
@@ -47,12 +48,7 @@ MAS_INIT = preset("mas-init", 4, 8)
 MAS_INIT_TIED = preset("mas-init", 4, 8, variant="tied")  # 3 rows: routed, not folded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- tiny-model helpers
@@ -147,25 +143,6 @@ def record_inputs(context: Context) -> tuple[dict[str, tuple], list]:
 
 
 # ----------------------------------------------------------------------------- single-linear helpers
-
-
-class _Wrap(nn.Module):
-    def __init__(self, linear: QuantLinear) -> None:
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x, modality_ids):
-        return self.lin(x, modality_ids)
-
-
-class _QuantLinearLeaf(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLinear) or super().is_leaf_module(m, qualname)
-
-
-def graph_of(linear: QuantLinear) -> fx.GraphModule:
-    wrap = _Wrap(linear)
-    return fx.GraphModule(wrap, _QuantLinearLeaf().trace(wrap))
 
 
 @dataclass

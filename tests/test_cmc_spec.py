@@ -25,7 +25,8 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch import fx, nn
+
+from helpers import graph_of
 
 from masq_fx.calibration import observe
 from masq_fx.capture import capture
@@ -43,12 +44,7 @@ from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
 TEXT, VISION, AUDIO = Modality.TEXT, Modality.VISION, Modality.AUDIO
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- the spec, in plain torch
@@ -97,20 +93,6 @@ def distinct_cut(sigma: torch.Tensor, rank: int) -> bool:
 # ----------------------------------------------------------------------------- one QuantLinear
 
 
-class _Wrap(nn.Module):
-    def __init__(self, linear: QuantLinear) -> None:
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x, modality_ids):
-        return self.lin(x, modality_ids)
-
-
-class _Leaf(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLinear) or super().is_leaf_module(m, qualname)
-
-
 def compensated_linear(weight, bias, scales, wq, x, ids, config):
     """A 3-row QuantLinear in its own graph, observed on (x, ids), after the CMC transform."""
     module = QuantLinear(weight, bias, "lin")
@@ -119,8 +101,7 @@ def compensated_linear(weight, bias, scales, wq, x, ids, config):
     module.act_quant = ActQuantConfig(bits=8)
     stats = ModalityStats.empty(weight.shape[1], (VISION, AUDIO))
     stats.update(x, ids)
-    wrap = _Wrap(module)
-    gm = fx.GraphModule(wrap, _Leaf().trace(wrap))
+    gm = graph_of(module)
     CrossModalCompensation(config)(gm, Context(captured=None, stats={"lin": stats}))
     return module
 
