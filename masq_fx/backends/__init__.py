@@ -1,0 +1,23 @@
+"""Backends: run a transformed graph on real quantized kernels."""
+
+from masq_fx.backends.torchao_int8 import (
+    INDUCTOR_OPTIONS,
+    CompiledGraph,
+    Int8QuantLinear,
+    LowerToTorchao,
+    LoweringReport,
+    compile_graph,
+    lower_to_torchao,
+    unsupported_reason,
+)
+
+__all__ = [
+    "INDUCTOR_OPTIONS",
+    "CompiledGraph",
+    "Int8QuantLinear",
+    "LowerToTorchao",
+    "LoweringReport",
+    "compile_graph",
+    "lower_to_torchao",
+    "unsupported_reason",
+]
