@@ -13,7 +13,7 @@ import torch
 from masq_fx.capture import capture
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
-from masq_fx.trimodal import accuracy, eager_decoder, greedy_decode, load_set, load_trimodal
+from masq_fx.trimodal import greedy_decode, load_set, load_trimodal
 from masq_fx.trimodal.data import (
     AUDIO_VOICES,
     MAX_ITEMS_PER_SPLIT,
