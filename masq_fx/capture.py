@@ -143,7 +143,7 @@ def _dynamic_shapes(example: DecoderInputs) -> tuple[dict[int, Dim], ...]:
     return ({0: batch, 1: seq}, pos, {0: batch, 1: seq}, {0: batch, 1: seq})
 
 
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+def drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Remove parameters the graph never reads (the token embedding lives outside the graph)."""
     for node in list(gm.graph.find_nodes(op="get_attr")):
         if not node.users:
@@ -185,7 +185,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
             wrapper, example.args(), dynamic_shapes=_dynamic_shapes(example), strict=False
         )
     gm = program.module()
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     annotate(gm)
     seconds = time.perf_counter() - start
     cfg = adapter.text_config()
@@ -195,14 +195,14 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         num_layers=len(adapter.layers()),
         hidden_size=cfg.hidden_size,
         position_rows=adapter.position_rows,
-        modalities=_model_modalities(adapter),
+        modalities=model_modalities(adapter),
         capture_seconds=seconds,
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
     return captured
 
 
-def _model_modalities(adapter: ModelAdapter) -> tuple[Modality, ...]:
+def model_modalities(adapter: ModelAdapter) -> tuple[Modality, ...]:
     tokens = adapter.modality_tokens()
     found = {Modality.TEXT}
     if tokens.image is not None or tokens.video is not None:

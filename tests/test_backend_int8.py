@@ -219,6 +219,17 @@ def test_omni_mas_cmc_matches_the_reference(omni):
     _assert_backend_matches_reference(omni, context, 14)
 
 
+@pytest.mark.parametrize("cmc", [None, CMCConfig(rank=4)])
+def test_w4a8_codes_run_on_the_int8_kernel(omni, cmc):
+    context = omni.transformed(replace(preset("mas-init", 4, 8), cmc=cmc))
+    _assert_backend_matches_reference(omni, context, 14)
+    lowered = copy.deepcopy(context.captured)
+    lower_to_torchao(lowered)
+    for module in _int8_modules(lowered.graph_module).values():
+        codes = module.weights[0].qdata
+        assert codes.min() >= -8 and codes.max() <= 7
+
+
 def test_gptq_solved_weights_lower_within_two_ulp(omni):
     context = omni.transformed(replace(preset("mas-init", 8, 8), gptq=GPTQConfig()))
     reference = {m.name: m for m in quant_linears(context.graph_module)}
@@ -232,24 +243,21 @@ def test_gptq_solved_weights_lower_within_two_ulp(omni):
 
 
 def test_report_lists_unlowered_modules_with_reasons(omni):
-    w4 = QuantizeWeights(WeightQuantConfig(bits=4), ModuleFilter(include=(r".*\.down_proj",)))
     asym = QuantizeWeights(WeightQuantConfig(symmetric=False), ModuleFilter(include=(r"layers\.0\.mlp\.up_proj",)))
     group = QuantizeWeights(WeightQuantConfig(group_size=32), ModuleFilter(include=(r"layers\.1\.mlp\.up_proj",)))
     static = QuantizeActivations(ActQuantConfig(granularity="per_tensor"), ModuleFilter(include=(r".*\.o_proj",)))
-    context = omni.transformed(preset("mas-init", 8, 8), (w4, asym, group, static))
+    context = omni.transformed(preset("mas-init", 8, 8), (asym, group, static))
     reference = copy.deepcopy(context.captured)
-    with pytest.warns(UserWarning, match="left 6 on the reference path"):
+    with pytest.warns(UserWarning, match="left 4 on the reference path"):
         report = lower_to_torchao(context.captured)
     reasons = report.unlowered
     assert set(reasons) == {
-        "layers.0.mlp.down_proj", "layers.1.mlp.down_proj", "layers.0.mlp.up_proj",
-        "layers.1.mlp.up_proj", "layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj",
+        "layers.0.mlp.up_proj", "layers.1.mlp.up_proj", "layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj",
     }
-    assert "4-bit weights" in reasons["layers.0.mlp.down_proj"]
     assert "asymmetric" in reasons["layers.0.mlp.up_proj"]
     assert "group-wise" in reasons["layers.1.mlp.up_proj"]
     assert "per_tensor static" in reasons["layers.1.self_attn.o_proj"]
-    assert len(report.lowered) == 8 and not set(report.lowered) & set(reasons)
+    assert len(report.lowered) == 10 and not set(report.lowered) & set(reasons)
     kinds = {m.name: type(m) for m in context.graph_module.modules() if isinstance(m, (QuantLinear, Int8QuantLinear))}
     assert {n for n, k in kinds.items() if k is QuantLinear} == set(reasons)
     with torch.no_grad():

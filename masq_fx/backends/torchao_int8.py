@@ -1,7 +1,7 @@
-"""Lower a transformed graph's QuantLinears to torchao int8 kernels (W8A8, dynamic per-token activations).
+"""Lower a transformed graph's QuantLinears to torchao int8 kernels (W8A8 and W4A8, dynamic per-token activations).
 
 :func:`lower_to_torchao` swaps every :class:`~masq_fx.quant_linear.QuantLinear` whose weights are
-8-bit symmetric per output channel and whose activations are 8-bit symmetric dynamic per token (full
+symmetric per output channel (2 to 8 bits) and whose activations are 8-bit symmetric dynamic per token (full
 int8 grid) for an :class:`Int8QuantLinear` with the same call signature ``(x, modality_ids)``. It
 computes what the reference computes, with the integer GEMM done by torchao:
 
@@ -18,7 +18,10 @@ computes what the reference computes, with the integer GEMM done by torchao:
 * per-row outputs selected with ``torch.where`` (MAS simulation), CMC low-rank branches in float32,
   bias added last.
 
-Anything else (4-bit or asymmetric or group-wise weights, static per-tensor or restricted-grid
+Weights of fewer than 8 bits (W4A8) keep their integer codes on the int8 kernel: resident as one byte
+per weight (checkpoints pack 4-bit codes two per byte), computed exactly as the reference computes them.
+
+Anything else (asymmetric or group-wise weights, static per-tensor or restricted-grid
 activations, weight-only, quantizers off) stays a QuantLinear, and the :class:`LoweringReport` says
 which and why (a warning is raised as well).
 
@@ -73,7 +76,7 @@ _INT8_ACT = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=Mappin
 
 
 def unsupported_reason(module: QuantLinear) -> str | None:
-    """Why ``module`` cannot run on the int8 W8A8 kernels (``None`` if it can)."""
+    """Why ``module`` cannot run on the int8 kernels (``None`` if it can)."""
     w, a = module.weight_quant, module.act_quant
     if not module.quantizers_enabled:
         return "quantizers disabled (float linear)"
@@ -81,8 +84,6 @@ def unsupported_reason(module: QuantLinear) -> str | None:
         return "no weight quantizer"
     if a is None:
         return f"weight-only W{w.bits}A16 (int8 dynamic kernels need activation quantization)"
-    if w.bits != 8:
-        return f"{w.bits}-bit weights (int8 kernel path is W8A8 only)"
     if not w.symmetric:
         return "asymmetric weights (torchao's int8 kernels take symmetric weights)"
     if w.group_size is not None:
@@ -148,7 +149,7 @@ class _Branch(nn.Module):
 
 
 class Int8QuantLinear(nn.Module):
-    """W8A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids) -> y``.
+    """W8A8/W4A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids) -> y``.
 
     Built by :meth:`from_quant_linear`; holds no reference to the float weight.
     """

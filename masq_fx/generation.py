@@ -1,0 +1,251 @@
+"""Generation on a captured graph with a static KV cache: prefill with mixed modalities, decode as text.
+
+:func:`capture_cached` exports the language decoder and head once more, now with a
+``transformers.StaticCache`` whose key/value tensors are buffers of the graph (updated in place,
+so the graph compiles with ``fullgraph=True`` for prefill and for decode). Its placeholders are
+those of :func:`masq_fx.capture.capture` plus ``cache_start`` (``[1]``, the cache slot of the first
+input token); ``attention_mask`` spans the whole cache (``[batch, max_cache_len]``: the prompt's
+padding mask, ones after it). The batch size and cache length are fixed at capture, the number of
+input tokens is dynamic. Linear nodes carry the same module-name tags as the prefill capture.
+
+:func:`transplant` replays a transformed prefill graph onto such a graph by module name: each
+tagged linear becomes the same (shared) QuantLinear or lowered module, per-modality routers are
+re-inserted before the linears that read them, and parameters the transforms replaced (norm
+weights with folded scales) are carried over. :func:`generate` is the greedy loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, fx, nn
+from torch.export import Dim
+from transformers import StaticCache
+
+from masq_fx.capture import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
+from masq_fx.modality import Modality
+from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+
+CACHE_START = "cache_start"
+
+
+class _CachedExportable(nn.Module):
+    """Decoder + head over a static cache registered as buffers (the exported module)."""
+
+    def __init__(self, adapter: ModelAdapter, batch_size: int, max_cache_len: int) -> None:
+        super().__init__()
+        self.decoder = adapter.language_model()
+        self.lm_head = adapter.lm_head()
+        config = adapter.text_config()
+        self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
+        heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self.decoder.parameters()).dtype
+        self.cache.early_initialization(batch_size, heads, head_dim, dtype, torch.device("cpu"))
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"cache_keys_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"cache_values_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor,
+        modality_ids: Tensor,
+        attention_mask: Tensor,
+        cache_start: Tensor,
+    ) -> Tensor:
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(cache_start[0])
+        hidden = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self.lm_head(hidden)
+
+
+@dataclass
+class CachedDecoder:
+    """An exported decoder graph with a static KV cache of ``batch_size`` rows and ``max_cache_len`` slots."""
+
+    graph_module: fx.GraphModule
+    adapter: ModelAdapter
+    batch_size: int
+    max_cache_len: int
+    modalities: tuple[Modality, ...]
+    capture_seconds: float = 0.0
+
+    def __call__(self, inputs: DecoderInputs, cache_start: int) -> Tensor:
+        """Logits of ``inputs`` (``attention_mask`` over the whole cache) written at ``cache_start``."""
+        return self.graph_module(*inputs.args(), torch.tensor([cache_start]))
+
+
+def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int) -> CachedDecoder:
+    """Export ``model``'s decoder and head with a static KV cache (tokens per call dynamic, 1 included)."""
+    if batch_size < 1 or max_cache_len < 2:
+        raise ValueError(f"need batch_size >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
+    adapter = adapter_for(model)
+    model.eval()
+    wrapper = _CachedExportable(adapter, batch_size, max_cache_len)
+    seq = Dim("tokens", min=1, max=max_cache_len)
+    tokens = min(8, max_cache_len)
+    embeds = torch.randn(batch_size, tokens, adapter.text_config().hidden_size, dtype=wrapper.cache.layers[0].keys.dtype)
+    positions = adapter.default_position_ids(batch_size, tokens)
+    example = (
+        embeds,
+        positions,
+        torch.zeros(batch_size, tokens, dtype=torch.long),
+        torch.ones(batch_size, max_cache_len, dtype=torch.long),
+        torch.tensor([0]),
+    )
+    position_dims = {positions.dim() - 1: seq}
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(
+            wrapper, example, dynamic_shapes=({1: seq}, position_dims, {1: seq}, None, None), strict=False
+        )
+    gm = program.module()
+    drop_unused_attributes(gm)
+    annotate(gm)
+    return CachedDecoder(
+        graph_module=gm,
+        adapter=adapter,
+        batch_size=batch_size,
+        max_cache_len=max_cache_len,
+        modalities=model_modalities(adapter),
+        capture_seconds=time.perf_counter() - start,
+    )
+
+
+def _modules_by_name(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, fx.Node | None]]:
+    """Module name → (its call_module node, the router node feeding it or ``None``) of a transformed graph."""
+    found = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        name = node.meta.get(MODULE_KEY)
+        if name is None:
+            continue
+        source = node.args[0]
+        router = source if isinstance(source, fx.Node) and source.op == "call_module" and MODULE_KEY not in source.meta else None
+        found[name] = (node, router)
+    return found
+
+
+def _carry_parameters(source: fx.GraphModule, target: fx.GraphModule) -> None:
+    """Give ``target`` the tensors ``source`` replaced (folded norm weights), by attribute path."""
+    for node in source.graph.find_nodes(op="get_attr"):
+        path = str(node.target)
+        owner, name = path.rsplit(".", 1)
+        try:
+            holder = target.get_submodule(owner)
+        except AttributeError:
+            continue
+        if hasattr(holder, name) and getattr(holder, name) is not getattr(source.get_submodule(owner), name):
+            setattr(holder, name, getattr(source.get_submodule(owner), name))
+
+
+def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDecoder) -> int:
+    """Replay a transformed prefill graph's module edits onto ``cached`` (in place); returns the linears replaced.
+
+    The modules are shared, not copied: both graphs then compute with the same quantized state.
+    """
+    source = transformed.graph_module if isinstance(transformed, CapturedDecoder) else transformed
+    gm = cached.graph_module
+    modules = _modules_by_name(source)
+    if not modules:
+        raise ValueError("the transformed graph has no module-level edits (QuantLinears): nothing to transplant")
+    _carry_parameters(source, gm)
+    modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
+    routers: dict[tuple[str, fx.Node], fx.Node] = {}
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        name = node.meta.get(MODULE_KEY)
+        if name not in modules or node.op != "call_function":
+            continue
+        source_node, router = modules[name]
+        x = node.args[0]
+        if router is not None:
+            key = (str(router.target), x)
+            if key not in routers:
+                gm.add_submodule(str(router.target), source.get_submodule(str(router.target)))
+                with gm.graph.inserting_before(node):
+                    routers[key] = gm.graph.call_module(str(router.target), (x, modality_ids))
+                routers[key].meta.update({k: v for k, v in node.meta.items() if k != MODULE_KEY})
+            x = routers[key]
+        gm.add_submodule(str(source_node.target), source.get_submodule(str(source_node.target)))
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_module(str(source_node.target), (x, modality_ids))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        for param in params:  # the float weight and bias, now held by the module
+            if not param.users:
+                gm.graph.erase_node(param)
+        replaced += 1
+    missing = set(modules) - {n.meta.get(MODULE_KEY) for n in gm.graph.find_nodes(op="call_module")}
+    if missing:
+        raise ValueError(f"the cached graph has no linear for {sorted(missing)[:5]}: capture it from the same model")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return replaced
+
+
+def full_attention_mask(attention_mask: Tensor, max_cache_len: int) -> Tensor:
+    """A prompt's padding mask ``[batch, tokens]`` widened to the whole cache (ones after the prompt)."""
+    batch, tokens = attention_mask.shape
+    full = torch.ones(batch, max_cache_len, dtype=attention_mask.dtype)
+    full[:, :tokens] = attention_mask
+    return full
+
+
+@torch.no_grad()
+def generate(
+    decoder: CachedDecoder,
+    prompt: DecoderInputs,
+    max_new_tokens: int,
+    stop_id: int | None = None,
+    run: Callable[..., Tensor] | None = None,
+) -> Tensor:
+    """Greedy continuation ``[batch, <= max_new_tokens]`` of left-padded ``prompt`` through the KV cache.
+
+    Prefill runs the whole prompt once; each decode step feeds one text token. ``run`` replaces the
+    graph call (e.g. a ``torch.compile``-d graph module) and takes the graph's five positional
+    inputs. Stops early once every row has produced ``stop_id``.
+    """
+    batch, tokens = prompt.attention_mask.shape
+    if batch != decoder.batch_size:
+        raise ValueError(f"the cache holds {decoder.batch_size} rows but the prompt has {batch}: capture_cached with batch_size={batch}")
+    if tokens + max_new_tokens > decoder.max_cache_len:
+        raise ValueError(
+            f"{tokens} prompt + {max_new_tokens} new tokens exceed the cache of {decoder.max_cache_len}: "
+            "capture_cached with a larger max_cache_len or ask for fewer tokens"
+        )
+    run = run or decoder.graph_module
+    mask = full_attention_mask(prompt.attention_mask, decoder.max_cache_len)
+    step = replace(prompt, attention_mask=mask)
+    position = prompt.position_ids[..., -1:]
+    out: list[Tensor] = []
+    done = torch.zeros(batch, dtype=torch.bool)
+    start = 0
+    for _ in range(max_new_tokens):
+        token = run(*step.args(), torch.tensor([start]))[:, -1].argmax(-1)
+        out.append(token)
+        if stop_id is not None:
+            done |= token == stop_id
+            if bool(done.all()):
+                break
+        start += step.inputs_embeds.shape[1]
+        position = position + 1
+        step = DecoderInputs(
+            inputs_embeds=decoder.adapter.embed(token[:, None]).to(prompt.inputs_embeds.dtype),
+            position_ids=position,
+            modality_ids=torch.full((batch, 1), int(Modality.TEXT)),
+            attention_mask=mask,
+        )
+    return torch.stack(out, dim=1)
