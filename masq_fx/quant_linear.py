@@ -23,6 +23,7 @@ The float weight and bias are shared with the HF model and never modified.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -30,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, fake_quant_act, fake_quant_weight
+from masq_fx.quantizers import (
+    ActQuantConfig,
+    QuantizedWeight,
+    WeightQuantConfig,
+    fake_quant_act,
+    fake_quant_weight,
+    quantize_weight,
+)
 
 WeightRows = Literal["per_row", "text"]
 
@@ -55,9 +63,9 @@ class QuantLinear(nn.Module):
         self.act_quant: ActQuantConfig | None = None
         self.act_static_scale: Tensor | None = None
         self._frozen_weights: Tensor | None = None
-        #: quantized weights ``[rows, out, in]`` solved by a weight transform (GPTQ); they replace
-        #: ``Q_w(W·diag(s[r]))`` until the scales change
-        self._solved: Tensor | None = None
+        #: scale row (0 if unsmoothed) → integer weight solved by a weight transform (GPTQ) or loaded
+        #: from a checkpoint; they replace ``Q_w(W·diag(s[r]))`` until the scales change
+        self._solved: dict[int, QuantizedWeight] | None = None
         #: scale row → (L [in, rank], R [rank, out]) of the cross-modal compensation branch
         self.branches: dict[int, tuple[Tensor, Tensor]] = {}
         #: the branch reads the smoothed float input, or its fake-quantized version
@@ -92,22 +100,57 @@ class QuantLinear(nn.Module):
         self.branches = {}
         self.unfreeze()
 
-    def set_solved_weights(self, weights: Tensor) -> None:
-        """Install quantized weights ``[rows, out, in]`` computed elsewhere (one per scale row)."""
+    def set_solved(self, weights: Mapping[int, QuantizedWeight]) -> None:
+        """Install integer weights computed elsewhere, by scale row (0 if unsmoothed).
+
+        Every row :meth:`stored_rows` names must be given (GPTQ solves all rows; a checkpoint of a
+        compensated linear stores only the text row).
+        """
         rows = 1 if self.scales is None else self.scales.shape[0]
-        if weights.shape != (rows, self.out_features, self.in_features):
+        missing = set(self.stored_rows()) - set(weights)
+        extra = [r for r in weights if not 0 <= r < rows]
+        if missing or extra:
             raise ValueError(
-                f"{self.name}: solved weights must be [{rows}, {self.out_features}, {self.in_features}], "
-                f"got {tuple(weights.shape)}"
+                f"{self.name}: solved weights needed for scale rows {sorted(self.stored_rows())} of {rows}, "
+                f"got rows {sorted(weights)}"
             )
-        self._solved = weights.detach().float()
+        for row, weight in weights.items():
+            if tuple(weight.qdata.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"{self.name}: solved weight of row {row} must be [{self.out_features}, {self.in_features}], "
+                    f"got {tuple(weight.qdata.shape)}"
+                )
+        self._solved = dict(weights)
         self.freeze()
+
+    def stored_rows(self) -> list[int]:
+        """Scale rows whose quantized weight the forward uses (``[0]`` if unsmoothed)."""
+        if self.scales is None:
+            return [0]
+        if self.weight_rows == "text":
+            return [int(self.row_of_modality[Modality.TEXT])]
+        return list(range(self.scales.shape[0]))
 
     def quantized_weight(self, row: int | None) -> Tensor:
         """The stored quantized weight of scale row ``row`` (``None``: unsmoothed)."""
         if self._solved is not None:
-            return self._solved[row or 0]
+            return self._solved_row(row).dequantize()
         return self._scaled_weight(row)
+
+    def weight_codes(self, row: int | None) -> QuantizedWeight:
+        """Integer form (codes, scales, zero points) of :meth:`quantized_weight` ``(row)``."""
+        if self.weight_quant is None:
+            raise ValueError(f"{self.name}: no weight quantizer, so no integer weights")
+        if self._solved is not None:
+            return self._solved_row(row)
+        return quantize_weight(self._smoothed_weight(row), self.weight_quant)
+
+    def _solved_row(self, row: int | None) -> QuantizedWeight:
+        assert self._solved is not None
+        solved = self._solved.get(row or 0)
+        if solved is None:
+            raise ValueError(f"{self.name}: no quantized weight of scale row {row} is stored (rows {sorted(self._solved)})")
+        return solved
 
     def freeze(self) -> None:
         """Cache the quantized weights (call once the scales are final); :meth:`unfreeze` undoes it."""
@@ -117,10 +160,14 @@ class QuantLinear(nn.Module):
     def unfreeze(self) -> None:
         self._frozen_weights = None
 
-    def _scaled_weight(self, row: int | None) -> Tensor:
+    def _smoothed_weight(self, row: int | None) -> Tensor:
         weight = self.weight.float()
         if self.scales is not None and row is not None:
             weight = weight * self.scales[row]
+        return weight
+
+    def _scaled_weight(self, row: int | None) -> Tensor:
+        weight = self._smoothed_weight(row)
         if self.weight_quant is None or not self.quantizers_enabled:
             return weight
         return fake_quant_weight(weight, self.weight_quant)

@@ -250,12 +250,18 @@ def weight_qparams(w: Tensor, config: WeightQuantConfig) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def fake_quant_with(x: Tensor, scale: Tensor, zero_point: Tensor | None, config: WeightQuantConfig) -> Tensor:
-    """Quantize-dequantize ``x`` on ``config``'s grid with given (broadcastable) parameters (no STE)."""
+def quantize_with(x: Tensor, scale: Tensor, zero_point: Tensor | None, config: WeightQuantConfig) -> Tensor:
+    """Integer codes (as float32) of ``x`` on ``config``'s grid with given (broadcastable) parameters."""
     q = torch.round(x.float() * (1.0 / scale))
     if zero_point is not None:
         q = q + zero_point
-    return _dequantize(torch.clamp(q, config.qmin, config.qmax), scale, zero_point)
+    return torch.clamp(q, config.qmin, config.qmax)
+
+
+@torch.no_grad()
+def fake_quant_with(x: Tensor, scale: Tensor, zero_point: Tensor | None, config: WeightQuantConfig) -> Tensor:
+    """Quantize-dequantize ``x`` on ``config``'s grid with given (broadcastable) parameters (no STE)."""
+    return _dequantize(quantize_with(x, scale, zero_point, config), scale, zero_point)
 
 
 @dataclass

@@ -7,8 +7,9 @@ on one calibrated capture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
 
 from masq_fx.pipeline import Transform
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
@@ -47,6 +48,39 @@ class Recipe:
             raise ValueError("GPTQ needs quantized weights: pick a method other than 'fp'")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
             raise ValueError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: nested configs as dicts, tuples as lists, paths as strings."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Inverse of :meth:`to_dict`."""
+        learning = _config(MASLearningConfig, data["learning"])
+        if learning.checkpoint is not None:
+            learning = replace(learning, checkpoint=Path(learning.checkpoint))
+        return cls(
+            method=data["method"],
+            weight=_config(WeightQuantConfig, data["weight"]),
+            activation=_config(ActQuantConfig, data["activation"]),
+            smoothing=_config(SmoothingConfig, data["smoothing"]),
+            learning=learning,
+            cmc=None if data["cmc"] is None else _config(CMCConfig, data["cmc"]),
+            gptq=None if data["gptq"] is None else _config(GPTQConfig, data["gptq"]),
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _config(cls: type, data: dict[str, Any]) -> Any:
+    """A frozen config dataclass from its dict (lists back to tuples)."""
+    return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
 
 
 def preset(method: Method, wbits: int, abits: int, variant: str | None = None) -> Recipe:

@@ -22,7 +22,7 @@ from masq_fx.calibration import STATS
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.quantizers import WeightQuantConfig, fake_quant_with, weight_qparams
+from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig, quantize_with, weight_qparams
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 
@@ -43,7 +43,13 @@ class GPTQConfig:
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> Tensor:
-    """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily.
+    """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily."""
+    return gptq_codes(weight, hessian, config, gptq).dequantize().to(weight.dtype)
+
+
+@torch.no_grad()
+def gptq_codes(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> QuantizedWeight:
+    """The integer codes and scales of :func:`gptq_quantize`'s result.
 
     The inverse-Hessian factor is computed in float64; the column sweep runs in float32.
     """
@@ -59,10 +65,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gp
     h_inv = torch.linalg.cholesky(l_inv.T @ l_inv, upper=True).float()
     group = columns if config.group_size is None else config.group_size
     block = max(group, gptq.block_size // group * group) if group < columns else gptq.block_size
-    q = torch.zeros_like(w)
+    codes = torch.zeros_like(w)
+    scales: list[Tensor] = []
+    zero_points: list[Tensor | None] = []
     scale = zero_point = None
     if group == columns:
         scale, zero_point = weight_qparams(w, config)
+        scales.append(scale)
+        zero_points.append(zero_point)
     for start in range(0, columns, block):
         end = min(start + block, columns)
         w_block = w[:, start:end].clone()
@@ -72,14 +82,22 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gp
             column = start + i
             if group < columns and column % group == 0:
                 scale, zero_point = weight_qparams(w_block[:, i : i + group], config)
+                scales.append(scale)
+                zero_points.append(zero_point)
             value = w_block[:, i : i + 1]
-            quantized = fake_quant_with(value, scale, zero_point, config)
-            q[:, column : column + 1] = quantized
+            code = quantize_with(value, scale, zero_point, config)
+            quantized = code * scale if zero_point is None else (code - zero_point) * scale
+            codes[:, column : column + 1] = code
             error = (value - quantized) / h_block[i, i]
             w_block[:, i:].addmm_(error, h_block[i : i + 1, i:], alpha=-1.0)
             errors[:, i : i + 1] = error
         w[:, end:].addmm_(errors, h_inv[start:end, end:], alpha=-1.0)
-    return q.to(weight.dtype)
+    return QuantizedWeight(
+        qdata=codes.to(torch.int8),
+        scale=torch.cat(scales, dim=1),
+        zero_point=None if zero_points[0] is None else torch.cat(zero_points, dim=1).to(torch.int8),
+        config=config,
+    )
 
 
 def _row_hessian(module: QuantLinear, stats, row: int) -> Tensor:
@@ -111,7 +129,7 @@ class GPTQWeights:
             if stats is None:
                 raise ValueError(f"no calibration statistics for {module.name}: run Calibrate before GPTQ")
             rows = 1 if module.scales is None else module.scales.shape[0]
-            solved = []
+            solved = {}
             for row in range(rows):
                 hessian = _row_hessian(module, stats, row)
                 weight = module.weight.detach().double()
@@ -119,6 +137,6 @@ class GPTQWeights:
                     scale = module.scales[row].detach().double()
                     weight = weight * scale
                     hessian = hessian / scale[:, None] / scale[None, :]
-                solved.append(gptq_quantize(weight, hessian, module.weight_quant, self.config).float())
-            module.set_solved_weights(torch.stack(solved))
+                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config)
+            module.set_solved(solved)
         return gm

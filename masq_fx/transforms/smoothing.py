@@ -160,23 +160,30 @@ class SmoothScales:
         for module in modules:
             module.set_scales(scales, rows)
             module.divide_input = False
-        inputs = {node.args[0] for node in nodes}
         if self.config.fold_into_norm and group.kind == "norm" and group.norm_weight and scales.shape[0] == 1:
             _fold_into_norm(gm, group, scales[0].detach())
             for module in modules:
                 module.scales_folded = True
             return
-        modality_ids = nodes[0].args[1]
-        for index, x in enumerate(inputs):
-            target = f"{ROUTER_PREFIX}{nodes[0].meta[MODULE_KEY].replace('.', '_')}_{index}"
-            gm.add_submodule(target, ModalityScale(scales, rows))
-            with gm.graph.inserting_before(min((n for n in nodes if n.args[0] is x), key=_order)):
-                router = gm.graph.call_module(target, (x, modality_ids))
-            if LAYER_KEY in nodes[0].meta:
-                router.meta[LAYER_KEY] = nodes[0].meta[LAYER_KEY]
-            for node in nodes:
-                if node.args[0] is x:
-                    node.args = (router, *node.args[1:])
+        insert_routers(gm, nodes, scales, rows)
+
+
+def insert_routers(gm: fx.GraphModule, nodes: list[fx.Node], scales: nn.Parameter, rows: Tensor) -> None:
+    """Divide the input of the QuantLinear ``nodes`` by ``scales[rows[m]]`` once per distinct input node.
+
+    Used by tied smoothing and to replay its routers onto a fresh graph (checkpoints).
+    """
+    modality_ids = nodes[0].args[1]
+    for index, x in enumerate(dict.fromkeys(node.args[0] for node in nodes)):
+        target = f"{ROUTER_PREFIX}{nodes[0].meta[MODULE_KEY].replace('.', '_')}_{index}"
+        gm.add_submodule(target, ModalityScale(scales, rows))
+        with gm.graph.inserting_before(min((n for n in nodes if n.args[0] is x), key=_order)):
+            router = gm.graph.call_module(target, (x, modality_ids))
+        if LAYER_KEY in nodes[0].meta:
+            router.meta[LAYER_KEY] = nodes[0].meta[LAYER_KEY]
+        for node in nodes:
+            if node.args[0] is x:
+                node.args = (router, *node.args[1:])
 
 
 def _order(node: fx.Node) -> int:

@@ -1,0 +1,593 @@
+"""Checkpoints of quantized decoders: one safetensors file of quantized state plus a JSON manifest.
+
+:func:`save` writes ``directory/`` atomically (a temporary sibling directory, fsynced, then renamed);
+:func:`load` captures a float model afresh and replays the stored results onto it. Nothing is
+pickled: tensors are safetensors, everything else JSON.
+
+``quantized.safetensors`` (keys by module name, relative to the decoder)::
+
+    scales/<owner>                          smoothing table [rows, in] (shared tables once, under
+                                            the first linear, in graph order, that holds them)
+    linear/<name>/row_of_modality           int64 [3]: modality → scale row
+    linear/<name>/weight/<row>/codes        integer codes [out, in]: int8, or for ≤ 4 bits uint8
+                                            [out, ⌈in/2⌉] with two codes per byte (low nibble first)
+    linear/<name>/weight/<row>/scale        float32 [out, groups]
+    linear/<name>/weight/<row>/zero_point   int8 [out, groups] (asymmetric weights only)
+    linear/<name>/act_static_scale          float32 [] (static per-tensor activations only)
+    linear/<name>/cmc/<row>/left, right     float32 CMC factors [in, r], [r, out]
+    router/<first linear>/row_of_modality   int64 [3] of a tied per-modality router node
+    graph/<attribute>                       a graph parameter a transform replaced (the γ/s of a
+                                            smoothing folded into a norm), by its graph path
+
+``<row>`` is the scale row whose weight the linear stores (0 if unsmoothed; only the text row
+after CMC; every row in the MAS per-row simulation); codes of GPTQ-solved weights are the solver's.
+
+``manifest.json`` (sorted keys, no timestamps): ``format``/``format_version``; ``recipe``
+(:meth:`Recipe.to_dict`); ``versions`` of torch, torchao, transformers, safetensors, masq_fx;
+``model`` (family, HF class, sha256 of the config and of the float weights); ``modality_tokens``;
+``calibration`` (sample count, tokens per modality, sha256 of the input tensors); ``tensors``
+(file name, byte count, sha256); ``graph``: per linear its quantizer configs and flags, the
+routers, the replaced graph attributes. The same inputs and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor, fx, nn
+
+from masq_fx.calibration import calibration_tokens
+from masq_fx.capture import MODULE_KEY, CapturedDecoder, capture
+from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.pipeline import Context, Pipeline
+from masq_fx.quant_linear import QuantLinear
+from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig
+from masq_fx.recipes import Recipe
+from masq_fx.transforms.prepare import PrepareQuantLinears, quant_linears
+from masq_fx.transforms.smoothing import ModalityScale, insert_routers
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "LinearBytes",
+    "linear_bytes",
+    "load",
+    "model_identity",
+    "pack_int4",
+    "read_manifest",
+    "save",
+    "unpack_int4",
+]
+
+FORMAT = "masq_fx.checkpoint"
+FORMAT_VERSION = 1
+TENSORS = "quantized.safetensors"
+MANIFEST = "manifest.json"
+_LIBRARIES = ("torch", "torchao", "transformers", "safetensors", "masq_fx")
+#: config keys that name where or with what a model was saved, not what it is
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version"})
+_HEAD = "lm_head"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read, or applied to the given model."""
+
+
+# ----------------------------------------------------------------------------- 4-bit packing
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Signed codes in ``[-8, 7]`` ``[..., n]`` → uint8 ``[..., ⌈n/2⌉]``, element ``2i`` in the low nibble."""
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise ValueError(f"4-bit codes must lie in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]")
+    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    if nibbles.shape[-1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor, columns: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes ``[..., columns]``."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)[..., :columns]
+    return ((nibbles.to(torch.int16) ^ 8) - 8).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------- hashes and identity
+
+
+def _update(digest: Any, name: str, tensor: Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensors_sha256(named: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 of named tensors (name, dtype, shape and bytes of each, in the given order)."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        _update(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def _stable_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable_config(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_stable_config(v) for v in value]
+    return value
+
+
+def model_identity(model: nn.Module) -> dict[str, str]:
+    """Family, HF class and sha256 of the config (without paths and versions) and of the float weights."""
+    cls = type(model)
+    config = json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str)
+    return {
+        "family": adapter_for(model).family,
+        "hf_class": f"{cls.__module__}.{cls.__qualname__}",
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": tensors_sha256(sorted(model.state_dict().items())),
+    }
+
+
+def _calibration(samples: Sequence[DecoderInputs]) -> dict[str, Any]:
+    fields = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
+    named = ((f"{i}.{f}", getattr(s, f)) for i, s in enumerate(samples) for f in fields)
+    tokens = calibration_tokens(samples)
+    return {
+        "samples": len(samples),
+        "tokens": {m.name.lower(): n for m, n in tokens.items()},
+        "sha256": tensors_sha256(named),
+    }
+
+
+def _versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in _LIBRARIES}
+
+
+# ----------------------------------------------------------------------------- collect (save)
+
+
+@dataclass
+class _Collected:
+    tensors: dict[str, Tensor]
+    graph: dict[str, Any]
+
+
+class _Tables:
+    """Smoothing tables, each stored once under the first linear (graph order) that holds it."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.tensors = tensors
+        self.keys: dict[int, str] = {}
+
+    def key(self, scales: Tensor, owner: str) -> str:
+        if id(scales) not in self.keys:
+            self.keys[id(scales)] = owner
+            self.tensors[f"scales/{owner}"] = scales.detach().float().clone()
+        return self.keys[id(scales)]
+
+
+def _store_weight(tensors: dict[str, Tensor], prefix: str, weight: QuantizedWeight) -> None:
+    codes = weight.qdata.to(torch.int8)
+    tensors[f"{prefix}/codes"] = pack_int4(codes) if weight.config.bits <= 4 else codes.clone()
+    tensors[f"{prefix}/scale"] = weight.scale.detach().float().clone()
+    if weight.zero_point is not None:
+        tensors[f"{prefix}/zero_point"] = weight.zero_point.to(torch.int8).clone()
+
+
+def _linear(module: QuantLinear, tables: _Tables, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Store one QuantLinear's tensors; returns its manifest record."""
+    prefix = f"linear/{module.name}"
+    record: dict[str, Any] = {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "weight_quant": None if module.weight_quant is None else asdict(module.weight_quant),
+        "act_quant": None if module.act_quant is None else asdict(module.act_quant),
+        "quantizers_enabled": module.quantizers_enabled,
+        "divide_input": module.divide_input,
+        "scales_folded": module.scales_folded,
+        "weight_rows": module.weight_rows,
+        "branch_input": module.branch_input,
+        "scales": None if module.scales is None else tables.key(module.scales, module.name),
+        "stored_rows": [],
+        "branch_rows": list(module.branches),
+    }
+    if module.scales is not None:
+        tensors[f"{prefix}/row_of_modality"] = module.row_of_modality.long().clone()
+    if module.weight_quant is not None:
+        record["stored_rows"] = module.stored_rows()
+        weights = {row: module.weight_codes(row) for row in record["stored_rows"]}
+        _check_frozen(module, weights)
+        for row, weight in weights.items():
+            _store_weight(tensors, f"{prefix}/weight/{row}", weight)
+    if module.act_static_scale is not None:
+        tensors[f"{prefix}/act_static_scale"] = module.act_static_scale.detach().float().clone()
+    for row, (left, right) in module.branches.items():
+        tensors[f"{prefix}/cmc/{row}/left"] = left.clone()
+        tensors[f"{prefix}/cmc/{row}/right"] = right.clone()
+    return record
+
+
+def _check_frozen(module: QuantLinear, weights: dict[int, QuantizedWeight]) -> None:
+    """The integer weights must reproduce what the graph computes with (its cached weights)."""
+    frozen = module._frozen_weights
+    if frozen is None or not module.quantizers_enabled:
+        return
+    stored = torch.stack([w.dequantize() for w in weights.values()])
+    if not torch.equal(frozen, stored):
+        raise CheckpointError(
+            f"{module.name}: its cached quantized weights differ from those of its current scales "
+            "(scales changed after freezing?); call freeze() on it, or rerun the transform, then save"
+        )
+
+
+def _router_records(gm: fx.GraphModule, tables: _Tables, tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """Each router node: the linears reading it (graph order) and its table; its row map is stored."""
+    order = {n.meta[MODULE_KEY]: i for i, n in enumerate(gm.graph.nodes) if MODULE_KEY in n.meta}
+    records = []
+    for node in gm.graph.find_nodes(op="call_module"):
+        router = gm.get_submodule(str(node.target))
+        if not isinstance(router, ModalityScale):
+            continue
+        linears = sorted((u.meta[MODULE_KEY] for u in node.users if MODULE_KEY in u.meta), key=order.__getitem__)
+        records.append({"linears": linears, "scales": tables.key(router.scales, linears[0])})
+        tensors[f"router/{linears[0]}/row_of_modality"] = router.row_of_modality.long().clone()
+    return records
+
+
+def _attribute(gm: fx.GraphModule, path: str) -> Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
+def _model_tensor(model: nn.Module, path: str) -> Tensor | None:
+    """The HF model's tensor behind a captured graph attribute (``decoder.…`` or ``lm_head.…``)."""
+    adapter = adapter_for(model)
+    owner_name, _, rest = path.partition(".")
+    owner = {"decoder": adapter.language_model(), _HEAD: adapter.lm_head()}.get(owner_name)
+    if owner is None:
+        return None
+    module_path, _, attr = rest.rpartition(".")
+    try:
+        return getattr(owner.get_submodule(module_path), attr, None)
+    except AttributeError:
+        return None
+
+
+def _replaced_attributes(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Graph parameters and buffers (outside QuantLinears and routers) that differ from the model's."""
+    skip = tuple(f"{name}." for name, m in gm.named_modules() if isinstance(m, (QuantLinear, ModalityScale)))
+    replaced = []
+    for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+        if path.startswith(skip):
+            continue
+        original = _model_tensor(model, path)
+        if original is None or not (original is tensor or torch.equal(original, tensor)):
+            replaced.append(path)
+    return sorted(replaced)
+
+
+def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
+    lowered = [
+        n.meta[MODULE_KEY]
+        for n in gm.graph.find_nodes(op="call_module")
+        if MODULE_KEY in n.meta and not isinstance(gm.get_submodule(str(n.target)), QuantLinear)
+    ]
+    if lowered:
+        raise CheckpointError(
+            f"the graph's {lowered[0]} is no QuantLinear (lowered to a backend?): save the reference "
+            "graph, before lower_to_torchao, and lower the loaded one"
+        )
+    modules = list(quant_linears(gm))
+    if not modules:
+        raise CheckpointError("the graph has no QuantLinears: nothing to save (run a quantization recipe first)")
+    tensors: dict[str, Tensor] = {}
+    tables = _Tables(tensors)
+    linears = {m.name: _linear(m, tables, tensors) for m in modules}
+    routers = _router_records(gm, tables, tensors)
+    replaced = _replaced_attributes(gm, model)
+    for path in replaced:
+        tensors[f"graph/{path}"] = _attribute(gm, path).detach().clone()
+    graph = {"include_head": _HEAD in linears, "linears": linears, "routers": routers, "replaced": replaced}
+    return _Collected(tensors, graph)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(context: Context, directory: str | os.PathLike, *, model: nn.Module, recipe: Recipe, overwrite: bool = False) -> Path:
+    """Write the quantized graph of ``context`` (made from ``model`` with ``recipe``) to ``directory``.
+
+    Atomic: the files are written and fsynced in a temporary sibling directory that is then renamed;
+    an interrupted save leaves no checkpoint behind and an existing one untouched. An existing
+    ``directory`` is an error unless ``overwrite``. The HF ``model`` is read, never modified.
+    """
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target} already exists: pass overwrite=True to replace it, or choose another directory")
+    collected = _collect(context.graph_module, model)
+    adapter = adapter_for(model)
+    data = safetensors.torch.save(collected.tensors)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "recipe": recipe.to_dict(),
+        "versions": _versions(),
+        "model": model_identity(model),
+        "modality_tokens": asdict(adapter.modality_tokens()),
+        "modalities": [m.name.lower() for m in context.captured.modalities],
+        "calibration": _calibration(context.calibration),
+        "tensors": {"file": TENSORS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "graph": collected.graph,
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        _write(staging / TENSORS, data)
+        _write(staging / MANIFEST, text.encode())
+        os.chmod(staging, 0o755)
+        _fsync(staging)
+        _publish(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(target.parent)
+    return target
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if not overwrite:
+        raise CheckpointError(f"{target} appeared during the save: pass overwrite=True to replace it")
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a checkpoint, after checking that this masq_fx can read its format."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: {Path(directory)} is not a masq_fx checkpoint (or an incomplete copy of "
+            "one); copy the whole directory, or save the checkpoint again"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupt ({error}); copy the checkpoint again, or save it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a masq_fx checkpoint manifest (format {FORMAT!r} expected)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        writer = manifest.get("versions", {}).get("masq_fx", "unknown")
+        raise CheckpointError(
+            f"{Path(directory)} has checkpoint format version {version}, newer than this masq_fx "
+            f"{importlib.metadata.version('masq_fx')} reads (up to {FORMAT_VERSION}); it was written by "
+            f"masq_fx {writer}: upgrade masq_fx to load it"
+        )
+    return manifest
+
+
+def _check_model(expected: dict[str, str], model: nn.Module) -> None:
+    actual = model_identity(model)
+    fix = "load the checkpoint into the model it was quantized from"
+    if actual["hf_class"] != expected["hf_class"]:
+        raise CheckpointError(
+            f"the checkpoint was made from a {expected['hf_class']} ({expected['family']}), "
+            f"not a {actual['hf_class']}: {fix}"
+        )
+    for key, what in (("config_sha256", "config"), ("weights_sha256", "float weights")):
+        if actual[key] != expected[key]:
+            raise CheckpointError(
+                f"the model's {what} differ from those the checkpoint was quantized from "
+                f"(sha256 {actual[key][:12]}…, expected {expected[key][:12]}…): {fix}"
+            )
+
+
+def _read_tensors(directory: Path, record: dict[str, Any]) -> dict[str, Tensor]:
+    path = directory / record["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; copy the whole directory, or save again")
+    data = path.read_bytes()
+    if len(data) != record["bytes"]:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: {len(data)} bytes, the manifest records {record['bytes']}; "
+            "copy the checkpoint again, or save it again"
+        )
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CheckpointError(
+            f"{path} is corrupt: its sha256 differs from the manifest's; copy the checkpoint again, or save it again"
+        )
+    return safetensors.torch.load(data)
+
+
+def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
+    """Capture ``model`` afresh and replay the checkpoint's quantization onto it.
+
+    Refuses (:class:`CheckpointError`, naming the problem and the fix) a model other than the one
+    quantized, a missing, truncated or corrupt file, and a newer format version. The HF ``model`` is
+    not modified; the returned graph computes exactly what the saved graph computed.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    _check_model(manifest["model"], model)
+    tensors = _read_tensors(directory, manifest["tensors"])
+    graph = manifest["graph"]
+    context = Context(capture(model))
+    Pipeline([PrepareQuantLinears(include_head=graph["include_head"])]).run(context, progress=False)
+    _replay(context.graph_module, graph, tensors)
+    return context.captured
+
+
+def _replay(gm: fx.GraphModule, graph: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    nodes = {
+        node.meta[MODULE_KEY]: node
+        for node in gm.graph.find_nodes(op="call_module")
+        if isinstance(gm.get_submodule(str(node.target)), QuantLinear)
+    }
+    if set(nodes) != set(graph["linears"]):
+        raise CheckpointError(
+            f"the captured graph's linears ({len(nodes)}) do not match the checkpoint's ({len(graph['linears'])}): "
+            "load it with the masq_fx and transformers versions in its manifest"
+        )
+    tables = {
+        key[len("scales/"):]: nn.Parameter(value, requires_grad=False)
+        for key, value in tensors.items()
+        if key.startswith("scales/")
+    }
+    for name, record in graph["linears"].items():
+        _apply_linear(gm.get_submodule(str(nodes[name].target)), record, tables, tensors)
+    for record in graph["routers"]:
+        rows = tensors[f"router/{record['linears'][0]}/row_of_modality"]
+        insert_routers(gm, [nodes[name] for name in record["linears"]], tables[record["scales"]], rows)
+    for path in graph["replaced"]:
+        _replace_attribute(gm, path, tensors[f"graph/{path}"])
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _apply_linear(module: QuantLinear, record: dict[str, Any], tables: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:
+    prefix = f"linear/{module.name}"
+    if record["scales"] is not None:
+        module.set_scales(tables[record["scales"]], tensors[f"{prefix}/row_of_modality"])
+    module.divide_input = record["divide_input"]
+    module.scales_folded = record["scales_folded"]
+    module.weight_rows = record["weight_rows"]
+    module.branch_input = record["branch_input"]
+    module.quantizers_enabled = record["quantizers_enabled"]
+    module.act_quant = None if record["act_quant"] is None else ActQuantConfig(**record["act_quant"])
+    module.act_static_scale = tensors.get(f"{prefix}/act_static_scale")
+    if record["weight_quant"] is not None:
+        config = WeightQuantConfig(**record["weight_quant"])
+        module.weight_quant = config
+        module.set_solved({row: _weight(tensors, f"{prefix}/weight/{row}", config, module.in_features) for row in record["stored_rows"]})
+    for row in record["branch_rows"]:
+        module.set_branch(row, tensors[f"{prefix}/cmc/{row}/left"], tensors[f"{prefix}/cmc/{row}/right"])
+
+
+def _weight(tensors: dict[str, Tensor], prefix: str, config: WeightQuantConfig, columns: int) -> QuantizedWeight:
+    codes = tensors[f"{prefix}/codes"]
+    return QuantizedWeight(
+        qdata=unpack_int4(codes, columns) if config.bits <= 4 else codes,
+        scale=tensors[f"{prefix}/scale"],
+        zero_point=tensors.get(f"{prefix}/zero_point"),
+        config=config,
+    )
+
+
+def _replace_attribute(gm: fx.GraphModule, path: str, value: Tensor) -> None:
+    """Give the graph its own ``value`` at ``path`` (the HF model's tensor stays as it is)."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    old = getattr(owner, attr, None)
+    if not isinstance(old, Tensor) or old.shape != value.shape or old.dtype != value.dtype:
+        raise CheckpointError(f"the captured graph's {path} does not match the checkpoint's tensor: capture changed?")
+    if attr in owner._parameters:
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        setattr(owner, attr, value)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class LinearBytes:
+    """Checkpoint bytes of the decoder linears with ``bits``-bit weights, against their FP32 weights."""
+
+    bits: int
+    linears: int
+    #: 4 bytes per weight element of these linears (one weight each)
+    fp32_bytes: int
+    #: integer codes, weight scales and zero points of every stored weight row
+    weight_bytes: int
+    #: smoothing tables (a shared table once), row maps and static activation scales
+    smoothing_bytes: int
+    #: CMC low-rank factors
+    branch_bytes: int
+
+    @property
+    def weight_ratio(self) -> float:
+        """Stored weights / FP32 weights (the issue's gate: ≤ 0.14 at 4 bits)."""
+        return self.weight_bytes / self.fp32_bytes
+
+    @property
+    def total_ratio(self) -> float:
+        """Everything these linears store / FP32 weights."""
+        return (self.weight_bytes + self.smoothing_bytes + self.branch_bytes) / self.fp32_bytes
+
+
+def _header_sizes(path: Path) -> dict[str, int]:
+    """Byte count of every tensor in a safetensors file, read from its header."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {key: end - start for key, meta in header.items() if key != "__metadata__" for start, end in [meta["data_offsets"]]}
+
+
+def linear_bytes(directory: str | os.PathLike, bits: int = 4) -> LinearBytes:
+    """Bytes a checkpoint spends on its decoder linears with ``bits``-bit weights (from the file)."""
+    manifest = read_manifest(directory)
+    sizes = _header_sizes(Path(directory) / manifest["tensors"]["file"])
+    chosen = {
+        name: record
+        for name, record in manifest["graph"]["linears"].items()
+        if name != _HEAD and record["weight_quant"] is not None and record["weight_quant"]["bits"] == bits
+    }
+    if not chosen:
+        raise CheckpointError(f"{directory} has no decoder linears with {bits}-bit weights")
+
+    def total(prefixes: Iterable[str]) -> int:
+        prefixes = tuple(prefixes)
+        return sum(size for key, size in sizes.items() if key.startswith(prefixes))
+
+    tables = {f"scales/{r['scales']}" for r in chosen.values() if r["scales"] is not None}
+    return LinearBytes(
+        bits=bits,
+        linears=len(chosen),
+        fp32_bytes=sum(4 * r["in_features"] * r["out_features"] for r in chosen.values()),
+        weight_bytes=total(f"linear/{name}/weight/" for name in chosen),
+        smoothing_bytes=sum(sizes[key] for key in tables)
+        + total(f"linear/{name}/{leaf}" for name in chosen for leaf in ("row_of_modality", "act_static_scale")),
+        branch_bytes=total(f"linear/{name}/cmc/" for name in chosen),
+    )
