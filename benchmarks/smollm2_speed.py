@@ -1,22 +1,22 @@
-"""512-token prefill speed of SmolLM2-135M: W8A8 lowered to torchao int8 kernels vs FP32, both compiled.
+"""Prefill and decode speed of SmolLM2-135M on torchao int8 kernels (W8A8, W4A8) vs FP32, all compiled.
 
 Protocol:
-- model: the real SmolLM2-135M-Instruct weights, decoder captured with torch.export;
-- quantized: ``preset(--recipe, 8, 8)`` (SmoothQuant α=0.5 tied and folded into the norms by default,
-  or RTN) calibrated on 4 windows of 256 tokens of the calibration split, then
-  :func:`masq_fx.backends.lower_to_torchao` (every decoder linear on torchao int8 kernels;
-  ``lm_head`` stays float in both graphs);
-- both graphs compiled by :func:`masq_fx.backends.compile_graph` (``fullgraph=True``, the same inductor
-  options), 2 threads, warm-up, then ``--runs`` interleaved prefills of one 512-token window;
-  the figure is the ratio of medians (never compare absolute times across runs);
-- sanity: perplexity of FP32, the reference fake-quant graph and the lowered graph on 2 evaluation
-  windows of 512 tokens, and the compiled-vs-eager logit difference of each graph.
+- model: the real SmolLM2-135M-Instruct weights. Quantized graphs: ``preset(--recipe, bits, 8)``
+  (default ``mas-init``: per-linear routed smoothing divided online, the MASQuant runtime structure;
+  ``smoothquant`` folds one scale into the norms instead) calibrated on 4 windows of 256 tokens of the
+  calibration split, lowered with :func:`masq_fx.backends.lower_to_torchao` (every decoder linear on
+  the int8 kernel; 4-bit weights as 4-bit codes in int8 storage). ``lm_head`` stays float everywhere.
+- every graph is the generation graph (:func:`masq_fx.generation.capture_cached`, batch 1, a static
+  KV cache of ``--tokens`` + 128 slots) with the quantized modules transplanted, compiled by
+  :func:`masq_fx.backends.compile_graph` (``fullgraph=True``, the same inductor options for all);
+- prefill: one ``--tokens``-token window of the evaluation split at cache slot 0; decode: one text
+  token at slot ``--tokens`` (the attention reads the whole cache either way);
+- ``--threads`` threads, two warm-up calls, then ``--runs`` interleaved calls of every graph; the
+  figures are ratios of medians within this run (never compare absolute times across runs);
+- sanity: perplexity of the FP32, reference fake-quant and lowered prefill graphs on 2 evaluation
+  windows, and the first 16 greedy tokens of 3 prompts through the compiled generation graphs.
 
-``lm_head`` (49152 × 576, float in both graphs) is about a fifth of the FP32 FLOPs of a full-sequence
-prefill. On a machine shared with other jobs, 2 threads can be slower than 1 (``--threads``); the
-ratio of minima is then the steadier figure.
-
-Run: ``.venv/bin/python benchmarks/smollm2_speed.py`` (10-25 minutes on 2 busy cores, mostly compiling).
+Run: ``.venv/bin/python benchmarks/smollm2_speed.py`` (15-30 minutes on 2 cores, mostly compiling).
 """
 
 from __future__ import annotations
@@ -25,24 +25,66 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
-from torch._dynamo.utils import counters
+from torch import Tensor, nn
 
-from masq_fx.backends import INDUCTOR_OPTIONS, compile_graph, lower_to_torchao
+from masq_fx.backends import INDUCTOR_OPTIONS, Int8QuantLinear, compile_graph, lower_to_torchao
 from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
+from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.pretrained import load_smollm2
 from masq_fx.recipes import preset, recipe_steps
 
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Give three tips for staying healthy.",
+)
+DECODE_SLOTS = 128
+GREEDY_TOKENS = 16
+
+
+def resident_linear_bytes(gm: nn.Module) -> tuple[int, int]:
+    """(bytes of the decoder linears' weights as held in memory, their FP32 bytes)."""
+    held = fp32 = 0
+    for module in gm.modules():
+        if isinstance(module, Int8QuantLinear):
+            for weight in module.weights:
+                held += weight.qdata.numel() * weight.qdata.element_size() + weight.scale.numel() * weight.scale.element_size()
+            fp32 += module.in_features * module.out_features * 4
+    return held, fp32
+
+
+def chat_prompts(tokenizer) -> dict[str, Tensor]:
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def timed(calls: dict[str, Callable[[], Tensor]], runs: int) -> dict[str, list[float]]:
+    """Seconds of ``runs`` interleaved calls of each function, after two warm-up rounds."""
+    for _ in range(2):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=("smoothquant", "rtn"), default="smoothquant")
+    parser.add_argument("--recipe", choices=("rtn", "smoothquant", "mas-init"), default="mas-init")
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -54,61 +96,80 @@ def main() -> None:
     calibration = token_windows(tokenizer, "calibration", 256, 4)
     evaluation = token_windows(tokenizer, "evaluation", args.tokens, 2)
     samples = [adapter.decoder_inputs({"input_ids": r[None], "attention_mask": torch.ones_like(r[None])}) for r in calibration]
-
     fp = capture(model)
     stats = observe(Context(fp, samples), progress=False).stats
-    reference = copy.deepcopy(fp)
-    Pipeline(recipe_steps(preset(args.recipe, 8, 8), progress=False)).run(
-        Context(reference, samples, stats=stats, provided={"stats"}), progress=False
-    )
-    lowered = copy.deepcopy(reference)
-    report = lower_to_torchao(lowered)
-    print(report)
 
-    ppl = {name: perplexity(graph, adapter, evaluation) for name, graph in (("fp32", fp), ("reference", reference), ("lowered", lowered))}
+    prefill_graphs: dict[str, CapturedDecoder] = {"fp32": fp}
+    ppl = {"fp32": perplexity(fp, adapter, evaluation)}
+    memory: dict[str, tuple[int, int]] = {}
+    for bits in (8, 4):
+        name = f"w{bits}a8"
+        reference = copy.deepcopy(fp)
+        Pipeline(recipe_steps(preset(args.recipe, bits, 8), progress=False)).run(
+            Context(reference, samples, stats=stats, provided={"stats"}), progress=False
+        )
+        lowered = copy.deepcopy(reference)
+        report = lower_to_torchao(lowered)
+        ppl[f"{name} reference"] = perplexity(reference, adapter, evaluation)
+        ppl[f"{name} lowered"] = perplexity(lowered, adapter, evaluation)
+        memory[name] = resident_linear_bytes(lowered.graph_module)
+        print(f"{name}: {report}")
+        prefill_graphs[name] = lowered
+
+    cache_len = args.tokens + DECODE_SLOTS
+    cached, compiled = {}, {}
+    for name, graph in prefill_graphs.items():
+        cached[name] = capture_cached(model, batch_size=1, max_cache_len=cache_len)
+        if name != "fp32":
+            transplant(graph, cached[name])
+        compiled[name] = compile_graph(cached[name].graph_module)
 
     ids = evaluation[:1]
-    inputs = adapter.decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).args()
-    compiled = {"fp32": compile_graph(fp), "int8": compile_graph(lowered)}
+    prompt = adapter.decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    prefill_args = (*replace(prompt, attention_mask=full_attention_mask(prompt.attention_mask, cache_len)).args(), torch.tensor([0]))
+    token = adapter.embed(ids[:, -1:])
+    decode_args = (
+        token,
+        prompt.position_ids[..., -1:] + 1,
+        torch.zeros(1, 1, dtype=torch.long),
+        full_attention_mask(prompt.attention_mask, cache_len),
+        torch.tensor([args.tokens]),
+    )
     start = time.perf_counter()
-    # FX graph cache off for the compiling calls: a cache hit skips the passes the counter counts
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        outputs = {name: fn(*inputs) for name, fn in compiled.items()}
-    compile_s = time.perf_counter() - start
     with torch.no_grad():
-        logits = {name: graph.graph_module(*inputs) for name, graph in (("fp32", fp), ("reference", reference), ("int8", lowered))}
-    drift = {name: _relative(outputs[name], logits[name]) for name in compiled}
-    for _ in range(2):
         for fn in compiled.values():
-            fn(*inputs)
+            fn(*prefill_args)
+            fn(*decode_args)
+    compile_s = time.perf_counter() - start
 
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    for _ in range(args.runs):
-        for name, fn in compiled.items():
-            start = time.perf_counter()
-            fn(*inputs)
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    prefill = timed({name: (lambda fn=fn: fn(*prefill_args)) for name, fn in compiled.items()}, args.runs)
+    decode = timed({name: (lambda fn=fn: fn(*decode_args)) for name, fn in compiled.items()}, args.runs)
+
+    chats = chat_prompts(tokenizer)
+    greedy = {}
+    for name in ("fp32", "w8a8", "w4a8"):
+        batch_graph = capture_cached(model, batch_size=len(PROMPTS), max_cache_len=chats["input_ids"].shape[1] + GREEDY_TOKENS)
+        if name != "fp32":
+            transplant(prefill_graphs[name], batch_graph)
+        greedy[name] = generate(batch_graph, adapter.decoder_inputs(chats), GREEDY_TOKENS, run=compile_graph(batch_graph.graph_module))
 
     print()
-    print(f"SmolLM2-135M-Instruct, {args.tokens}-token prefill, W8A8 {args.recipe} on torchao int8, {args.threads} threads")
-    print(f"inductor options {INDUCTOR_OPTIONS}; compile + first calls {compile_s:.0f} s; "
-          f"int8 GEMMs rewritten to oneDNN qlinear: {counters['inductor']['qlinear_weight_prepack_matcher_count']} "
-          f"of {len(report.lowered)} lowered linears")
-    print(f"{'graph':<8} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'compiled vs eager (rel. RMS)':>29}")
-    for name, t in times.items():
-        print(f"{name:<8} {1e3 * median[name]:>10.1f} {1e3 * min(t):>8.1f} {1e3 * max(t):>8.1f} {drift[name]:>29.2e}")
-    print(f"speed-up fp32 / int8 over {args.runs} interleaved runs: ratio of medians {median['fp32'] / median['int8']:.2f}x, "
-          f"ratio of minima {min(times['fp32']) / min(times['int8']):.2f}x")
-    print(f"perplexity on 2 x {args.tokens} evaluation tokens (eager graphs): fp32 {ppl['fp32']:.3f}, "
-          f"reference W8A8 {ppl['reference']:.3f}, lowered W8A8 {ppl['lowered']:.3f}")
-    print(f"relative RMS logit differences: lowered vs reference {_relative(logits['int8'], logits['reference']):.2e}, "
-          f"reference vs fp32 {_relative(logits['reference'], logits['fp32']):.2e}")
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖."""
-    return float((a - b).norm() / b.norm())
+    print(f"SmolLM2-135M-Instruct, recipe {args.recipe}, {args.threads} threads, {args.runs} interleaved runs after 2 warm-ups")
+    print(f"inductor options {INDUCTOR_OPTIONS}; compile + first prefill/decode of 3 graphs: {compile_s:.0f} s")
+    print(f"{'graph':<6} {'prefill ' + str(args.tokens) + ' ms':>16} {'speed-up':>9} {'decode ms':>10} {'speed-up':>9}")
+    med_p = {name: statistics.median(t) for name, t in prefill.items()}
+    med_d = {name: statistics.median(t) for name, t in decode.items()}
+    for name in compiled:
+        print(f"{name:<6} {1e3 * med_p[name]:>16.1f} {med_p['fp32'] / med_p[name]:>8.2f}x {1e3 * med_d[name]:>10.2f} {med_d['fp32'] / med_d[name]:>8.2f}x")
+    print()
+    for name, (held, fp32_bytes) in memory.items():
+        print(f"{name}: decoder linear weights resident {held / 2**20:.1f} MiB = {held / fp32_bytes:.3f}x of FP32 {fp32_bytes / 2**20:.1f} MiB")
+    print("perplexity on 2 x %d evaluation tokens: " % args.tokens + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    for name in ("w8a8", "w4a8"):
+        same = [bool(torch.equal(greedy[name][i], greedy["fp32"][i])) for i in range(len(PROMPTS))]
+        print(f"first {GREEDY_TOKENS} greedy tokens equal to FP32 ({name}): {sum(same)}/{len(PROMPTS)} prompts")
+    for i, text in enumerate(PROMPTS):
+        print(f"  {text!r}\n    fp32: {tokenizer.decode(greedy['fp32'][i])!r}\n    w8a8: {tokenizer.decode(greedy['w8a8'][i])!r}")
 
 
 if __name__ == "__main__":
