@@ -107,17 +107,13 @@ def unpack_int4(packed: Tensor, columns: int) -> Tensor:
 # ----------------------------------------------------------------------------- hashes and identity
 
 
-def _update(digest: Any, name: str, tensor: Tensor) -> None:
-    tensor = tensor.detach().cpu().contiguous()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def tensors_sha256(named: Iterable[tuple[str, Tensor]]) -> str:
     """sha256 of named tensors (name, dtype, shape and bytes of each, in the given order)."""
     digest = hashlib.sha256()
     for name, tensor in named:
-        _update(digest, name, tensor)
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -222,7 +218,7 @@ def _linear(module: QuantLinear, tables: _Tables, tensors: dict[str, Tensor]) ->
 
 def _check_frozen(module: QuantLinear, weights: dict[int, QuantizedWeight]) -> None:
     """The integer weights must reproduce what the graph computes with (its cached weights)."""
-    frozen = module._frozen_weights
+    frozen = module.cached_weights
     if frozen is None or not module.quantizers_enabled:
         return
     stored = torch.stack([w.dequantize() for w in weights.values()])
@@ -252,28 +248,24 @@ def _attribute(gm: fx.GraphModule, path: str) -> Tensor:
     return getattr(gm.get_submodule(owner), attr)
 
 
-def _model_tensor(model: nn.Module, path: str) -> Tensor | None:
+def _model_tensor(owners: dict[str, nn.Module], path: str) -> Tensor | None:
     """The HF model's tensor behind a captured graph attribute (``decoder.…`` or ``lm_head.…``)."""
-    adapter = adapter_for(model)
     owner_name, _, rest = path.partition(".")
-    owner = {"decoder": adapter.language_model(), _HEAD: adapter.lm_head()}.get(owner_name)
-    if owner is None:
-        return None
     module_path, _, attr = rest.rpartition(".")
     try:
-        return getattr(owner.get_submodule(module_path), attr, None)
-    except AttributeError:
+        return getattr(owners[owner_name].get_submodule(module_path), attr, None)
+    except (KeyError, AttributeError):
         return None
 
 
-def _replaced_attributes(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+def _replaced_attributes(gm: fx.GraphModule, owners: dict[str, nn.Module]) -> list[str]:
     """Graph parameters and buffers (outside QuantLinears and routers) that differ from the model's."""
     skip = tuple(f"{name}." for name, m in gm.named_modules() if isinstance(m, (QuantLinear, ModalityScale)))
     replaced = []
     for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
         if path.startswith(skip):
             continue
-        original = _model_tensor(model, path)
+        original = _model_tensor(owners, path)
         if original is None or not (original is tensor or torch.equal(original, tensor)):
             replaced.append(path)
     return sorted(replaced)
@@ -293,11 +285,20 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
     modules = list(quant_linears(gm))
     if not modules:
         raise CheckpointError("the graph has no QuantLinears: nothing to save (run a quantization recipe first)")
+    adapter = adapter_for(model)
+    owners = {"decoder": adapter.language_model(), _HEAD: adapter.lm_head()}
+    for module in modules:
+        path = module.name if module.name == _HEAD else f"decoder.{module.name}"
+        original = _model_tensor(owners, f"{path}.weight")
+        if original is None or not (original is module.weight or torch.equal(original, module.weight)):
+            raise CheckpointError(
+                f"{module.name}'s float weight is not the given model's: pass the model the graph was captured from"
+            )
     tensors: dict[str, Tensor] = {}
     tables = _Tables(tensors)
     linears = {m.name: _linear(m, tables, tensors) for m in modules}
     routers = _router_records(gm, tables, tensors)
-    replaced = _replaced_attributes(gm, model)
+    replaced = _replaced_attributes(gm, owners)
     for path in replaced:
         tensors[f"graph/{path}"] = _attribute(gm, path).detach().clone()
     graph = {"include_head": _HEAD in linears, "linears": linears, "routers": routers, "replaced": replaced}
@@ -398,7 +399,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a masq_fx checkpoint manifest (format {FORMAT!r} expected)")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has no valid format_version ({version!r}); copy the checkpoint again, or save it again")
+    if version > FORMAT_VERSION:
         writer = manifest.get("versions", {}).get("masq_fx", "unknown")
         raise CheckpointError(
             f"{Path(directory)} has checkpoint format version {version}, newer than this masq_fx "
@@ -470,11 +473,7 @@ def _replay(gm: fx.GraphModule, graph: dict[str, Any], tensors: dict[str, Tensor
             f"the captured graph's linears ({len(nodes)}) do not match the checkpoint's ({len(graph['linears'])}): "
             "load it with the masq_fx and transformers versions in its manifest"
         )
-    tables = {
-        key[len("scales/"):]: nn.Parameter(value, requires_grad=False)
-        for key, value in tensors.items()
-        if key.startswith("scales/")
-    }
+    tables = _scale_tables(tensors)
     for name, record in graph["linears"].items():
         _apply_linear(gm.get_submodule(str(nodes[name].target)), record, tables, tensors)
     for record in graph["routers"]:
@@ -484,6 +483,11 @@ def _replay(gm: fx.GraphModule, graph: dict[str, Any], tensors: dict[str, Tensor
         _replace_attribute(gm, path, tensors[f"graph/{path}"])
     gm.graph.lint()
     gm.recompile()
+
+
+def _scale_tables(tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:
+    """Key → smoothing table, one parameter object per table (shared by the linears and routers using it)."""
+    return {key.removeprefix("scales/"): nn.Parameter(value, requires_grad=False) for key, value in tensors.items() if key.startswith("scales/")}
 
 
 def _apply_linear(module: QuantLinear, record: dict[str, Any], tables: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:

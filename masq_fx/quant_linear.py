@@ -160,6 +160,11 @@ class QuantLinear(nn.Module):
     def unfreeze(self) -> None:
         self._frozen_weights = None
 
+    @property
+    def cached_weights(self) -> Tensor | None:
+        """The ``[rows, out, in]`` weights :meth:`freeze` cached (``None`` when not frozen)."""
+        return self._frozen_weights
+
     def _smoothed_weight(self, row: int | None) -> Tensor:
         weight = self.weight.float()
         if self.scales is not None and row is not None:

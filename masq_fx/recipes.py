@@ -11,10 +11,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from masq_fx.modality import Modality
 from masq_fx.pipeline import Transform
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
-from masq_fx.transforms import PrepareQuantLinears, QuantizeActivations, QuantizeWeights, SmoothingConfig, SmoothScales
-from masq_fx.modality import Modality
+from masq_fx.transforms import (
+    PrepareQuantLinears,
+    QuantizeActivations,
+    QuantizeWeights,
+    SmoothingConfig,
+    SmoothScales,
+)
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
@@ -54,7 +60,7 @@ class Recipe:
         return _plain(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """Inverse of :meth:`to_dict`."""
         learning = _config(MASLearningConfig, data["learning"])
         if learning.checkpoint is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,11 +26,20 @@ from masq_fx import checkpoint
 from masq_fx.backends import lower_to_torchao
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
-from masq_fx.checkpoint import CheckpointError, linear_bytes, load, pack_int4, read_manifest, save, unpack_int4
+from masq_fx.checkpoint import (
+    CheckpointError,
+    linear_bytes,
+    load,
+    pack_int4,
+    read_manifest,
+    save,
+    unpack_int4,
+)
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import TINY_TOKENS, tiny_model
 from masq_fx.pipeline import Context, Pipeline
+from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.recipes import MASLearningConfig, Recipe, preset, recipe_steps
 from masq_fx.transforms import SmoothingConfig, quant_linears
@@ -44,8 +53,9 @@ ONE_EPOCH = MASLearningConfig(epochs=1)
 ROUTED = SmoothingConfig(variant="tied", per_modality=True, fold_into_norm=False)
 RECIPES: dict[str, Recipe] = {
     "rtn-w8a8": preset("rtn", 8, 8),
-    "rtn-w8a8-static": Recipe("rtn", WeightQuantConfig(), ActQuantConfig(granularity="per_tensor")),
-    "rtn-w4a8-asymmetric-g16": Recipe("rtn", WeightQuantConfig(bits=4, symmetric=False, group_size=16)),
+    "rtn-w4a8-asymmetric-g16-static": Recipe(
+        "rtn", WeightQuantConfig(bits=4, symmetric=False, group_size=16), ActQuantConfig(granularity="per_tensor")
+    ),
     "smoothquant-folded-w8a8": preset("smoothquant", 8, 8),
     "smoothquant-folded-w4a8": preset("smoothquant", 4, 8),
     "smoothquant-routed-w8a8": replace(preset("smoothquant", 8, 8), smoothing=ROUTED),
@@ -56,8 +66,11 @@ RECIPES: dict[str, Recipe] = {
     "gptq-w4a8": replace(preset("mas-init", 4, 8), gptq=GPTQConfig()),
     "gptq-cmc-w8a8": replace(preset("mas-init", 8, 8), gptq=GPTQConfig(), cmc=CMCConfig()),
 }
-#: recipes the torchao int8 backend lowers completely
-W8A8 = ["rtn-w8a8", "smoothquant-folded-w8a8", "smoothquant-routed-w8a8", "mas-init-w8a8", "mas-init-cmc-w8a8", "gptq-cmc-w8a8"]
+#: recipes the torchao int8 backend lowers completely (W8A8, and W4A8 codes on the int8 kernel)
+LOWERABLE = [
+    "rtn-w8a8", "smoothquant-folded-w8a8", "smoothquant-routed-w8a8", "mas-init-w8a8", "mas-init-cmc-w8a8",
+    "gptq-cmc-w8a8", "smoothquant-folded-w4a8", "mas-cmc-w4a8", "gptq-w4a8",
+]  # fmt: skip
 
 
 @dataclass
@@ -148,7 +161,7 @@ def test_saving_the_loaded_graph_again_gives_identical_bytes(omni, round_trip, n
     assert _files(again) == _files(trip.directory)
 
 
-@pytest.mark.parametrize("name", W8A8)
+@pytest.mark.parametrize("name", LOWERABLE)
 def test_loaded_graph_lowers_to_torchao_like_the_saved_one(omni, round_trip, name):
     trip = round_trip(name)
     saved, loaded = copy.deepcopy(trip.context.captured), copy.deepcopy(trip.loaded)
@@ -179,6 +192,50 @@ def test_hf_model_is_not_modified_by_save_and_load(omni, round_trip):
         round_trip(name)
     after = omni.model.state_dict()
     assert omni.state.keys() == after.keys() and all(torch.equal(omni.state[k], after[k]) for k in after)
+
+
+@settings(max_examples=30)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 3),
+    bits=st.integers(2, 8),
+    grid=st.sampled_from(["full", "restricted", "asymmetric"]),
+    group=st.sampled_from([None, 8]),
+    clip_search=st.booleans(),
+    compensated=st.booleans(),
+    static=st.booleans(),
+    divide_input=st.booleans(),
+)
+def test_quant_linear_state_round_trips_through_the_file_format(
+    seed, rows, bits, grid, group, clip_search, compensated, static, divide_input
+):
+    """Any QuantLinear state → safetensors bytes + JSON record → a fresh QuantLinear computing the same."""
+    gen = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(12, 24, generator=gen), torch.randn(12, generator=gen)
+    module = QuantLinear(weight, bias, "lin")
+    module.set_scales(torch.rand(rows, 24, generator=gen) + 0.1, torch.tensor([0, min(1, rows - 1), rows - 1]))
+    module.weight_quant = WeightQuantConfig(
+        bits=bits, symmetric=grid != "asymmetric", grid="full" if grid == "asymmetric" else grid,
+        group_size=group, clip_search=clip_search, clip_steps=4,
+    )  # fmt: skip
+    module.act_quant = ActQuantConfig(granularity="per_tensor" if static else "per_token")
+    module.act_static_scale = torch.tensor(0.03) if static else None
+    module.divide_input = divide_input
+    if compensated:
+        module.weight_rows = "text"
+        for row in range(1, rows):
+            module.set_branch(row, torch.randn(24, 3, generator=gen), torch.randn(3, 12, generator=gen) * 0.1)
+    module.freeze()
+    tensors: dict[str, torch.Tensor] = {}
+    record = json.loads(json.dumps(checkpoint._linear(module, checkpoint._Tables(tensors), tensors)))
+    tensors = safetensors.torch.load(safetensors.torch.save(tensors))
+    fresh = QuantLinear(weight, bias, "lin")
+    checkpoint._apply_linear(fresh, record, checkpoint._scale_tables(tensors), tensors)
+    x, ids = torch.randn(2, 5, 24, generator=gen), torch.randint(0, len(Modality), (2, 5), generator=gen)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, ids), module(x, ids))
+    for row in module.stored_rows():
+        assert torch.equal(fresh.quantized_weight(row), module.quantized_weight(row))
 
 
 # ----------------------------------------------------------------------------- determinism, manifest
@@ -319,6 +376,14 @@ def test_load_never_unpickles(omni, copied, monkeypatch):
     for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(target, name, refuse)
     load(copied, omni.model)
+
+
+def test_save_refuses_a_model_other_than_the_captured_one(round_trip, tmp_path):
+    trip = round_trip("rtn-w8a8")
+    other = tiny_model("qwen2.5-omni-thinker", seed=1, batch_size=2).model
+    with pytest.raises(CheckpointError, match="float weight is not the given model's"):
+        save(trip.context, tmp_path / "c", model=other, recipe=trip.recipe)
+    assert not (tmp_path / "c").exists()
 
 
 def test_save_refuses_a_lowered_graph(omni, round_trip, tmp_path):

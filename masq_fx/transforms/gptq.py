@@ -22,7 +22,12 @@ from masq_fx.calibration import STATS
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig, quantize_with, weight_qparams
+from masq_fx.quantizers import (
+    QuantizedWeight,
+    WeightQuantConfig,
+    quantize_with,
+    weight_qparams,
+)
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 
