@@ -10,7 +10,7 @@ input tokens is dynamic. Linear nodes carry the same module-name tags as the pre
 
 :func:`transplant` replays a transformed prefill graph onto such a graph by module name: each
 tagged linear becomes the same (shared) QuantLinear or lowered module, per-modality routers are
-re-inserted before the linears that read them, and parameters the transforms replaced (norm
+re-inserted (sharing their tables) before the linears that read them, and parameters the transforms replaced (norm
 weights with folded scales) are carried over. :func:`generate` is the greedy loop.
 """
 
@@ -28,6 +28,7 @@ from transformers import StaticCache
 from masq_fx.capture import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+from masq_fx.transforms.smoothing import ModalityScale, insert_routers
 
 CACHE_START = "cache_start"
 
@@ -123,16 +124,18 @@ def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int) -> Cac
     )
 
 
-def _modules_by_name(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, fx.Node | None]]:
-    """Module name → (its call_module node, the router node feeding it or ``None``) of a transformed graph."""
-    found = {}
+def _modules_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Module name → its call_module node in a transformed graph."""
+    return {node.meta[MODULE_KEY]: node for node in gm.graph.find_nodes(op="call_module") if MODULE_KEY in node.meta}
+
+
+def _routers(gm: fx.GraphModule) -> list[tuple[ModalityScale, list[str]]]:
+    """Each per-modality router of a transformed graph and the module names of the linears reading it."""
+    found = []
     for node in gm.graph.find_nodes(op="call_module"):
-        name = node.meta.get(MODULE_KEY)
-        if name is None:
-            continue
-        source = node.args[0]
-        router = source if isinstance(source, fx.Node) and source.op == "call_module" and MODULE_KEY not in source.meta else None
-        found[name] = (node, router)
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, ModalityScale):
+            found.append((module, [user.meta[MODULE_KEY] for user in node.users if MODULE_KEY in user.meta]))
     return found
 
 
@@ -161,39 +164,30 @@ def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDeco
         raise ValueError("the transformed graph has no module-level edits (QuantLinears): nothing to transplant")
     _carry_parameters(source, gm)
     modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
-    routers: dict[tuple[str, fx.Node], fx.Node] = {}
-    replaced = 0
+    installed: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
         name = node.meta.get(MODULE_KEY)
         if name not in modules or node.op != "call_function":
             continue
-        source_node, router = modules[name]
-        x = node.args[0]
-        if router is not None:
-            key = (str(router.target), x)
-            if key not in routers:
-                gm.add_submodule(str(router.target), source.get_submodule(str(router.target)))
-                with gm.graph.inserting_before(node):
-                    routers[key] = gm.graph.call_module(str(router.target), (x, modality_ids))
-                routers[key].meta.update({k: v for k, v in node.meta.items() if k != MODULE_KEY})
-            x = routers[key]
-        gm.add_submodule(str(source_node.target), source.get_submodule(str(source_node.target)))
+        target = str(modules[name].target)
+        gm.add_submodule(target, source.get_submodule(target))
         with gm.graph.inserting_after(node):
-            call = gm.graph.call_module(str(source_node.target), (x, modality_ids))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
+            installed[name] = gm.graph.call_module(target, (node.args[0], modality_ids))
+        installed[name].meta.update(node.meta)
+        node.replace_all_uses_with(installed[name])
         params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
         gm.graph.erase_node(node)
         for param in params:  # the float weight and bias, now held by the module
             if not param.users:
                 gm.graph.erase_node(param)
-        replaced += 1
-    missing = set(modules) - {n.meta.get(MODULE_KEY) for n in gm.graph.find_nodes(op="call_module")}
+    missing = set(modules) - set(installed)
     if missing:
         raise ValueError(f"the cached graph has no linear for {sorted(missing)[:5]}: capture it from the same model")
+    for router, readers in _routers(source):
+        insert_routers(gm, [installed[name] for name in readers], router.scales, router.row_of_modality)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return replaced
+    return len(installed)
 
 
 def full_attention_mask(attention_mask: Tensor, max_cache_len: int) -> Tensor:
