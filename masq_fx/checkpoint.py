@@ -4,6 +4,15 @@
 :func:`load` captures a float model afresh and replays the stored results onto it. Nothing is
 pickled: tensors are safetensors, everything else JSON.
 
+What is stored is read from the transformed graph itself, keyed by module name: each
+QuantLinear's state (scales, row map, quantizer configs, integer weights, CMC factors, flags), the
+router nodes of tied per-modality smoothing, and graph parameters that differ from the HF model's
+(norm weights a smoothing was folded into). ``Context.results`` holds only part of that (no
+quantizer settings, solved weights or folded norms), so the graph is the source. Replay runs
+``PrepareQuantLinears`` on the fresh capture, installs each linear's state by name, re-inserts the
+routers with shared tables (:func:`~masq_fx.transforms.smoothing.insert_routers`) and gives the
+graph its own copies of the replaced parameters.
+
 ``quantized.safetensors`` (keys by module name, relative to the decoder)::
 
     scales/<owner>                          smoothing table [rows, in] (shared tables once, under
@@ -68,6 +77,7 @@ __all__ = [
     "pack_int4",
     "read_manifest",
     "save",
+    "tensors_sha256",
     "unpack_int4",
 ]
 
@@ -316,8 +326,7 @@ def save(context: Context, directory: str | os.PathLike, *, model: nn.Module, re
     ``directory`` is an error unless ``overwrite``. The HF ``model`` is read, never modified.
     """
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} already exists: pass overwrite=True to replace it, or choose another directory")
+    _check_replaceable(target, overwrite)
     collected = _collect(context.graph_module, model)
     adapter = adapter_for(model)
     data = safetensors.torch.save(collected.tensors)
@@ -349,6 +358,18 @@ def save(context: Context, directory: str | os.PathLike, *, model: nn.Module, re
     return target
 
 
+def _check_replaceable(target: Path, overwrite: bool) -> None:
+    """Only a checkpoint (or an empty directory) is ever replaced, and only with ``overwrite``."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{target} already exists: pass overwrite=True to replace it, or choose another directory")
+    if target.is_symlink() or not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
+        raise CheckpointError(
+            f"{target} exists and is not a masq_fx checkpoint directory: refusing to replace it; choose another directory"
+        )
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -369,8 +390,7 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
     if not target.exists():
         os.rename(staging, target)
         return
-    if not overwrite:
-        raise CheckpointError(f"{target} appeared during the save: pass overwrite=True to replace it")
+    _check_replaceable(target, overwrite)
     aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     os.rename(target, aside)
     try:
@@ -441,7 +461,10 @@ def _read_tensors(directory: Path, record: dict[str, Any]) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path} is corrupt: its sha256 differs from the manifest's; copy the checkpoint again, or save it again"
         )
-    return safetensors.torch.load(data)
+    try:
+        return safetensors.torch.load(data)
+    except Exception as error:  # the file matches the manifest, but the manifest came with a bad file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); save the checkpoint again") from None
 
 
 def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
@@ -458,7 +481,10 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     graph = manifest["graph"]
     context = Context(capture(model))
     Pipeline([PrepareQuantLinears(include_head=graph["include_head"])]).run(context, progress=False)
-    _replay(context.graph_module, graph, tensors)
+    try:
+        _replay(context.graph_module, graph, tensors)
+    except KeyError as error:
+        raise CheckpointError(f"{directory} is inconsistent (no entry {error}); save the checkpoint again") from None
     return context.captured
 
 

@@ -408,6 +408,17 @@ def test_existing_directory_is_replaced_only_with_overwrite(omni, round_trip, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_overwrite_never_replaces_something_that_is_not_a_checkpoint(omni, round_trip, tmp_path):
+    rtn = round_trip("rtn-w8a8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for target in (tmp_path / "data", tmp_path / "file"):
+        with pytest.raises(CheckpointError, match="is not a masq_fx checkpoint directory: refusing to replace it"):
+            save(rtn.context, target, model=omni.model, recipe=rtn.recipe, overwrite=True)
+    assert (tmp_path / "data" / "notes.txt").read_text() == "keep me" and (tmp_path / "file").is_file()
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_save_leaves_no_checkpoint_and_keeps_the_old_one(omni, round_trip, tmp_path, monkeypatch, existing):
     rtn, sq = round_trip("rtn-w8a8"), round_trip("smoothquant-folded-w8a8")
