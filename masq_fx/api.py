@@ -1,0 +1,148 @@
+"""The one-call API: ``quantize(model, recipe, calibration) -> QuantizedModel``, ``save``, ``load``, ``generate``.
+
+>>> from masq_fx import quantize, load
+>>> qm = quantize(model, "masquant-w4a8", calibration_batches)   # batches as the model's processor returns them
+>>> qm.lower()                                                     # W8A8 / W4A8 onto torchao int8 kernels
+>>> tokens = qm.generate(processor_batch, max_new_tokens=16)       # KV-cache graph, mixed-modality prefill
+>>> qm.save("out/")                                                # safetensors + manifest, atomic
+>>> qm = load("out/", model)                                       # refuses another model
+
+A :class:`QuantizedModel` holds the float HF model (its towers and embedding run eagerly and are never
+modified), the transformed decoder graph and the recipe. The lower-level pieces (``capture``,
+``Pipeline``, the transforms) compose the same way for custom pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from masq_fx import checkpoint
+from masq_fx.backends import LoweringReport, compile_graph, lower_to_torchao
+from masq_fx.calibration import observe
+from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
+from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+from masq_fx.pipeline import Context, Pipeline
+from masq_fx.recipes import Recipe, preset, recipe_steps
+from masq_fx.transforms.cmc import CMCConfig
+
+Batch = Mapping[str, Tensor]
+
+#: named recipes (the paper's settings); ``masquant-*`` learn per-modality scales, W4 adds CMC branches
+PRESETS: dict[str, Recipe] = {
+    "rtn-w8a8": preset("rtn", 8, 8),
+    "smoothquant-w8a8": preset("smoothquant", 8, 8),
+    "smoothquant-w4a8": preset("smoothquant", 4, 8),
+    "masquant-w8a8": preset("mas", 8, 8),
+    "masquant-w4a8": replace(preset("mas", 4, 8), cmc=CMCConfig()),
+    "masquant-w4a6": replace(preset("mas", 4, 6), cmc=CMCConfig()),
+}
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
+    """A :class:`Recipe`, a preset name, or a JSON file holding :meth:`Recipe.to_dict`."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if str(recipe) in PRESETS:
+        return PRESETS[str(recipe)]
+    path = Path(recipe)
+    if path.suffix == ".json" and path.is_file():
+        return Recipe.from_dict(json.loads(path.read_text()))
+    raise ValueError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(PRESETS)} or a .json file of Recipe.to_dict()")
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized multimodal model: the float HF model around a transformed decoder graph."""
+
+    model: nn.Module
+    decoder: CapturedDecoder
+    recipe: Recipe
+    #: the pipeline context that produced ``decoder`` (calibration inputs and statistics; None once loaded)
+    context: Context | None = None
+    lowering: LoweringReport | None = None
+    _cached: dict[tuple[int, int], CachedDecoder] = field(default_factory=dict, repr=False)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.model)
+
+    def decoder_inputs(self, batch: Batch) -> DecoderInputs:
+        """What the decoder graph takes for a processed ``batch`` (the towers run eagerly)."""
+        with torch.no_grad():
+            return self.adapter.decoder_inputs(batch)
+
+    def logits(self, batch: Batch) -> Tensor:
+        with torch.no_grad():
+            return self.decoder(self.decoder_inputs(batch))
+
+    def lower(self) -> LoweringReport:
+        """Move the quantized linears onto torchao int8 kernels (W8A8, W4A8); others stay reference, with a warning."""
+        if self.lowering is None:
+            self.lowering = lower_to_torchao(self.decoder)
+            self._cached.clear()
+        return self.lowering
+
+    def generation_graph(self, batch_size: int, max_cache_len: int) -> CachedDecoder:
+        """The KV-cache graph for ``batch_size`` rows and ``max_cache_len`` slots, sharing this model's modules."""
+        key = (batch_size, max_cache_len)
+        if key not in self._cached:
+            cached = capture_cached(self.model, batch_size, max_cache_len)
+            if self.recipe.method != "fp":
+                transplant(self.decoder, cached)
+            self._cached[key] = cached
+        return self._cached[key]
+
+    def generate(self, batch: Batch, max_new_tokens: int = 32, stop_id: int | None = None, compiled: bool = False) -> Tensor:
+        """Greedy new tokens ``[batch, <= max_new_tokens]`` for a processed, left-padded ``batch``."""
+        prompt = self.decoder_inputs(batch)
+        rows, length = prompt.attention_mask.shape
+        graph = self.generation_graph(rows, length + max_new_tokens)
+        run = compile_graph(graph.graph_module) if compiled else None
+        return generate(graph, prompt, max_new_tokens, stop_id=stop_id, run=run)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a checkpoint (see :mod:`masq_fx.checkpoint`); needs the quantization context (not a loaded model)."""
+        if self.context is None:
+            raise ValueError("this model was loaded from a checkpoint; copy that folder instead of saving it again")
+        if self.lowering is not None:
+            raise ValueError("save before lower(): checkpoints store the reference state, which load() replays")
+        return checkpoint.save(self.context, directory, model=self.model, recipe=self.recipe, overwrite=overwrite)
+
+
+def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[DecoderInputs]:
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        inputs = [adapter.decoder_inputs(batch) for batch in batches]
+    if not inputs:
+        raise ValueError("no calibration batches: pass at least one processed batch (a few hundred tokens per modality)")
+    return inputs
+
+
+def quantize(
+    model: nn.Module, recipe: Recipe | str | os.PathLike, calibration: Iterable[Batch], progress: bool = True
+) -> QuantizedModel:
+    """Capture ``model``'s decoder, calibrate on ``calibration`` (processed batches) and apply ``recipe``.
+
+    ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON file. The HF model is
+    not modified.
+    """
+    recipe = resolve_recipe(recipe)
+    samples = calibration_inputs(model, calibration)
+    context = observe(Context(capture(model), samples), moment_modalities=recipe.moment_modalities, progress=progress)
+    Pipeline(recipe_steps(recipe, progress=progress)).run(context, progress=progress)
+    return QuantizedModel(model, context.captured, recipe, context)
+
+
+def load(directory: str | os.PathLike, model: nn.Module) -> QuantizedModel:
+    """A saved quantized model replayed onto ``model`` (which must be the model it was quantized from)."""
+    decoder = checkpoint.load(directory, model)
+    recipe = Recipe.from_dict(checkpoint.read_manifest(directory)["recipe"])
+    return QuantizedModel(model, decoder, recipe)

@@ -1,0 +1,67 @@
+"""The one-call API on a tiny Qwen2.5-Omni thinker: quantize, generate, lower, save and load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from masq_fx import PRESETS, QuantizedModel, load, quantize
+from masq_fx.api import resolve_recipe
+from masq_fx.models.tiny import tiny_model
+from masq_fx.recipes import preset
+
+
+@pytest.fixture(scope="module")
+def omni():
+    tiny = tiny_model("qwen2.5-omni-thinker", seed=0, batch_size=2)
+    return tiny.model, tiny.batch
+
+
+@pytest.fixture(scope="module")
+def quantized(omni) -> QuantizedModel:
+    model, batch = omni
+    return quantize(model, "masquant-w4a8", [batch], progress=False)
+
+
+def test_quantize_generate_and_round_trip(omni, quantized, tmp_path, one_thread):
+    model, batch = omni
+    fp = model(**batch).logits
+    logits = quantized.logits(batch)
+    assert logits.shape == fp.shape and not torch.equal(logits, fp)
+    tokens = quantized.generate(batch, max_new_tokens=4)
+    assert tokens.shape == (2, 4)
+    quantized.save(tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", model)
+    assert loaded.recipe == quantized.recipe
+    assert torch.equal(loaded.logits(batch), logits)
+    assert torch.equal(loaded.generate(batch, max_new_tokens=4), tokens)
+
+
+def test_lowered_model_generates_compiled(omni, one_thread):
+    model, batch = omni
+    qm = quantize(model, preset("mas-init", 8, 8), [batch], progress=False)
+    reference = qm.logits(batch)
+    assert not qm.lower().unlowered
+    assert (qm.logits(batch) - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert qm.generate(batch, max_new_tokens=3, compiled=True).shape == (2, 3)
+    assert list(qm._cached) == [(2, batch["input_ids"].shape[1] + 3)], "one generation graph, reused"
+    with pytest.raises(ValueError, match="save before lower"):
+        qm.save("unused")
+
+
+def test_recipes_resolve_by_name_object_or_json(tmp_path):
+    assert resolve_recipe("masquant-w8a8") is PRESETS["masquant-w8a8"]
+    recipe = preset("smoothquant", 8, 8)
+    assert resolve_recipe(recipe) is recipe
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    assert resolve_recipe(path) == recipe
+    with pytest.raises(ValueError, match="masquant-w4a8"):
+        resolve_recipe("masquant-w3a3")
+
+
+def test_empty_calibration_is_refused(omni):
+    with pytest.raises(ValueError, match="no calibration batches"):
+        quantize(omni[0], "rtn-w8a8", [])
