@@ -13,6 +13,8 @@ Protocol:
   token at slot ``--tokens`` (the attention reads the whole cache either way);
 - ``--threads`` threads, two warm-up calls, then ``--runs`` interleaved calls of every graph; the
   figures are ratios of medians within this run (never compare absolute times across runs);
+- memory: resident bytes of the lowered decoder linears, and checkpoint bytes of their weights
+  (:func:`masq_fx.checkpoint.linear_bytes`; 4-bit codes packed two per byte) against FP32;
 - sanity: perplexity of the FP32, reference fake-quant and lowered prefill graphs on 2 evaluation
   windows, and the first 16 greedy tokens of 3 prompts through the compiled generation graphs.
 
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 from masq_fx.backends import INDUCTOR_OPTIONS, Int8QuantLinear, compile_graph, lower_to_torchao
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.checkpoint import LinearBytes, linear_bytes, save
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
@@ -102,12 +107,16 @@ def main() -> None:
     prefill_graphs: dict[str, CapturedDecoder] = {"fp32": fp}
     ppl = {"fp32": perplexity(fp, adapter, evaluation)}
     memory: dict[str, tuple[int, int]] = {}
+    stored: dict[str, LinearBytes] = {}
     for bits in (8, 4):
         name = f"w{bits}a8"
         reference = copy.deepcopy(fp)
-        Pipeline(recipe_steps(preset(args.recipe, bits, 8), progress=False)).run(
+        recipe = preset(args.recipe, bits, 8)
+        context = Pipeline(recipe_steps(recipe, progress=False)).run(
             Context(reference, samples, stats=stats, provided={"stats"}), progress=False
         )
+        with tempfile.TemporaryDirectory() as folder:
+            stored[name] = linear_bytes(save(context, Path(folder) / name, model=model, recipe=recipe), bits)
         lowered = copy.deepcopy(reference)
         report = lower_to_torchao(lowered)
         ppl[f"{name} reference"] = perplexity(reference, adapter, evaluation)
@@ -163,7 +172,9 @@ def main() -> None:
         print(f"{name:<6} {1e3 * med_p[name]:>16.1f} {med_p['fp32'] / med_p[name]:>8.2f}x {1e3 * med_d[name]:>10.2f} {med_d['fp32'] / med_d[name]:>8.2f}x")
     print()
     for name, (held, fp32_bytes) in memory.items():
-        print(f"{name}: decoder linear weights resident {held / 2**20:.1f} MiB = {held / fp32_bytes:.3f}x of FP32 {fp32_bytes / 2**20:.1f} MiB")
+        print(f"{name}: decoder linear weights resident {held / 2**20:.1f} MiB = {held / fp32_bytes:.3f}x of FP32 {fp32_bytes / 2**20:.1f} MiB; "
+              f"in the checkpoint {stored[name].weight_bytes / 2**20:.1f} MiB = {stored[name].weight_ratio:.4f}x "
+              f"({stored[name].total_ratio:.4f}x with smoothing tables)")
     print("perplexity on 2 x %d evaluation tokens: " % args.tokens + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     for name in ("w8a8", "w4a8"):
         same = [bool(torch.equal(greedy[name][i], greedy["fp32"][i])) for i in range(len(PROMPTS))]
