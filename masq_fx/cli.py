@@ -1,61 +1,190 @@
-"""The ``masq-fx`` command line."""
+"""The ``masq-fx`` command line: ``quantize``, ``eval``, ``generate``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 # torchao logs missing CUDA-only extension libraries at import; they are irrelevant on CPU
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-DEFAULT_MODELS = ("smollm2", "tiny:qwen2.5-vl")
+DEFAULT_RECIPE = "masquant-w4a8"
+DEFAULT_COMPARE = ("smoothquant-w4a8",)
+MODEL_HELP = (
+    "'default' (the built-in tri-modal thinker: SmolLM2-135M with trained vision and audio towers), "
+    "'smollm2' (SmolLM2-135M-Instruct, text), 'tiny:FAMILY' (a tiny random model of a supported family) "
+    "or a local folder holding an HF causal LM and its tokenizer"
+)
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from masq_fx.inspection import inspect_model, load_for_inspection
+def _sizes(args: argparse.Namespace):
+    from masq_fx.sources import Sizes
 
-    models = DEFAULT_MODELS if args.model == "default" else (args.model,)
-    for name in models:
-        model, samples, title = load_for_inspection(name, samples=args.samples, seq_len=args.seq_len)
-        print(inspect_model(model, samples, title=title, top_k=args.top_k, progress=not args.quiet))
-        print()
+    return Sizes(calibration=args.calib_samples, evaluation=args.eval_items, seq_len=args.seq_len)
+
+
+def _table(rows: dict[str, dict[str, float]]) -> str:
+    metrics = list(dict.fromkeys(m for scores in rows.values() for m in scores))
+    lines = [f"{'model':<20}" + "".join(f"{m:>20}" for m in metrics)]
+    for name, scores in rows.items():
+        cells = [f"{100 * v:>19.1f}%" if "exact match" in m else f"{v:>20.3f}" for m, v in ((m, scores[m]) for m in metrics)]
+        lines.append(f"{name:<20}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from masq_fx.api import quantize, resolve_recipe
+    from masq_fx.capture import capture
+    from masq_fx.sources import load_source
+
+    recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
+    out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    source = load_source(args.model, _sizes(args))
+    print(f"{source.title}\nrecipe {args.recipe} → {out}")
+    rows: dict[str, dict[str, float]] = {}
+    if not args.no_eval:
+        rows["FP32"] = source.evaluate(capture(source.model))
+    for name, recipe in recipes.items():
+        start = time.perf_counter()
+        quantized = quantize(source.model, recipe, source.calibration, progress=not args.quiet)
+        print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
+        if name == args.recipe:
+            quantized.save(out, overwrite=args.overwrite)
+            print(f"saved {out}")
+        if not args.no_eval:
+            rows[name] = source.evaluate(quantized.decoder)
+    if rows:
+        print(_table(rows))
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from masq_fx.api import load
+    from masq_fx.capture import capture
+    from masq_fx.sources import load_source
+
+    source = load_source(args.model, _sizes(args))
+    quantized = load(args.directory, source.model)
+    rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
+    print(source.title)
+    print(_table(rows))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from masq_fx.api import load
+    from masq_fx.sources import load_source
+
+    source = load_source(args.model)
+    batch = source.prompt(args.prompt, args.image, args.audio)
+    quantized = load(args.directory, source.model)
+    if args.int8:
+        print(quantized.lower())
+    tokens = quantized.generate(batch, max_new_tokens=args.max_new_tokens, stop_id=source.stop_id)
+    for row in tokens.tolist():
+        if source.stop_id in row:
+            row = row[: row.index(source.stop_id)]
+        print(source.decode(row))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from masq_fx.inspection import inspect_model
+    from masq_fx.models import adapter_for
+    from masq_fx.sources import load_source
+
+    source = load_source(args.model, _sizes(args))
+    adapter = adapter_for(source.model)
+    samples = [adapter.decoder_inputs(batch) for batch in source.calibration]
+    print(inspect_model(source.model, samples, title=source.title, top_k=args.top_k, progress=not args.quiet))
+    return 0
+
+
+def _data_options(parser: argparse.ArgumentParser, calib: int) -> None:
+    parser.add_argument("--calib-samples", type=int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
+    parser.add_argument("--eval-items", type=int, default=64, help="evaluation questions per modality ('default')")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per text calibration window")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="masq-fx",
         description="Modality-aware post-training quantization of multimodal LLMs (MASQuant) as graph transforms.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a model, save the checkpoint and print FP vs quantized metrics",
+        description=(
+            "Capture the language decoder, calibrate, apply the recipe, save a checkpoint, and evaluate FP32, "
+            "the recipe and the --compare recipes per modality. Example: masq-fx quantize default "
+            "--recipe masquant-w4a8 --out runs/w4a8"
+        ),
+        formatter_class=formatter,
+    )
+    quantize.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
+    quantize.add_argument("--recipe", default=DEFAULT_RECIPE, help="preset name (see masq_fx.PRESETS) or a recipe .json file")
+    quantize.add_argument("--compare", nargs="*", default=list(DEFAULT_COMPARE), help="further recipes to evaluate (not saved)")
+    quantize.add_argument("--out", default=None, help="checkpoint folder (default: runs/MODEL-RECIPE)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
+    quantize.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_options(quantize, calib=32)
+    quantize.set_defaults(func=_quantize)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a saved checkpoint against FP32",
+        description="Load a checkpoint onto its model and print FP32 vs quantized metrics. Example: masq-fx eval runs/w4a8",
+        formatter_class=formatter,
+    )
+    evaluate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
+    evaluate.add_argument("--model", default="default", help=MODEL_HELP)
+    _data_options(evaluate, calib=1)
+    evaluate.set_defaults(func=_eval)
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer a prompt with a saved checkpoint",
+        description=(
+            "Load a checkpoint and generate greedily through the KV-cache graph. Example: "
+            "masq-fx generate runs/w4a8 --image seven.png"
+        ),
+        formatter_class=formatter,
+    )
+    generate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
+    generate.add_argument("--model", default="default", help=MODEL_HELP)
+    generate.add_argument("--prompt", default=None, help="a text prompt")
+    generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default'")
+    generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
+    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at most")
+    generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels")
+    generate.set_defaults(func=_generate)
+
     inspect = commands.add_parser(
         "inspect",
         help="print per-layer, per-modality activation outliers of a model's decoder",
         description=(
             "Capture the language decoder, run calibration samples through it with modality-partitioned "
             "observers, and print each linear input's per-modality channel abs-max summary. "
-            "Example: masq-fx inspect smollm2 --samples 8 --seq-len 256"
+            "Example: masq-fx inspect smollm2 --calib-samples 8 --seq-len 256"
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=formatter,
     )
-    inspect.add_argument(
-        "model",
-        nargs="?",
-        default="default",
-        help=(
-            "'default' (SmolLM2-135M real weights, then a tiny random Qwen2.5-VL), 'smollm2', "
-            "'tiny:FAMILY' (a tiny random model of a supported family), or a local folder holding an HF "
-            "causal LM and its tokenizer"
-        ),
-    )
-    inspect.add_argument("--samples", type=int, default=8, help="calibration samples (text windows or tiny batches)")
-    inspect.add_argument("--seq-len", type=int, default=256, help="tokens per text calibration window")
+    inspect.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
     inspect.add_argument("--top-k", type=int, default=4, help="outlier channels listed per site and modality")
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_options(inspect, calib=8)
     inspect.set_defaults(func=_inspect)
     return parser
 
@@ -68,11 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
         print(f"masq-fx {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
