@@ -35,7 +35,8 @@ from masq_fx.transforms.cmc import CMCConfig
 
 Batch = Mapping[str, Tensor]
 
-#: named recipes (the paper's settings); ``masquant-*`` learn per-modality scales, W4 adds CMC branches
+#: named recipes (the paper's settings); ``masquant-*`` learn per-modality scales, W4 adds CMC branches.
+#: W8A8 and W4A8 run on torchao int8 kernels after ``lower()``; W4A6 and W4A16 are reference numerics.
 PRESETS: dict[str, Recipe] = {
     "rtn-w8a8": preset("rtn", 8, 8),
     "smoothquant-w8a8": preset("smoothquant", 8, 8),
@@ -43,6 +44,7 @@ PRESETS: dict[str, Recipe] = {
     "masquant-w8a8": preset("mas", 8, 8),
     "masquant-w4a8": replace(preset("mas", 4, 8), cmc=CMCConfig()),
     "masquant-w4a6": replace(preset("mas", 4, 6), cmc=CMCConfig()),
+    "masquant-w4a16": replace(preset("mas", 4, 16), cmc=CMCConfig()),
 }
 
 

@@ -32,7 +32,8 @@ Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
 class Recipe:
     method: Method = "mas"
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
-    activation: ActQuantConfig = field(default_factory=ActQuantConfig)
+    #: None: weight-only (W4A16 and the like)
+    activation: ActQuantConfig | None = field(default_factory=ActQuantConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     learning: MASLearningConfig = field(default_factory=MASLearningConfig)
     #: cross-modal compensation after MAS: one stored weight plus low-rank branches (None: per-row weights)
@@ -68,7 +69,7 @@ class Recipe:
         return cls(
             method=data["method"],
             weight=_config(WeightQuantConfig, data["weight"]),
-            activation=_config(ActQuantConfig, data["activation"]),
+            activation=None if data["activation"] is None else _config(ActQuantConfig, data["activation"]),
             smoothing=_config(SmoothingConfig, data["smoothing"]),
             learning=learning,
             cmc=None if data["cmc"] is None else _config(CMCConfig, data["cmc"]),
@@ -92,12 +93,15 @@ def _config(cls: type, data: dict[str, Any]) -> Any:
 def preset(method: Method, wbits: int, abits: int, variant: str | None = None) -> Recipe:
     """The paper's settings: symmetric per-channel weights, dynamic per-token activations.
 
+    ``abits >= 16`` means weight-only, with weights in groups of 64 input channels instead.
     SmoothQuant defaults to the tied variant (one scale per input, folded into the norm, all
     tokens); MAS to per-linear, per-modality scales (the official code).
     """
     smoothing = SmoothingConfig(variant="tied", per_modality=False) if method == "smoothquant" else SmoothingConfig()
     if variant is not None:
         smoothing = replace(smoothing, variant=variant)
+    if abits >= 16:
+        return Recipe(method, WeightQuantConfig(bits=wbits, group_size=64), None, smoothing)
     return Recipe(method, WeightQuantConfig(bits=wbits), ActQuantConfig(bits=abits), smoothing)
 
 
@@ -108,7 +112,9 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     steps: list[Transform] = [PrepareQuantLinears()]
     if recipe.method != "rtn":
         steps.append(SmoothScales(recipe.smoothing))
-    steps += [QuantizeWeights(recipe.weight), QuantizeActivations(recipe.activation)]
+    steps.append(QuantizeWeights(recipe.weight))
+    if recipe.activation is not None:
+        steps.append(QuantizeActivations(recipe.activation))
     if recipe.method == "mas":
         steps.append(LearnMAS(recipe.learning, progress=progress))
     if recipe.gptq is not None:

@@ -65,3 +65,14 @@ def test_recipes_resolve_by_name_object_or_json(tmp_path):
 def test_empty_calibration_is_refused(omni):
     with pytest.raises(ValueError, match="no calibration batches"):
         quantize(omni[0], "rtn-w8a8", [])
+
+
+def test_weight_only_preset_round_trips_and_stays_on_the_reference_path(omni, tmp_path, one_thread):
+    model, batch = omni
+    qm = quantize(model, "masquant-w4a16", [batch], progress=False)
+    assert qm.recipe.activation is None and qm.recipe.weight.group_size == 64
+    qm.save(tmp_path / "w4a16")
+    loaded = load(tmp_path / "w4a16", model)
+    assert torch.equal(loaded.logits(batch), qm.logits(batch))
+    with pytest.warns(UserWarning, match="no CPU int4 weight-only kernel"):
+        assert len(loaded.lower().unlowered) == 14

@@ -83,7 +83,10 @@ def unsupported_reason(module: QuantLinear) -> str | None:
     if w is None:
         return "no weight quantizer"
     if a is None:
-        return f"weight-only W{w.bits}A16 (int8 dynamic kernels need activation quantization)"
+        return (
+            f"weight-only W{w.bits}A16: the int8 kernels need activation quantization, and torchao 0.18 has no "
+            "CPU int4 weight-only kernel (plain needs mslk, plain_int32 is not on CPU, tile_packed_to_4d needs CUDA)"
+        )
     if not w.symmetric:
         return "asymmetric weights (torchao's int8 kernels take symmetric weights)"
     if w.group_size is not None:

@@ -36,7 +36,7 @@ from masq_fx.modality import NUM_MODALITIES
 from masq_fx.pipeline import CALIBRATION_DATA, Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import calibrate_static_scale
-from masq_fx.transforms.quantize import ACT_QUANT, WEIGHT_QUANT, _smoothed_absmax
+from masq_fx.transforms.quantize import WEIGHT_QUANT, _smoothed_absmax
 from masq_fx.transforms.smoothing import SCALES
 
 LEARNED_SCALES = "learned_scales"
@@ -159,12 +159,16 @@ def _layer_scales(module: nn.Module) -> dict[str, nn.Parameter]:
 
 @dataclass
 class LearnMAS:
-    """Learn every decoder layer's smoothing scales against the float model, layer by layer."""
+    """Learn every decoder layer's smoothing scales against the float model, layer by layer.
+
+    Learns against the quantizers installed when it runs: put activation quantization (if any)
+    before it, as :func:`masq_fx.recipes.recipe_steps` does; weight-only recipes have none.
+    """
 
     config: MASLearningConfig = field(default_factory=MASLearningConfig)
     progress: bool = True
     name: str = "learn_mas"
-    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT, ACT_QUANT, CALIBRATION_DATA)
+    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT, CALIBRATION_DATA)
     provides: tuple[str, ...] = (LEARNED_SCALES,)
     losses: dict[int, tuple[float, float]] = field(default_factory=dict, init=False)
 
