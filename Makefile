@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   create .venv, install, run the main job on the built-in defaults
+#   make demo   create .venv, install, run the main job (MASQuant W4A8 on the built-in tri-modal model)
 #   make test   create .venv, install, run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/masq-fx inspect
+	$(VENV)/bin/masq-fx quantize --overwrite
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
