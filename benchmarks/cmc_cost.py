@@ -68,7 +68,7 @@ def without_branches(gm: nn.Module) -> nn.Module:
     stripped = copy.deepcopy(gm)
     for module in stripped.modules():
         if isinstance(module, Int8QuantLinear):
-            module.branches = nn.ModuleList()
+            module.branch_left = module.branch_right = module.branch_rows = None
     return stripped
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     Pipeline(recipe_steps(recipe, progress=False)).run(Context(quantized, samples, stats=stats, provided={"stats"}), progress=False)
     lower_to_torchao(quantized)
     graphs = {"fp32": fp.graph_module, "w4a8": without_branches(quantized.graph_module), "w4a8+cmc": quantized.graph_module}
-    ranks = sorted({b.left.shape[1] for m in quantized.graph_module.modules() if isinstance(m, Int8QuantLinear) for b in m.branches})
+    ranks = sorted({r for m in quantized.graph_module.modules() if isinstance(m, Int8QuantLinear) for r in m.branch_ranks.values()})
 
     prompt = mixed_prompt(samples, args.tokens, args.media)
     media = float((prompt.modality_ids != int(Modality.TEXT)).float().mean())

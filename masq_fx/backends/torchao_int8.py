@@ -15,7 +15,8 @@ computes what the reference computes, with the integer GEMM done by torchao:
   ``F.linear(x, int8_weight)``, so torchao's ``__torch_function__`` quantizes the activation per
   token (same integers and scales as :func:`masq_fx.quantizers.fake_quant_act`, measured bit-exact)
   and runs the int8 GEMM;
-* per-row outputs selected with ``torch.where`` (MAS simulation), CMC low-rank branches in float32,
+* per-row outputs selected with ``torch.where`` (MAS simulation); CMC low-rank branches in float32,
+  stacked into one GEMM pair (each token masks the rank columns of other modalities' branches);
   bias added last.
 
 Weights of fewer than 8 bits (W4A8) keep their integer codes on the int8 kernel: resident as one byte
@@ -141,14 +142,14 @@ def _int8_weight(module: QuantLinear, row: int | None) -> Int8Tensor:
     )
 
 
-class _Branch(nn.Module):
-    """CMC branch ``x̃ · left · right`` of the tokens of one scale row."""
-
-    def __init__(self, row: int, left: Tensor, right: Tensor) -> None:
-        super().__init__()
-        self.row = row
-        self.register_buffer("left", left.detach().float().clone())
-        self.register_buffer("right", right.detach().float().clone())
+def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """CMC branches as one pair of factors: ``left [in, R]``, ``right [R, out]`` and the scale row of each
+    of the ``R`` rank columns (``R`` = the ranks summed)."""
+    rows = sorted(branches)
+    left = torch.cat([branches[r][0].detach().float() for r in rows], dim=1)
+    right = torch.cat([branches[r][1].detach().float() for r in rows], dim=0)
+    owner = torch.cat([torch.full((branches[r][0].shape[1],), r) for r in rows])
+    return left, right, owner
 
 
 class Int8QuantLinear(nn.Module):
@@ -165,7 +166,7 @@ class Int8QuantLinear(nn.Module):
         scales: Tensor | None,
         row_of_modality: Tensor,
         act_quant: ActQuantConfig,
-        branches: Sequence[_Branch] = (),
+        branches: dict[int, tuple[Tensor, Tensor]] | None = None,
         branch_input: Literal["smoothed", "quantized"] = "smoothed",
     ) -> None:
         super().__init__()
@@ -175,7 +176,10 @@ class Int8QuantLinear(nn.Module):
         self.scales = None if scales is None else nn.Parameter(scales.detach().float().clone(), requires_grad=False)
         self.register_buffer("row_of_modality", row_of_modality.detach().long().clone())
         self.act_quant = act_quant
-        self.branches = nn.ModuleList(branches)
+        self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
+        stacked = stacked_branches(branches) if branches else (None, None, None)
+        for name, tensor in zip(("branch_left", "branch_right", "branch_rows"), stacked):
+            self.register_buffer(name, tensor)
         self.branch_input = branch_input
 
     @classmethod
@@ -190,7 +194,7 @@ class Int8QuantLinear(nn.Module):
             scales=module.scales if module.divide_input else None,
             row_of_modality=module.row_of_modality,
             act_quant=module.act_quant,
-            branches=[_Branch(row, left, right) for row, (left, right) in module.branches.items()],
+            branches=dict(module.branches),
             branch_input=module.branch_input,
         )
 
@@ -212,19 +216,19 @@ class Int8QuantLinear(nn.Module):
         y = F.linear(xs, self.weights[0])
         for row in range(1, len(self.weights)):
             y = torch.where(token_rows == row, F.linear(xs, self.weights[row]), y)
-        if len(self.branches):
+        if self.branch_left is not None:
+            # all modalities' branches in one GEMM pair; each token keeps only its own row's rank columns
             source = fake_quant_act(xs, self.act_quant) if self.branch_input == "quantized" else xs
-            for branch in self.branches:
-                y = y + torch.where(token_rows == branch.row, source @ branch.left @ branch.right, 0.0)
+            hidden = (source @ self.branch_left) * (token_rows == self.branch_rows)
+            y = y + hidden @ self.branch_right
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
 
     def extra_repr(self) -> str:
-        ranks = {b.row: b.left.shape[1] for b in self.branches}
         return (
             f"{self.name}, in={self.in_features}, out={self.out_features}, weight_rows={len(self.weights)}, "
-            f"routed_smoothing={self.scales is not None}, branch_ranks={ranks}"
+            f"routed_smoothing={self.scales is not None}, branch_ranks={self.branch_ranks}"
         )
 
 
