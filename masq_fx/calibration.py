@@ -101,6 +101,11 @@ class Calibrate:
                 stats = gm.get_submodule(str(node.target)).stats
                 if stats is None:
                     continue
+                if not bool(torch.isfinite(stats.absmax).all()):
+                    raise ValueError(
+                        f"NaN/Inf activations reach {', '.join(node.meta[_SITES_KEY])}: the float model already "
+                        "overflows on the calibration data (check its dtype — use float32 — and the inputs)"
+                    )
                 for module in node.meta[_SITES_KEY]:
                     context.stats[module] = stats
         finally:

@@ -126,3 +126,14 @@ def test_interrupted_calibration_removes_observers(tiny_vl):
         Pipeline([InsertObservers(), Calibrate(progress=False)]).run(context, progress=False)
     assert not observer_nodes(captured.graph_module)
     assert "stats" not in context.provided and not context.stats
+
+
+def test_non_finite_activations_stop_calibration_and_name_the_layer(tiny_vl):
+    tiny, inputs = tiny_vl
+    captured = capture(tiny.model)
+    embeds = inputs.inputs_embeds.clone()
+    embeds[0, 3, 5] = float("inf")
+    broken = type(inputs)(embeds, inputs.position_ids, inputs.modality_ids, inputs.attention_mask)
+    with pytest.raises(ValueError, match=r"NaN/Inf activations reach layers\.0\.self_attn\.q_proj.*float32"):
+        observe(Context(captured, [broken]), progress=False)
+    assert not observer_nodes(captured.graph_module)
