@@ -40,3 +40,23 @@ def test_every_option_is_documented(capsys):
             main([command, "--help"])
         text = capsys.readouterr().out
         assert "Example: masq-fx" in " ".join(text.split()) and "(default:" in text
+
+
+def test_media_files_are_checked_with_a_fix(tmp_path):
+    from masq_fx.sources import read_image, read_wav
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_image(tmp_path / "missing.png", 56, 112)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="PNG or JPEG"):
+        read_image(tmp_path / "text.png", 56, 112)
+    import wave
+
+    with wave.open(str(tmp_path / "8k.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 800)
+    with pytest.raises(ValueError, match="convert it to 16-bit PCM at 16000 Hz"):
+        read_wav(tmp_path / "8k.wav", 16000)
+    with wave.open(str(tmp_path / "ok.wav"), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\x40" * 3200)
+    audio = read_wav(tmp_path / "ok.wav", 16000)
+    assert audio.shape == (1600,) and abs(float(audio.max()) - 0.5) < 1e-6
