@@ -16,7 +16,7 @@ Protocol:
 - memory: resident bytes of the lowered decoder linears, and checkpoint bytes of their weights
   (:func:`masq_fx.checkpoint.linear_bytes`; 4-bit codes packed two per byte) against FP32;
 - sanity: perplexity of the FP32, reference fake-quant and lowered prefill graphs on 2 evaluation
-  windows, and the first 16 greedy tokens of 3 prompts through the compiled generation graphs.
+  windows, and the first 16 greedy tokens of 3 prompts through the (eager) generation graphs.
 
 Run: ``.venv/bin/python benchmarks/smollm2_speed.py`` (15-30 minutes on 2 cores, mostly compiling).
 """
@@ -165,7 +165,7 @@ def main() -> None:
         batch_graph = capture_cached(model, batch_size=len(PROMPTS), max_cache_len=chats["input_ids"].shape[1] + GREEDY_TOKENS)
         if name != "fp32":
             transplant(prefill_graphs[name], batch_graph)
-        greedy[name] = generate(batch_graph, adapter.decoder_inputs(chats), GREEDY_TOKENS, run=compile_graph(batch_graph.graph_module))
+        greedy[name] = generate(batch_graph, adapter.decoder_inputs(chats), GREEDY_TOKENS)  # eager: compiling costs minutes
 
     print()
     print(f"SmolLM2-135M-Instruct, recipe {args.recipe}, {args.threads} threads, {args.runs} interleaved runs after 2 warm-ups")
