@@ -24,6 +24,7 @@ from masq_fx.transforms import (
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
+from masq_fx.transforms.quantize import ModuleFilter
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
 
@@ -40,6 +41,8 @@ class Recipe:
     cmc: CMCConfig | None = None
     #: GPTQ error feedback on the final smoothed weights (None: round to nearest)
     gptq: GPTQConfig | None = None
+    #: which decoder linears are quantized, by module-name regex (``layers.3.mlp.up_proj``); the LM head never is
+    modules: ModuleFilter = field(default_factory=ModuleFilter)
 
     @property
     def moment_modalities(self) -> tuple[Modality, ...]:
@@ -74,6 +77,7 @@ class Recipe:
             learning=learning,
             cmc=None if data["cmc"] is None else _config(CMCConfig, data["cmc"]),
             gptq=None if data["gptq"] is None else _config(GPTQConfig, data["gptq"]),
+            modules=_config(ModuleFilter, data.get("modules", {})),
         )
 
 
@@ -112,9 +116,9 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     steps: list[Transform] = [PrepareQuantLinears()]
     if recipe.method != "rtn":
         steps.append(SmoothScales(recipe.smoothing))
-    steps.append(QuantizeWeights(recipe.weight))
+    steps.append(QuantizeWeights(recipe.weight, recipe.modules))
     if recipe.activation is not None:
-        steps.append(QuantizeActivations(recipe.activation))
+        steps.append(QuantizeActivations(recipe.activation, recipe.modules))
     if recipe.method == "mas":
         steps.append(LearnMAS(recipe.learning, progress=progress))
     if recipe.gptq is not None:

@@ -76,3 +76,20 @@ def test_weight_only_preset_round_trips_and_stays_on_the_reference_path(omni, tm
     assert torch.equal(loaded.logits(batch), qm.logits(batch))
     with pytest.warns(UserWarning, match="no CPU int4 weight-only kernel"):
         assert len(loaded.lower().unlowered) == 14
+
+
+def test_excluded_modules_stay_float_and_survive_save_and_load(omni, tmp_path, one_thread):
+    from dataclasses import replace
+
+    from masq_fx.transforms import quant_linears
+    from masq_fx.transforms.quantize import ModuleFilter
+
+    model, batch = omni
+    recipe = replace(PRESETS["masquant-w4a8"], modules=ModuleFilter(exclude=(r"layers\.0\..*",)))
+    qm = quantize(model, recipe, [batch], progress=False)
+    quantized = {m.name for m in quant_linears(qm.decoder.graph_module) if m.weight_quant is not None}
+    assert quantized and not any(name.startswith("layers.0.") for name in quantized)
+    qm.save(tmp_path / "partial")
+    loaded = load(tmp_path / "partial", model)
+    assert loaded.recipe.modules == recipe.modules
+    assert torch.equal(loaded.logits(batch), qm.logits(batch))

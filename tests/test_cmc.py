@@ -636,10 +636,14 @@ def test_cmc_config_defaults():
     CMCConfig(damping=0.0)  # allowed: the official code has no damping
 
 
-def test_cmc_needs_quantized_weights():
+def test_cmc_skips_float_linears_and_needs_enabled_quantizers():
     case = linear_case(0, 8, 6)
-    case.module.weight_quant = None
+    case.module.weight_quant = None  # left out of quantization: exact per row, nothing to compensate
     case.module.unfreeze()
+    module, _ = compensate(case, CMCConfig())
+    assert not module.branches and module.weight_rows == case.module.weight_rows
+    case = linear_case(0, 8, 6)
+    case.module.quantizers_enabled = False
     with pytest.raises(ValueError, match="no active weight quantizer"):
         compensate(case, CMCConfig())
 

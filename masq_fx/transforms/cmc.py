@@ -143,9 +143,9 @@ class CrossModalCompensation:
         self.reports = []
         skipped: set[Modality] = set()
         for module in quant_linears(gm):
-            if module.scales is None or module.scales.shape[0] < 2:
-                continue
-            if module.weight_quant is None or not module.quantizers_enabled:
+            if module.scales is None or module.scales.shape[0] < 2 or module.weight_quant is None:
+                continue  # one row, or a float linear left out of quantization: exact without a branch
+            if not module.quantizers_enabled:
                 raise ValueError(
                     f"{module.name} has no active weight quantizer: run QuantizeWeights before CMC "
                     "(with quantizers enabled)"
