@@ -40,8 +40,8 @@ class VisionTowerConfig:
     """Size of the Qwen2.5-Omni vision tower (all blocks use full attention)."""
 
     depth: int = 3
-    hidden_size: int = 96
-    intermediate_size: int = 192
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_heads: int = 4
 
 
