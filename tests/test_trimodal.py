@@ -13,7 +13,7 @@ import torch
 from masq_fx.capture import capture
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
-from masq_fx.trimodal import greedy_decode, load_set, load_trimodal
+from masq_fx.trimodal import accuracy, eager_decoder, greedy_decode, load_set, load_trimodal
 from masq_fx.trimodal.data import (
     AUDIO_VOICES,
     MAX_ITEMS_PER_SPLIT,
@@ -183,3 +183,11 @@ def test_adapter_and_capture_work_on_the_shipped_model(trimodal, shipped):
     reference = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, prompt_len:]
     ours = greedy_decode(captured, adapter, inputs, max_new_tokens=3)
     assert [processor.decode_answer(r) for r in ours.tolist()] == [processor.decode_answer(r) for r in reference.tolist()]
+@slow
+@pytest.mark.parametrize("modality", ["vision", "audio"])
+def test_fp_accuracy_on_the_evaluation_split(trimodal, shipped, modality):
+    model, processor = trimodal
+    samples = shipped["evaluation"].samples(modality, ACCURACY_ITEMS)
+    acc = accuracy(eager_decoder(model), adapter_for(model), processor, samples)
+    assert acc.total == ACCURACY_ITEMS
+    assert acc.value >= 0.85, f"{modality}: {acc}, misses {acc.misses[:10]}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
@@ -26,3 +28,18 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
 
     def language_model(self) -> nn.Module:
         return self.model.model.language_model
+
+
+def thinker_token_fields(tokens: Mapping[str, int]) -> dict[str, int]:
+    """``Qwen2_5OmniThinkerConfig`` token-id fields from placeholder ids named ``image``, ``video``, ``audio``,
+    ``audio_start``/``audio_end`` and ``vision_start``/``vision_end`` (the last two are read by the thinker's
+    ``get_rope_index`` but not declared by its config class; real checkpoints set them)."""
+    return {
+        "image_token_index": tokens["image"],
+        "video_token_index": tokens["video"],
+        "audio_token_index": tokens["audio"],
+        "audio_start_token_id": tokens["audio_start"],
+        "audio_end_token_id": tokens["audio_end"],
+        "vision_start_token_id": tokens["vision_start"],
+        "vision_end_token_id": tokens["vision_end"],
+    }

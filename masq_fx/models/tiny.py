@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from masq_fx.modality import Modality
+from masq_fx.models.qwen_omni import thinker_token_fields
 
 VOCAB = 256
 HIDDEN = 64
@@ -316,14 +317,7 @@ def tiny_qwen25_omni_thinker(seed: int = 0, batch_size: int = 2) -> TinyModel:
             n_window=_AUDIO_FRAMES // 4,  # chunks of 2 * n_window frames
             output_dim=HIDDEN,
         ),
-        image_token_index=t["image"],
-        video_token_index=t["video"],
-        audio_token_index=t["audio"],
-        audio_start_token_id=t["audio_start"],
-        audio_end_token_id=t["audio_end"],
-        # not declared by Qwen2_5OmniThinkerConfig, but read by its get_rope_index (real checkpoints set it)
-        vision_start_token_id=t["vision_start"],
-        vision_end_token_id=t["vision_end"],
+        **thinker_token_fields(t),
     )
     model = _build(config, Qwen2_5OmniThinkerForConditionalGeneration, seed)
     rows = _Rows(seed, batch_size)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
+from masq_fx.models.qwen_omni import thinker_token_fields
 from masq_fx.pretrained import load_smollm2
 from masq_fx.trimodal.data import ASSETS
 from masq_fx.trimodal.processing import SPECIAL_TOKENS, AudioSpec, ImageSpec, TrimodalProcessor
@@ -124,19 +125,11 @@ def thinker_config(llm: LlamaForCausalLM, config: TrimodalConfig) -> Qwen2_5Omni
         n_window=aud.max_frames // 2,  # one chunk (2 * n_window frames) holds a whole clip
         output_dim=c.hidden_size,
     )
-    t = SPECIAL_TOKENS
     return Qwen2_5OmniThinkerConfig(
         text_config=text,
         vision_config=vision,
         audio_config=audio,
-        image_token_index=t["image"],
-        video_token_index=t["video"],
-        audio_token_index=t["audio"],
-        audio_start_token_id=t["audio_start"],
-        audio_end_token_id=t["audio_end"],
-        # read by the thinker's get_rope_index but not declared by its config class
-        vision_start_token_id=t["vision_start"],
-        vision_end_token_id=t["vision_end"],
+        **thinker_token_fields(SPECIAL_TOKENS),
         tie_word_embeddings=True,
     )
 
