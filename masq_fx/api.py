@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from masq_fx import checkpoint
-from masq_fx.backends import LoweringReport, compile_graph, lower_to_torchao
+from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
@@ -71,6 +71,7 @@ class QuantizedModel:
     context: Context | None = None
     lowering: LoweringReport | None = None
     _cached: dict[tuple[int, int], CachedDecoder] = field(default_factory=dict, repr=False)
+    _compiled: dict[tuple[int, int], CompiledGraph] = field(default_factory=dict, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -90,6 +91,7 @@ class QuantizedModel:
         if self.lowering is None:
             self.lowering = lower_to_torchao(self.decoder)
             self._cached.clear()
+            self._compiled.clear()
         return self.lowering
 
     def generation_graph(self, batch_size: int, max_cache_len: int) -> CachedDecoder:
@@ -106,8 +108,11 @@ class QuantizedModel:
         """Greedy new tokens ``[batch, <= max_new_tokens]`` for a processed, left-padded ``batch``."""
         prompt = self.decoder_inputs(batch)
         rows, length = prompt.attention_mask.shape
-        graph = self.generation_graph(rows, length + max_new_tokens)
-        run = compile_graph(graph.graph_module) if compiled else None
+        key = (rows, length + max_new_tokens)
+        graph = self.generation_graph(*key)
+        if compiled and key not in self._compiled:  # compiled once per generation graph, reused by later calls
+            self._compiled[key] = compile_graph(graph.graph_module)
+        run = self._compiled[key] if compiled else None
         return generate(graph, prompt, max_new_tokens, stop_id=stop_id, run=run)
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
