@@ -36,8 +36,9 @@ CACHE_START = "cache_start"
 class _CachedExportable(nn.Module):
     """Decoder + head over a static cache registered as buffers (the exported module)."""
 
-    def __init__(self, adapter: ModelAdapter, batch_size: int, max_cache_len: int) -> None:
+    def __init__(self, adapter: ModelAdapter, batch_size: int, max_cache_len: int, logits_to_keep: int) -> None:
         super().__init__()
+        self.logits_to_keep = logits_to_keep
         self.decoder = adapter.language_model()
         self.lm_head = adapter.lm_head()
         config = adapter.text_config()
@@ -68,6 +69,8 @@ class _CachedExportable(nn.Module):
             cache=self.cache,
             use_cache=True,
         ).last_hidden_state
+        if self.logits_to_keep:
+            hidden = hidden[:, -self.logits_to_keep :]
         return self.lm_head(hidden)
 
 
@@ -87,13 +90,20 @@ class CachedDecoder:
         return self.graph_module(*inputs.args(), torch.tensor([cache_start]))
 
 
-def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int) -> CachedDecoder:
-    """Export ``model``'s decoder and head with a static KV cache (tokens per call dynamic, 1 included)."""
+def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits_to_keep: int = 1) -> CachedDecoder:
+    """Export ``model``'s decoder and head with a static KV cache (tokens per call dynamic, 1 included).
+
+    The head runs on the last ``logits_to_keep`` positions only (0: all), as HF ``generate`` does:
+    greedy decoding needs the last position's logits, and the head over a long prompt is a large
+    float GEMM.
+    """
     if batch_size < 1 or max_cache_len < 2:
         raise ValueError(f"need batch_size >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
+    if logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
     adapter = adapter_for(model)
     model.eval()
-    wrapper = _CachedExportable(adapter, batch_size, max_cache_len)
+    wrapper = _CachedExportable(adapter, batch_size, max_cache_len, logits_to_keep)
     seq = Dim("tokens", min=1, max=max_cache_len)
     tokens = min(8, max_cache_len)
     embeds = torch.randn(batch_size, tokens, adapter.text_config().hidden_size, dtype=wrapper.cache.layers[0].keys.dtype)

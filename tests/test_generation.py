@@ -47,7 +47,7 @@ def test_float_cached_generation_equals_hf_generate(family, one_thread):
     adapter = adapter_for(tiny.model)
     prompt = adapter.decoder_inputs(tiny.batch)
     assert int((prompt.attention_mask == 0).sum()) > 0, "the tiny batch should be left-padded"
-    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE)
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE, logits_to_keep=0)
     with torch.no_grad():
         hf_logits = tiny.model(**tiny.batch).logits
         logits = cached(replace(prompt, attention_mask=full_attention_mask(prompt.attention_mask, CACHE)), 0)
@@ -88,7 +88,7 @@ def test_transplanted_cache_graph_computes_the_prefill_graph(omni, name, lowered
     quantized = _quantized(omni, RECIPES[name])
     if lowered:
         assert not lower_to_torchao(quantized).unlowered
-    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE)
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE, logits_to_keep=0)
     assert transplant(quantized, cached) == 14
     with torch.no_grad():
         reference = quantized(prompt)
@@ -132,3 +132,18 @@ def test_bad_requests_name_the_fix(omni):
         generate(small, prompt, 2)
     with pytest.raises(ValueError, match="nothing to transplant"):
         transplant(captured, small)
+
+
+def test_head_runs_on_the_kept_positions_only(one_thread):
+    tiny = tiny_model("llama", seed=0, batch_size=2)
+    prompt = adapter_for(tiny.model).decoder_inputs(tiny.batch)
+    step = replace(prompt, attention_mask=full_attention_mask(prompt.attention_mask, CACHE))
+    every = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE, logits_to_keep=0)
+    last = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE)
+    with torch.no_grad():
+        full, tail = every(step, 0), last(step, 0)
+    assert tail.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(tail, full[:, -1:])
+    assert torch.equal(generate(last, prompt, NEW_TOKENS), generate(every, prompt, NEW_TOKENS))
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE, logits_to_keep=-1)
