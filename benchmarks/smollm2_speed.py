@@ -12,8 +12,9 @@ Protocol:
   :func:`masq_fx.backends.compile_graph` (``fullgraph=True``, the same inductor options for all);
 - prefill: one ``--tokens``-token window of the evaluation split at cache slot 0; decode: one text
   token at slot ``--tokens`` (the attention reads the whole cache either way);
-- ``--threads`` threads, two warm-up calls, then ``--runs`` interleaved calls of every graph; the
-  figures are ratios of medians within this run (never compare absolute times across runs);
+- ``--threads`` threads, two warm-up calls, then ``--runs`` interleaved calls of every graph
+  (:func:`masq_fx.bench.measure`); the figures are ratios of medians within this run (never compare
+  absolute times across runs);
 - memory: resident bytes of the lowered decoder linears, and checkpoint bytes of their weights
   (:func:`masq_fx.checkpoint.linear_bytes`; 4-bit codes packed two per byte) against FP32;
 - sanity: perplexity of the FP32, reference fake-quant and lowered prefill graphs on 2 evaluation
@@ -26,24 +27,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch._dynamo.utils import counters
+from torch import Tensor
 
-from masq_fx.backends import INDUCTOR_OPTIONS, Int8QuantLinear, compile_graph, lower_to_torchao
+from masq_fx.backends import INDUCTOR_OPTIONS, lower_to_torchao
+from masq_fx.bench import BenchConfig, latency_table, measure, resident_linear_bytes
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.checkpoint import LinearBytes, linear_bytes, save
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
-from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
+from masq_fx.generation import capture_cached, generate, transplant
 from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.pretrained import load_smollm2
@@ -58,35 +56,10 @@ DECODE_SLOTS = 128
 GREEDY_TOKENS = 16
 
 
-def resident_linear_bytes(gm: nn.Module) -> tuple[int, int]:
-    """(bytes of the decoder linears' weights as held in memory, their FP32 bytes)."""
-    held = fp32 = 0
-    for module in gm.modules():
-        if isinstance(module, Int8QuantLinear):
-            for weight in module.weights:
-                held += weight.qdata.numel() * weight.qdata.element_size() + weight.scale.numel() * weight.scale.element_size()
-            fp32 += module.in_features * module.out_features * 4
-    return held, fp32
-
-
 def chat_prompts(tokenizer) -> dict[str, Tensor]:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
     tokenizer.padding_side = "left"
     return tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def timed(calls: dict[str, Callable[[], Tensor]], runs: int) -> dict[str, list[float]]:
-    """Seconds of ``runs`` interleaved calls of each function, after two warm-up rounds."""
-    for _ in range(2):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -129,38 +102,15 @@ def main() -> None:
         print(f"{name}: {report}")
         prefill_graphs[name] = lowered
 
-    cache_len = args.tokens + DECODE_SLOTS
-    cached, compiled = {}, {}
+    config = BenchConfig(prompt_tokens=args.tokens, decode_slots=DECODE_SLOTS, warmup=2, runs=args.runs, threads=args.threads)
+    cached = {}
     for name, graph in prefill_graphs.items():
-        cached[name] = capture_cached(model, batch_size=1, max_cache_len=cache_len)
+        cached[name] = capture_cached(model, batch_size=1, max_cache_len=config.cache_len)
         if name != "fp32":
             transplant(graph, cached[name])
-        compiled[name] = compile_graph(cached[name].graph_module)
-
     ids = evaluation[:1]
     prompt = adapter.decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    prefill_args = (*replace(prompt, attention_mask=full_attention_mask(prompt.attention_mask, cache_len)).args(), torch.tensor([0]))
-    token = adapter.embed(ids[:, -1:])
-    decode_args = (
-        token,
-        prompt.position_ids[..., -1:] + 1,
-        torch.zeros(1, 1, dtype=torch.long),
-        full_attention_mask(prompt.attention_mask, cache_len),
-        torch.tensor([args.tokens]),
-    )
-    start = time.perf_counter()
-    fused: dict[str, int] = {}
-    # FX graph cache off for the compiling calls: a cache hit skips the passes the counter counts
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        for name, fn in compiled.items():
-            before = counters["inductor"]["qlinear_weight_prepack_matcher_count"]
-            fn(*prefill_args)
-            fn(*decode_args)
-            fused[name] = counters["inductor"]["qlinear_weight_prepack_matcher_count"] - before
-    compile_s = time.perf_counter() - start
-
-    prefill = timed({name: (lambda fn=fn: fn(*prefill_args)) for name, fn in compiled.items()}, args.runs)
-    decode = timed({name: (lambda fn=fn: fn(*decode_args)) for name, fn in compiled.items()}, args.runs)
+    measured = measure(cached, prompt, config)
 
     chats = chat_prompts(tokenizer)
     greedy = {}
@@ -172,20 +122,16 @@ def main() -> None:
 
     print()
     print(f"SmolLM2-135M-Instruct, recipe {args.recipe}, {args.threads} threads, {args.runs} interleaved runs after 2 warm-ups")
-    print(f"inductor options {INDUCTOR_OPTIONS}; compile + first prefill/decode of 3 graphs: {compile_s:.0f} s")
+    print(f"inductor options {INDUCTOR_OPTIONS}; compile + first prefill/decode of 3 graphs: {measured.compile_seconds:.0f} s")
     print("int8 GEMMs rewritten to oneDNN qlinear by inductor (prefill + decode graphs): "
-          + ", ".join(f"{name} {count}" for name, count in fused.items() if name != "fp32") + " (of 2 x 210)")
-    print(f"{'graph':<6} {'prefill ' + str(args.tokens) + ' ms':>16} {'speed-up':>9} {'decode ms':>10} {'speed-up':>9}")
-    med_p = {name: statistics.median(t) for name, t in prefill.items()}
-    med_d = {name: statistics.median(t) for name, t in decode.items()}
-    for name in compiled:
-        print(f"{name:<6} {1e3 * med_p[name]:>16.1f} {med_p['fp32'] / med_p[name]:>8.2f}x {1e3 * med_d[name]:>10.2f} {med_d['fp32'] / med_d[name]:>8.2f}x")
+          + ", ".join(f"{name} {t.fused_qlinear}" for name, t in measured.timings.items() if name != "fp32") + " (of 2 x 210)")
+    print(latency_table(measured.timings, args.tokens))
     print()
     for name, (held, fp32_bytes) in memory.items():
         print(f"{name}: decoder linear weights resident {held / 2**20:.1f} MiB = {held / fp32_bytes:.3f}x of FP32 {fp32_bytes / 2**20:.1f} MiB; "
               f"in the checkpoint {stored[name].weight_bytes / 2**20:.1f} MiB = {stored[name].weight_ratio:.4f}x "
               f"({stored[name].total_ratio:.4f}x with smoothing tables)")
-    print("perplexity on 2 x %d evaluation tokens: " % args.tokens + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    print(f"perplexity on 2 x {args.tokens} evaluation tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     for name in ("w8a8", "w4a8"):
         same = [bool(torch.equal(greedy[name][i], greedy["fp32"][i])) for i in range(len(PROMPTS))]
         print(f"first {GREEDY_TOKENS} greedy tokens equal to FP32 ({name}): {sum(same)}/{len(PROMPTS)} prompts")

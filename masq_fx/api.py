@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower
 from masq_fx.calibration import observe
 from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
+from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset, recipe_steps
@@ -70,6 +71,8 @@ class QuantizedModel:
     #: the pipeline context that produced ``decoder`` (calibration inputs and statistics; None once loaded)
     context: Context | None = None
     lowering: LoweringReport | None = None
+    #: content sha256 of each calibration sample (recorded in the checkpoint manifest)
+    data_hashes: tuple[str, ...] = ()
     _cached: dict[tuple[int, int], CachedDecoder] = field(default_factory=dict, repr=False)
     _compiled: dict[tuple[int, int], CompiledGraph] = field(default_factory=dict, repr=False)
 
@@ -121,7 +124,9 @@ class QuantizedModel:
             raise ValueError("this model was loaded from a checkpoint; copy that folder instead of saving it again")
         if self.lowering is not None:
             raise ValueError("save before lower(): checkpoints store the reference state, which load() replays")
-        return checkpoint.save(self.context, directory, model=self.model, recipe=self.recipe, overwrite=overwrite)
+        return checkpoint.save(
+            self.context, directory, model=self.model, recipe=self.recipe, overwrite=overwrite, data_hashes=self.data_hashes
+        )
 
 
 def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[DecoderInputs]:
@@ -134,18 +139,27 @@ def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[Decod
 
 
 def quantize(
-    model: nn.Module, recipe: Recipe | str | os.PathLike, calibration: Iterable[Batch], progress: bool = True
+    model: nn.Module,
+    recipe: Recipe | str | os.PathLike,
+    calibration: Iterable[Batch],
+    progress: bool = True,
+    data_hashes: Sequence[str] = (),
 ) -> QuantizedModel:
     """Capture ``model``'s decoder, calibrate on ``calibration`` (processed batches) and apply ``recipe``.
 
     ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON file. The HF model is
-    not modified.
+    not modified. The memory calibration and the recipe need is estimated first, and a clear error
+    raised (:class:`~masq_fx.memory.CalibrationMemoryError`) when it exceeds what is available.
+    ``data_hashes`` (content hashes of the calibration samples) are recorded by :meth:`QuantizedModel.save`.
     """
     recipe = resolve_recipe(recipe)
-    samples = calibration_inputs(model, calibration)
-    context = observe(Context(capture(model), samples), moment_modalities=recipe.moment_modalities, progress=progress)
+    batches = list(calibration)
+    captured = capture(model)
+    require_memory(estimate_calibration_memory(model, captured, recipe, batches), available_memory())
+    samples = calibration_inputs(model, batches)
+    context = observe(Context(captured, samples), moment_modalities=recipe.moment_modalities, progress=progress)
     Pipeline(recipe_steps(recipe, progress=progress)).run(context, progress=progress)
-    return QuantizedModel(model, context.captured, recipe, context)
+    return QuantizedModel(model, context.captured, recipe, context, data_hashes=tuple(data_hashes))
 
 
 def load(directory: str | os.PathLike, model: nn.Module) -> QuantizedModel:

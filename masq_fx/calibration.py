@@ -5,7 +5,8 @@ linear input (q/k/v share one, gate/up share one); each takes ``(x, modality_ids
 attention_mask)`` from the graph's own placeholders. :class:`Calibrate` feeds the calibration
 samples through the graph, collects the statistics into ``context.stats`` (keyed by the module
 name of every linear that reads the observed input) and removes the observer nodes again, even
-when interrupted, so the graph is left as it was.
+when interrupted, so the graph is left as it was. The statistics are float32 (second moments
+float64) whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Calibrate:
                 if not bool(torch.isfinite(stats.absmax).all()):
                     raise ValueError(
                         f"NaN/Inf activations reach {', '.join(node.meta[_SITES_KEY])}: the float model already "
-                        "overflows on the calibration data (check its dtype — use float32 — and the inputs)"
+                        "overflows on the calibration data (check the inputs, and the dtype: use bfloat16 or "
+                        "float32, not float16)"
                     )
                 for module in node.meta[_SITES_KEY]:
                     context.stats[module] = stats

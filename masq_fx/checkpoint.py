@@ -33,8 +33,9 @@ after CMC; every row in the MAS per-row simulation); codes of GPTQ-solved weight
 
 ``manifest.json`` (sorted keys, no timestamps): ``format``/``format_version``; ``recipe``
 (:meth:`Recipe.to_dict`); ``versions`` of torch, torchao, transformers, safetensors, masq_fx;
-``model`` (family, HF class, sha256 of the config and of the float weights); ``modality_tokens``;
-``calibration`` (sample count, tokens per modality, sha256 of the input tensors); ``tensors``
+``model`` (family, HF class, the decoder's dtype, sha256 of the config and of the float weights); ``modality_tokens``;
+``calibration`` (sample count, tokens per modality, sha256 of the input tensors, ``sample_sha256``:
+the content hashes of the calibration samples when known, see :mod:`masq_fx.data.samples`); ``tensors``
 (file name, byte count, sha256); ``graph``: per linear its quantizer configs and flags, the
 routers, the replaced graph attributes. The same inputs and seed give the same bytes.
 """
@@ -71,6 +72,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "LinearBytes",
+    "calibration_hashes",
     "linear_bytes",
     "load",
     "model_identity",
@@ -136,18 +138,25 @@ def _stable_config(value: Any) -> Any:
 
 
 def model_identity(model: nn.Module) -> dict[str, str]:
-    """Family, HF class and sha256 of the config (without paths and versions) and of the float weights."""
+    """Family, HF class, decoder dtype, sha256 of the config (without paths and versions) and of the weights.
+
+    A bfloat16 model and its float32 twin are different models: integer codes are dtype-independent,
+    but a checkpoint replays exactly only onto the dtype it was quantized in (the codes come from
+    that dtype's weights, folded norm weights are stored in it, the graph computes in it).
+    """
     cls = type(model)
+    adapter = adapter_for(model)
     config = json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str)
     return {
-        "family": adapter_for(model).family,
+        "family": adapter.family,
         "hf_class": f"{cls.__module__}.{cls.__qualname__}",
+        "dtype": str(next(adapter.language_model().parameters()).dtype).removeprefix("torch."),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
         "weights_sha256": tensors_sha256(sorted(model.state_dict().items())),
     }
 
 
-def _calibration(samples: Sequence[DecoderInputs]) -> dict[str, Any]:
+def _calibration(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -> dict[str, Any]:
     fields = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
     named = ((f"{i}.{f}", getattr(s, f)) for i, s in enumerate(samples) for f in fields)
     tokens = calibration_tokens(samples)
@@ -155,6 +164,7 @@ def _calibration(samples: Sequence[DecoderInputs]) -> dict[str, Any]:
         "samples": len(samples),
         "tokens": {m.name.lower(): n for m, n in tokens.items()},
         "sha256": tensors_sha256(named),
+        "sample_sha256": list(data_hashes),
     }
 
 
@@ -318,8 +328,19 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
 # ----------------------------------------------------------------------------- save
 
 
-def save(context: Context, directory: str | os.PathLike, *, model: nn.Module, recipe: Recipe, overwrite: bool = False) -> Path:
+def save(
+    context: Context,
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    recipe: Recipe,
+    overwrite: bool = False,
+    data_hashes: Sequence[str] = (),
+) -> Path:
     """Write the quantized graph of ``context`` (made from ``model`` with ``recipe``) to ``directory``.
+
+    ``data_hashes``: content sha256 of each calibration sample, recorded so that evaluation can
+    refuse samples the checkpoint was calibrated on.
 
     Atomic: the files are written and fsynced in a temporary sibling directory that is then renamed;
     an interrupted save leaves no checkpoint behind and an existing one untouched. An existing
@@ -338,7 +359,7 @@ def save(context: Context, directory: str | os.PathLike, *, model: nn.Module, re
         "model": model_identity(model),
         "modality_tokens": asdict(adapter.modality_tokens()),
         "modalities": [m.name.lower() for m in context.captured.modalities],
-        "calibration": _calibration(context.calibration),
+        "calibration": _calibration(context.calibration, data_hashes),
         "tensors": {"file": TENSORS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "graph": collected.graph,
     }
@@ -431,6 +452,11 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def calibration_hashes(directory: str | os.PathLike) -> tuple[str, ...]:
+    """Content sha256 of the samples a checkpoint was calibrated on (empty when unknown: older checkpoints)."""
+    return tuple(read_manifest(directory)["calibration"].get("sample_sha256", ()))
+
+
 def _check_model(expected: dict[str, str], model: nn.Module) -> None:
     actual = model_identity(model)
     fix = "load the checkpoint into the model it was quantized from"
@@ -438,6 +464,11 @@ def _check_model(expected: dict[str, str], model: nn.Module) -> None:
         raise CheckpointError(
             f"the checkpoint was made from a {expected['hf_class']} ({expected['family']}), "
             f"not a {actual['hf_class']}: {fix}"
+        )
+    if expected.get("dtype", actual["dtype"]) != actual["dtype"]:  # older checkpoints record none
+        raise CheckpointError(
+            f"the checkpoint was quantized from a {expected['dtype']} model, not a {actual['dtype']} one: "
+            f"convert the model with model.to(torch.{expected['dtype']}) first"
         )
     for key, what in (("config_sha256", "config"), ("weights_sha256", "float weights")):
         if actual[key] != expected[key]:

@@ -1,4 +1,4 @@
-"""The ``masq-fx`` command line: ``quantize``, ``eval``, ``generate``, ``inspect``."""
+"""The ``masq-fx`` command line: ``quantize``, ``eval``, ``generate``, ``inspect``, ``bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 # torchao logs missing CUDA-only extension libraries at import; they are irrelevant on CPU
@@ -15,6 +16,8 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 DEFAULT_RECIPE = "masquant-w4a8"
 DEFAULT_COMPARE = ("smoothquant-w4a8",)
+#: calibration batches the run report's per-layer SQNR is measured on
+REPORT_SAMPLES = 4
 MODEL_HELP = (
     "'default' (the built-in tri-modal thinker: SmolLM2-135M with trained vision and audio towers), "
     "'smollm2' (SmolLM2-135M-Instruct, text), 'tiny:FAMILY' (a tiny random model of a supported family) "
@@ -40,28 +43,33 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 def _quantize(args: argparse.Namespace) -> int:
     from masq_fx.api import quantize, resolve_recipe
     from masq_fx.capture import capture
+    from masq_fx.run_report import build as build_report
     from masq_fx.sources import load_source
 
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
-    source = load_source(args.model, _sizes(args))
+    source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), calibration=args.calib)
     print(f"{source.title}\nrecipe {args.recipe} → {out}")
+    reference = capture(source.model)  # the float graph: the FP32 row and the report's SQNR reference
     rows: dict[str, dict[str, float]] = {}
     if not args.no_eval:
-        rows["FP32"] = source.evaluate(capture(source.model))
+        rows["FP32"] = source.evaluate(reference)
     for name, recipe in recipes.items():
         start = time.perf_counter()
-        quantized = quantize(source.model, recipe, source.calibration, progress=not args.quiet)
+        quantized = quantize(source.model, recipe, source.calibration, progress=not args.quiet, data_hashes=source.calibration_hashes)
         print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
         if name == args.recipe:
             quantized.save(out, overwrite=args.overwrite)
             print(f"saved {out}")
+            # built now, so the saved model need not stay in memory while the compared recipes run
+            report = build_report(quantized, title=f"{source.title}: {name}", samples=quantized.context.calibration[:REPORT_SAMPLES], reference=reference)
         if not args.no_eval:
             rows[name] = source.evaluate(quantized.decoder)
     if rows:
         print(_table(rows))
+    print(f"report {replace(report, metrics=rows).write(out)}")
     return 0
 
 
@@ -70,10 +78,36 @@ def _eval(args: argparse.Namespace) -> int:
     from masq_fx.capture import capture
     from masq_fx.sources import load_source
 
+    if args.data is not None:
+        return _eval_data(args)
     source = load_source(args.model, _sizes(args))
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
     print(source.title)
+    print(_table(rows))
+    return 0
+
+
+def _eval_data(args: argparse.Namespace) -> int:
+    """Exact match per modality on the samples of ``args.data`` that have an answer, never on calibration samples."""
+    from masq_fx.api import load
+    from masq_fx.checkpoint import calibration_hashes
+    from masq_fx.data.samples import read_samples, require_unseen
+    from masq_fx.sources import exact_match, load_source
+    from masq_fx.trimodal.eval import eager_decoder
+
+    samples = [s for s in read_samples(args.data) if s.answer is not None]
+    if not samples:
+        raise ValueError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
+    require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
+    source = load_source(args.model, _sizes(args))
+    quantized = load(args.directory, source.model)
+    decoders = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
+    rows = {
+        name: {f"{kind} exact match": score.value for kind, score in exact_match(source, decoder, samples).items()}
+        for name, decoder in decoders.items()
+    }
+    print(f"{source.model.__class__.__name__} ({args.model}), {len(samples)} samples with answers from {args.data}")
     print(_table(rows))
     return 0
 
@@ -104,6 +138,19 @@ def _inspect(args: argparse.Namespace) -> int:
     adapter = adapter_for(source.model)
     samples = [adapter.decoder_inputs(batch) for batch in source.calibration]
     print(inspect_model(source.model, samples, title=source.title, top_k=args.top_k, progress=not args.quiet))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from masq_fx.api import load
+    from masq_fx.bench import BenchConfig, bench, format_table
+    from masq_fx.sources import Sizes, load_source
+
+    config = BenchConfig(prompt_tokens=args.prompt_tokens, runs=args.runs, threads=args.threads)
+    source = load_source(args.model, Sizes(calibration=1, evaluation=1, eval_windows=1))
+    quantized = load(args.directory, source.model)
+    print(source.title)
+    print(format_table(bench(quantized, config, progress=not args.quiet)))
     return 0
 
 
@@ -140,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
     _data_options(quantize, calib=32)
+    quantize.add_argument(
+        "--calib", type=Path, default=None, help="calibration samples: a JSONL file or a folder (default: the model's built-in calibration split)"
+    )
+    quantize.add_argument(
+        "--calib-tokens", type=int, default=None, help="token budget of the --calib samples, split equally between their modalities"
+    )
     quantize.set_defaults(func=_quantize)
 
     evaluate = commands.add_parser(
@@ -150,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
     evaluate.add_argument("--model", default="default", help=MODEL_HELP)
+    evaluate.add_argument(
+        "--data", type=Path, default=None, help="evaluate exact match per modality on this JSONL file's samples with an 'answer' instead"
+    )
     _data_options(evaluate, calib=1)
     evaluate.set_defaults(func=_eval)
 
@@ -186,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     _data_options(inspect, calib=8)
     inspect.set_defaults(func=_inspect)
+
+    speed = commands.add_parser(
+        "bench",
+        help="time a saved checkpoint against FP32 on this CPU (prefill and decode, compiled)",
+        description=(
+            "Load a checkpoint, put its W8A8/W4A8 linears on torchao int8 kernels, compile the FP32 and the "
+            "quantized KV-cache graphs and print median prefill and decode latency, measured interleaved. "
+            "Compiling takes minutes on SmolLM2. Example: masq-fx bench runs/w4a8 --model default --runs 20"
+        ),
+        formatter_class=formatter,
+    )
+    speed.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
+    speed.add_argument("--model", default="default", help=MODEL_HELP)
+    speed.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prefill, and cache filled before the decoded token")
+    speed.add_argument("--runs", type=int, default=20, help="timed runs of each graph (the table shows medians)")
+    speed.add_argument("--threads", type=int, default=2, help="torch intra-op threads while compiling and timing")
+    speed.add_argument("--quiet", action="store_true", help="no progress bars")
+    speed.set_defaults(func=_bench)
     return parser
 
 

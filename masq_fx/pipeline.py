@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import networkx as nx
 import torch
@@ -64,6 +64,8 @@ class Context:
     results: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     provided: set[str] = field(default_factory=set)
     history: list[StepRecord] = field(default_factory=list)
+    #: step name → the diagnostics it records (CrossModalCompensation: its ``BranchReport`` list)
+    diagnostics: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.provided.add(GRAPH)

@@ -19,6 +19,13 @@ quantizers it is the float linear. ``weight_rows`` chooses the stored weights:
 ``divide_input=False`` means an upstream node already divided the input by ``s[m]`` (a smoothing
 folded into a norm, or shared by a group of linears); the module then only scales the weight.
 The float weight and bias are shared with the HF model and never modified.
+
+Numerics, whatever the model's dtype (float32, bfloat16): the module computes in float32 (the
+smoothing, the quantizers' scales and rounding, the GEMMs, the CMC branches and the bias) and
+returns the input's dtype, so a bfloat16 graph stays bfloat16 between linears. ``x ⊘ s`` and the
+dequantized weights ``q·scale`` are in general not representable in bfloat16; computed in float32
+they are exactly what the integer backend computes. Scale tables (MAS's learnable float32 master
+copies) and branch factors are float32.
 """
 
 from __future__ import annotations

@@ -5,26 +5,38 @@ accuracy per modality and text perplexity), ``smollm2`` the real SmolLM2-135M-In
 perplexity), ``tiny:FAMILY`` a tiny random model of a supported family (logit SQNR against FP: it
 shows the mechanics, not accuracy), and a local folder an HF causal LM with its tokenizer (text
 perplexity). Calibration and evaluation use disjoint splits.
+
+Instead of the built-in calibration split, a source can calibrate on the user's samples (a JSONL
+file or a folder, :mod:`masq_fx.data.samples`), processed by the model's own processor
+(:attr:`ModelSource.process`), optionally balanced across modalities within a token budget; their
+content hashes go into the checkpoint. :func:`exact_match` scores a decoder on samples with answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import wave
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from masq_fx.data.samples import FileSample, Kind, Selection, balance, first_per_kind, read_samples, selection_of
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.eval.sqnr import sqnr_db
 from masq_fx.models import DecoderInputs, adapter_for
 
+if TYPE_CHECKING:
+    from masq_fx.trimodal.eval import Accuracy
+
 TINY_PREFIX = "tiny:"
+#: samples per processed batch of file calibration data
+FILE_BATCH = 8
 Batch = dict[str, Tensor]
 Decoder = Callable[[DecoderInputs], Tensor]
 
@@ -37,6 +49,8 @@ class Sizes:
     evaluation: int = 64
     seq_len: int = 256
     eval_windows: int = 4
+    #: token budget of file calibration data, shared equally by the modalities present (None: no budget)
+    calibration_tokens: int | None = None
 
 
 @dataclass
@@ -53,23 +67,65 @@ class ModelSource:
     decode: Callable[[list[int]], str]
     #: a processed prompt from text, an image file or a 16 kHz WAV file (``generate``)
     prompt: Callable[[str | None, Path | None, Path | None], Batch]
+    #: file samples → one processed batch (prompts left-padded), by the model's own processor
+    process: Callable[[Sequence[FileSample]], Batch]
     #: the end-of-reply token (generation stops once every row produced it)
     stop_id: int | None = None
+    #: content sha256 of each file calibration sample (empty for the built-in split)
+    calibration_hashes: tuple[str, ...] = ()
 
 
-def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Sizes) -> ModelSource:
+def calibration_selection(process: Callable[[Sequence[FileSample]], Batch], path: Path, sizes: Sizes) -> Selection:
+    """The samples of ``path`` to calibrate on: the first ``sizes.calibration`` of each modality, then
+    balanced within ``sizes.calibration_tokens`` (tokens counted on ``process``'s batches)."""
+    samples = first_per_kind(read_samples(path), sizes.calibration)
+    tokens = [int(process([sample])["attention_mask"].sum()) for sample in samples]
+    if sizes.calibration_tokens is None:
+        return selection_of(samples, tokens)
+    return balance(samples, tokens, sizes.calibration_tokens)
+
+
+def _calibration(
+    process: Callable[[Sequence[FileSample]], Batch],
+    sizes: Sizes,
+    path: Path | None,
+    builtin: Callable[[], list[Batch]],
+    builtin_title: str,
+) -> tuple[list[Batch], tuple[str, ...], str]:
+    """Calibration batches, their content hashes and a description: the built-in split, or ``path``'s samples."""
+    if path is None:
+        return builtin(), (), builtin_title
+    chosen = calibration_selection(process, path, sizes).samples
+    batches = [process(chosen[i : i + FILE_BATCH]) for i in range(0, len(chosen), FILE_BATCH)]
+    kinds = {kind: sum(s.kind == kind for s in chosen) for kind in dict.fromkeys(s.kind for s in chosen)}
+    counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    return batches, tuple(s.sha256 for s in chosen), f"{len(chosen)} calibration samples from {path} ({counts})"
+
+
+def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Sizes, calibration: Path | None) -> ModelSource:
     adapter = adapter_for(model)
-    windows = token_windows(tokenizer, "calibration", window=sizes.seq_len, count=sizes.calibration)
     evaluation = token_windows(tokenizer, "evaluation", window=512, count=sizes.eval_windows)
+
+    def windows() -> list[Batch]:
+        rows = token_windows(tokenizer, "calibration", window=sizes.seq_len, count=sizes.calibration)
+        return [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in rows]
+
+    def process(samples: Sequence[FileSample]) -> Batch:
+        return _chat_batch(tokenizer, title, samples)
+
+    builtin_title = f"{sizes.calibration} × {sizes.seq_len} calibration tokens of Python reference text"
+    batches, hashes, described = _calibration(process, sizes, calibration, windows, builtin_title)
     return ModelSource(
         name=name,
-        title=f"{title}, {sizes.calibration} × {sizes.seq_len} calibration tokens of Python reference text",
+        title=f"{title}, {described}",
         model=model,
-        calibration=[{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in windows],
+        calibration=batches,
         evaluate=lambda decoder: {"text perplexity": perplexity(decoder, adapter, evaluation)},
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         prompt=lambda text, image, audio: _chat_prompt(tokenizer, text, image, audio),
+        process=process,
         stop_id=tokenizer.eos_token_id,
+        calibration_hashes=hashes,
     )
 
 
@@ -78,6 +134,27 @@ def _chat_prompt(tokenizer, text: str | None, image: Path | None, audio: Path | 
         raise ValueError("this is a text-only model: give --prompt TEXT and no --image/--audio")
     chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return dict(tokenizer(chat, return_tensors="pt"))
+
+
+def _chat_batch(tokenizer, title: str, samples: Sequence[FileSample]) -> Batch:
+    """Text samples as chat prompts, left-padded into one batch."""
+    rows = []
+    for sample in samples:
+        if sample.kind != "text":
+            raise ValueError(f"{sample.where} is a {sample.kind} sample, but {title} is a text-only model: give it text samples only")
+        rows.append(_chat_prompt(tokenizer, sample.text, None, None)["input_ids"][0])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _left_padded(rows, pad)
+
+
+def _left_padded(rows: Sequence[Tensor], pad_id: int) -> Batch:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def read_image(path: Path, height: int, width: int) -> np.ndarray:
@@ -106,7 +183,7 @@ def read_wav(path: Path, sample_rate: int) -> np.ndarray:
     return (pcm.reshape(-1, channels).mean(1) / 32768.0).astype(np.float32)
 
 
-def _trimodal_source(sizes: Sizes) -> ModelSource:
+def _trimodal_source(sizes: Sizes, calibration: Path | None) -> ModelSource:
     from masq_fx.trimodal import accuracy, calibration_batches, load_set, load_trimodal
     from masq_fx.trimodal.processing import IM_END
 
@@ -122,15 +199,27 @@ def _trimodal_source(sizes: Sizes) -> ModelSource:
         }
         return scores | {"text perplexity": perplexity(decoder, adapter, windows)}
 
+    def process(samples: Sequence[FileSample]) -> Batch:
+        return processor([_trimodal_file_sample(processor, s) for s in samples])
+
+    batches, hashes, described = _calibration(
+        process,
+        sizes,
+        calibration,
+        lambda: calibration_batches(processor, per_modality=sizes.calibration),
+        f"{sizes.calibration} calibration samples per modality",
+    )
     return ModelSource(
         name="default",
-        title=f"built-in tri-modal thinker (SmolLM2-135M + trained towers), {sizes.calibration} calibration samples per modality",
+        title=f"built-in tri-modal thinker (SmolLM2-135M + trained towers), {described}",
         model=model,
-        calibration=calibration_batches(processor, per_modality=sizes.calibration),
+        calibration=batches,
         evaluate=evaluate,
         decode=processor.decode_answer,
         prompt=lambda text, image, audio: processor([_trimodal_sample(processor, text, image, audio)]),
+        process=process,
         stop_id=IM_END,
+        calibration_hashes=hashes,
     )
 
 
@@ -145,8 +234,23 @@ def _trimodal_sample(processor, text: str | None, image: Path | None, audio: Pat
     return processor.sample(text=text)
 
 
-def _tiny_source(family: str, sizes: Sizes) -> ModelSource:
+def _trimodal_file_sample(processor, sample: FileSample):
+    from masq_fx.trimodal.processing import QUESTIONS
+
+    if sample.kind != "text" and sample.text not in (None, QUESTIONS[sample.kind]):
+        raise ValueError(
+            f"{sample.where}: the built-in model asks {QUESTIONS[sample.kind]!r} about every "
+            f"{'image' if sample.kind == 'vision' else 'clip'}; drop the 'text' or use that question"
+        )
+    text = sample.text if sample.kind == "text" else None
+    return _trimodal_sample(processor, text, sample.image, sample.audio)
+
+
+def _tiny_source(family: str, sizes: Sizes, calibration: Path | None) -> ModelSource:
     from masq_fx.models.tiny import tiny_model
+
+    if calibration is not None:
+        _no_processor()
 
     tiny = tiny_model(family, seed=0, batch_size=2)
     adapter = adapter_for(tiny.model)
@@ -162,6 +266,7 @@ def _tiny_source(family: str, sizes: Sizes) -> ModelSource:
         evaluate=torch.no_grad()(lambda decoder: {"logit SQNR dB": sqnr_db(reference[keep], decoder(inputs)[keep])}),
         decode=lambda ids: " ".join(map(str, ids)),
         prompt=lambda text, image, audio: dict(tiny.batch) if text is None and image is None and audio is None else _no_input(),
+        process=lambda samples: _no_processor(),
     )
 
 
@@ -169,23 +274,72 @@ def _no_input() -> Batch:
     raise ValueError("a tiny random model has no tokenizer or processor: omit --prompt/--image/--audio to use its example batch")
 
 
-def load_source(name: str, sizes: Sizes = Sizes()) -> ModelSource:
-    """The model called ``name`` on the command line (see the module docstring)."""
+def _no_processor() -> Batch:
+    raise ValueError(
+        "a tiny random model has no tokenizer or processor, so it cannot read sample files: "
+        "use 'default', 'smollm2' or a local model folder"
+    )
+
+
+def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | None = None) -> ModelSource:
+    """The model called ``name`` on the command line (see the module docstring).
+
+    ``calibration``: a JSONL file or folder of samples (:mod:`masq_fx.data.samples`) to calibrate on
+    instead of the built-in split; ``sizes.calibration`` caps its samples per modality and
+    ``sizes.calibration_tokens`` balances them across modalities.
+    """
     if sizes.calibration < 1 or sizes.evaluation < 1:
         raise ValueError(f"calibration and evaluation sizes must be at least 1, got {sizes.calibration} and {sizes.evaluation}")
+    if sizes.calibration_tokens is not None and calibration is None:
+        raise ValueError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
+    calibration = None if calibration is None else Path(calibration)
     if name == "default":
-        return _trimodal_source(sizes)
+        return _trimodal_source(sizes, calibration)
     if name == "smollm2":
         from masq_fx.pretrained import load_smollm2
 
         model, tokenizer = load_smollm2()
-        return _text_source(name, "SmolLM2-135M-Instruct (real weights)", model, tokenizer, sizes)
+        return _text_source(name, "SmolLM2-135M-Instruct (real weights)", model, tokenizer, sizes, calibration)
     if name.startswith(TINY_PREFIX):
-        return _tiny_source(name[len(TINY_PREFIX) :], sizes)
+        return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration)
     folder = Path(name)
     if not folder.is_dir():
         raise FileNotFoundError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes)
+    return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes, calibration)
+
+
+def exact_match(
+    source: ModelSource, decoder: Decoder, samples: Sequence[FileSample], batch_size: int = 16, max_new_tokens: int = 16
+) -> dict[Kind, Accuracy]:
+    """Greedy exact-match accuracy of ``decoder`` per modality on ``samples`` (each with an answer).
+
+    A reply is its tokens up to ``source.stop_id``, decoded and stripped, as
+    :func:`masq_fx.trimodal.accuracy` scores the built-in model. Returns ``{kind: Accuracy}`` for
+    the kinds present.
+    """
+    from masq_fx.trimodal.eval import Accuracy, greedy_decode
+
+    missing = [s for s in samples if s.answer is None]
+    if missing:
+        raise ValueError(f"{missing[0].where} has no 'answer': exact match needs one on every sample")
+    adapter = adapter_for(source.model)
+    scores: dict[Kind, Accuracy] = {}
+    for kind in dict.fromkeys(s.kind for s in samples):
+        group = [s for s in samples if s.kind == kind]
+        result = scores[kind] = Accuracy()
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            with torch.no_grad():
+                prompt = adapter.decoder_inputs(source.process(chunk))
+            replies = greedy_decode(decoder, adapter, prompt, max_new_tokens, stop_id=source.stop_id)
+            for sample, ids in zip(chunk, replies.tolist()):
+                reply = source.decode(ids[: ids.index(source.stop_id)] if source.stop_id in ids else ids).strip()
+                result.total += 1
+                if reply == sample.answer:
+                    result.correct += 1
+                else:
+                    result.misses.append((sample.answer, reply))
+    return scores

@@ -14,7 +14,9 @@ def test_quantize_eval_generate_round_trip(tmp_path, capsys, one_thread):
     assert main(["quantize", TINY, "--recipe", "masquant-w4a8", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert (out / "manifest.json").is_file() and (out / "quantized.safetensors").is_file()
-    header, fp, ours, baseline = printed.strip().splitlines()[-4:]
+    *_, header, fp, ours, baseline, report = printed.strip().splitlines()
+    assert report == f"report {out / 'report.md'}" and (out / "sqnr.png").is_file()
+    assert "| vision |" in (out / "report.md").read_text() and "## Final metrics" in (out / "report.md").read_text()
     assert "logit SQNR dB" in header and fp.startswith("FP32") and float(fp.split()[-1]) == float("inf")
     assert ours.startswith("masquant-w4a8") and baseline.startswith("smoothquant-w4a8")
     assert main(["eval", str(out), "--model", TINY]) == 0
@@ -35,7 +37,7 @@ def test_quantize_refuses_an_existing_folder_and_bad_names(tmp_path, capsys):
 
 
 def test_every_option_is_documented(capsys):
-    for command in ("quantize", "eval", "generate", "inspect"):
+    for command in ("quantize", "eval", "generate", "inspect", "bench"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
@@ -60,3 +62,64 @@ def test_media_files_are_checked_with_a_fix(tmp_path):
         w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\x40" * 3200)
     audio = read_wav(tmp_path / "ok.wav", 16000)
     assert audio.shape == (1600,) and abs(float(audio.max()) - 0.5) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def trimodal(one_thread):
+    from masq_fx.trimodal import load_trimodal
+
+    return load_trimodal()
+
+
+def test_quantize_on_a_calibration_file_and_eval_refuses_its_samples(trimodal, tmp_path, capsys, monkeypatch, one_thread):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    import masq_fx.trimodal
+    from masq_fx.checkpoint import read_manifest
+    from masq_fx.data.samples import read_samples
+    from masq_fx.trimodal import load_set
+
+    monkeypatch.setattr(masq_fx.trimodal, "load_trimodal", lambda: trimodal)
+    evaluation = load_set("evaluation")
+
+    def write(name: str, indices: range) -> str:
+        lines = []
+        for i in indices:
+            Image.fromarray(evaluation.vision_images[i]).save(tmp_path / f"{i}.png")
+            lines.append({"image": f"{i}.png", "answer": str(int(evaluation.vision_numbers[i]))})
+        lines.append({"text": "Write forty-two as a number.", "answer": "42"})
+        (tmp_path / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return str(tmp_path / name)
+
+    calib, fresh, out = write("calib.jsonl", range(2)), write("eval.jsonl", range(2, 4)), tmp_path / "ckpt"
+    args = ["quantize", "default", "--calib", calib, "--recipe", "rtn-w8a8", "--compare", "--no-eval", "--quiet"]
+    assert main([*args, "--calib-samples", "2", "--out", str(out)]) == 0
+    assert "3 calibration samples from" in capsys.readouterr().out
+    hashes = read_manifest(out)["calibration"]["sample_sha256"]
+    assert hashes == [s.sha256 for s in read_samples(calib)]
+
+    assert main(["eval", str(out), "--data", calib]) == 1
+    error = capsys.readouterr().err
+    assert "3 of the 3 evaluation samples were calibration samples of" in error and "0.png" in error
+    assert main(["eval", str(out), "--data", fresh]) == 1, "the text question is shared with calibration"
+    assert "1 of the 3 evaluation samples" in capsys.readouterr().err
+
+    (tmp_path / "eval.jsonl").write_text("".join(line + "\n" for line in Path(fresh).read_text().splitlines() if "image" in line))
+    assert main(["eval", str(out), "--data", fresh]) == 0
+    header, fp, quantized = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert header.split() == ["model", "vision", "exact", "match"] and fp.startswith("FP32") and quantized.startswith(str(out))
+    assert np.isfinite(float(quantized.split()[-1].rstrip("%")))
+
+
+def test_calibration_file_options_are_checked(tmp_path, capsys):
+    assert main(["quantize", TINY, "--calib-tokens", "100", "--no-eval", "--out", str(tmp_path / "x")]) == 1
+    assert "give one (--calib PATH) too" in capsys.readouterr().err
+    (tmp_path / "c.jsonl").write_text('{"text": "hi"}\n')
+    assert main(["quantize", TINY, "--calib", str(tmp_path / "c.jsonl"), "--no-eval", "--out", str(tmp_path / "x")]) == 1
+    assert "cannot read sample files" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "x"), "--model", TINY, "--data", str(tmp_path / "c.jsonl")]) == 1
+    assert "has an 'answer': exact match needs" in capsys.readouterr().err

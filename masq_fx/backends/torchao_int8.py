@@ -19,6 +19,12 @@ computes what the reference computes, with the integer GEMM done by torchao:
   stacked into one GEMM pair (each token masks the rank columns of other modalities' branches);
   bias added last.
 
+Like the reference, the module computes in float32 and returns its input's dtype: a bfloat16
+graph's activations are cast to float32 before the smoothing and the int8 GEMM, and the output is
+cast back. torchao's ``Int8Tensor`` does take bfloat16 activations (and returns bfloat16), but it
+then derives the per-token scales in bfloat16: on bfloat16 inputs about 5% of the activation
+codes and nearly every scale differ from the float32 quantization of the same values.
+
 Weights of fewer than 8 bits (W4A8) keep their integer codes on the int8 kernel: resident as one byte
 per weight (checkpoints pack 4-bit codes two per byte), computed exactly as the reference computes them.
 

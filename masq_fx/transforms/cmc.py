@@ -164,6 +164,7 @@ class CrossModalCompensation:
             module.weight_rows = "text"
             module.branch_input = self.config.branch_input
             module.freeze()
+        context.diagnostics[self.name] = list(self.reports)
         if skipped:
             names = ", ".join(m.name.lower() for m in sorted(skipped))
             warnings.warn(

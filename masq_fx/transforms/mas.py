@@ -11,7 +11,10 @@ For layer ``i``, its scales (float32 master copies) are learned with AdamW to mi
 modality-weighted mean absolute error between the quantized layer fed the quantized stream and
 the float layer fed the float stream; then both streams advance through layer ``i``. Only one
 layer's activations per sample are held at a time. Scales are clamped to ``≥ min_scale`` before
-every step (they stay positive). A non-finite loss skips the step and names the layer.
+every step (they stay positive). A non-finite loss raises an error naming the layer.
+
+Both streams stay in the model's dtype (a bfloat16 model's layers run in bfloat16, as they will
+after quantization); the QuantLinears compute in float32 and the loss is taken in float32.
 
 With ``checkpoint`` set, the learned scales are written atomically after every layer, and a
 rerun with the same file skips the layers already learned (resume after an interruption).

@@ -1,0 +1,152 @@
+"""Peak memory of calibration and a recipe, estimated before the work starts.
+
+What stays resident while a recipe runs, and is counted:
+
+* the decoder inputs of every calibration batch (embeddings, position, modality and attention
+  tensors), held from calibration to the last transform;
+* the observers' statistics: per observed site (linears reading one input share one) min, max
+  and absmax tables, plus a float64 ``d × d`` second moment per modality the recipe collects
+  (:attr:`~masq_fx.recipes.Recipe.moment_modalities`: CMC, GPTQ);
+* MAS learning's layer streams: for every batch the float stream, the quantized stream and the
+  float targets of the current layer, each ``rows × seq × hidden`` float32;
+* one forward pass of the largest batch: its attention scores and MLP intermediates.
+
+Model weights are already loaded when this runs, so they are not counted; nor are the copies of
+the decoder weights that transforms make (quantized codes, per-modality rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from masq_fx.capture import LAYER_KEY, CapturedDecoder
+from masq_fx.graph import input_node
+from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.models import adapter_for
+from masq_fx.recipes import Recipe
+
+_FLOAT32 = 4
+_INT64 = 8
+_FLOAT64 = 8
+_GIB = 1024**3
+
+
+class CalibrationMemoryError(ValueError):
+    """Calibration and the recipe would need more memory than is available."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated resident bytes of calibration and a recipe (see the module docstring)."""
+
+    batches: int
+    #: decoder tokens of all batches, padding included
+    tokens: int
+    decoder_inputs: int
+    #: observer tables, second moments included
+    statistics: int
+    #: observed sites that keep second moments (0 when the recipe collects none)
+    moment_sites: int
+    moment_modalities: tuple[Modality, ...]
+    #: MAS learning's float, quantized and target streams (0 for other methods)
+    learning: int
+    #: one forward pass of the largest batch
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.decoder_inputs + self.statistics + self.learning + self.activations
+
+    def parts(self) -> str:
+        """The terms, largest first, for messages."""
+        moments = ", ".join(m.name.lower() for m in self.moment_modalities)
+        terms = {
+            f"decoder inputs of {self.batches} batches ({self.tokens} tokens)": self.decoder_inputs,
+            "observer statistics"
+            + (f" (float64 second moments of {moments} at {self.moment_sites} sites)" if self.moment_sites else ""): self.statistics,
+            "MAS learning streams": self.learning,
+            "one forward pass of the largest batch": self.activations,
+        }
+        return ", ".join(f"{name} {_gib(size)}" for name, size in sorted(terms.items(), key=lambda t: -t[1]) if size)
+
+
+def _gib(size: int) -> str:
+    return f"{size / _GIB:.2f} GiB"
+
+
+def observed_channels(captured: CapturedDecoder) -> list[int]:
+    """Input width of every site calibration observes: one per distinct input of the decoder-layer linears."""
+    sites: dict[object, int] = {}
+    for name, node in captured.linear_nodes().items():
+        if LAYER_KEY in node.meta:
+            sites.setdefault(input_node(node), int(captured.weights[name].shape[1]))
+    return list(sites.values())
+
+
+def estimate_calibration_memory(
+    model: nn.Module, captured: CapturedDecoder, recipe: Recipe, batches: Sequence[Mapping[str, Tensor]]
+) -> MemoryEstimate:
+    """Resident bytes calibrating ``captured`` (the decoder of ``model``) on ``batches`` (processed, with
+    ``input_ids``) and running ``recipe``."""
+    shapes = [tuple(batch["input_ids"].shape) for batch in batches]
+    tokens = sum(rows * seq for rows, seq in shapes)
+    hidden = captured.hidden_size
+    width = max(w.element_size() for w in captured.weights.values()) if captured.weights else _FLOAT32
+    per_token = hidden * width + (captured.position_rows + 2) * _INT64
+    channels = observed_channels(captured)
+    moments = recipe.moment_modalities
+    tables = NUM_MODALITIES * _INT64  # token counts
+    statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 + len(moments) * c * c * _FLOAT64 for c in channels)
+    learning = 3 * tokens * hidden * _FLOAT32 if recipe.method == "mas" else 0
+    heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
+    widest = max(channels, default=hidden)
+    activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
+    return MemoryEstimate(
+        batches=len(shapes),
+        tokens=tokens,
+        decoder_inputs=tokens * per_token,
+        statistics=statistics,
+        moment_sites=len(channels) if moments else 0,
+        moment_modalities=tuple(moments),
+        learning=learning,
+        activations=activations,
+    )
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """``MemAvailable`` of ``meminfo`` in bytes; ``None`` where it cannot be read (not Linux)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemAvailable":
+                number, *unit = value.split()
+                return int(number) * (1024 if unit == ["kB"] else 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def require_memory(estimate: MemoryEstimate, available: int | None) -> None:
+    """Refuse (:class:`CalibrationMemoryError`) an estimate above ``available`` bytes; ``None`` checks nothing."""
+    if available is None or estimate.total <= available:
+        return
+    raise CalibrationMemoryError(
+        f"calibration and the recipe need about {_gib(estimate.total)} ({estimate.parts()}), but only "
+        f"{_gib(available)} of memory is available: use fewer or shorter calibration samples (command line: "
+        "lower --calib-samples, --calib-tokens or --seq-len)"
+        + (", or a recipe without CMC/GPTQ (no second moments)" if estimate.moment_sites else "")
+    )
+
+
+__all__ = [
+    "CalibrationMemoryError",
+    "MemoryEstimate",
+    "available_memory",
+    "estimate_calibration_memory",
+    "observed_channels",
+    "require_memory",
+]

@@ -1,0 +1,83 @@
+"""The memory estimate of calibration + recipe, checked against what calibration really holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from masq_fx.api import PRESETS, calibration_inputs
+from masq_fx.calibration import observe
+from masq_fx.capture import capture
+from masq_fx.memory import (
+    CalibrationMemoryError,
+    available_memory,
+    estimate_calibration_memory,
+    observed_channels,
+    require_memory,
+)
+from masq_fx.models.tiny import tiny_model
+from masq_fx.pipeline import Context
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def omni():
+    tiny = tiny_model("qwen2.5-omni-thinker", seed=0, batch_size=2)
+    return tiny.model, tiny.batch, capture(tiny.model)
+
+
+@pytest.mark.parametrize("recipe", ["masquant-w4a8", "rtn-w8a8"])
+def test_inputs_and_statistics_are_estimated_exactly(omni, recipe, one_thread):
+    model, batch, captured = omni
+    recipe = PRESETS[recipe]
+    estimate = estimate_calibration_memory(model, captured, recipe, [batch, batch])
+    samples = calibration_inputs(model, [batch, batch])
+    assert estimate.decoder_inputs == sum(t.numel() * t.element_size() for s in samples for t in s.args())
+    assert estimate.tokens == 2 * batch["input_ids"].numel() and estimate.batches == 2
+    context = observe(Context(captured, samples), moment_modalities=recipe.moment_modalities, progress=False)
+    stats = {id(s): s for s in context.stats.values()}.values()
+    assert len(observed_channels(captured)) == len(stats) == 4 * captured.num_layers  # q/k/v, o, gate/up, down
+    held = sum(t.numel() * t.element_size() for s in stats for t in s.state_dict().values())
+    assert estimate.statistics == held
+    assert estimate.moment_sites == (len(stats) if recipe.moment_modalities else 0)
+    assert (estimate.learning > 0) == (recipe.method == "mas")
+    assert estimate.total == estimate.decoder_inputs + estimate.statistics + estimate.learning + estimate.activations
+
+
+def test_too_little_memory_is_refused_with_what_to_lower(omni):
+    model, batch, captured = omni
+    estimate = estimate_calibration_memory(model, captured, PRESETS["masquant-w4a8"], [batch])
+    require_memory(estimate, estimate.total)
+    require_memory(estimate, None)  # unknown: nothing to check
+    with pytest.raises(CalibrationMemoryError) as error:
+        require_memory(estimate, estimate.total - 1)
+    message = str(error.value)
+    assert f"need about {estimate.total / GIB:.2f} GiB" in message and "is available" in message
+    assert "decoder inputs of 1 batches" in message and "float64 second moments of vision, audio at 8 sites" in message
+    assert "lower --calib-samples, --calib-tokens or --seq-len" in message and "without CMC/GPTQ" in message
+    plain = estimate_calibration_memory(model, captured, PRESETS["rtn-w8a8"], [batch])
+    with pytest.raises(CalibrationMemoryError) as error:
+        require_memory(plain, 0)
+    assert "CMC" not in str(error.value) and "second moments" not in str(error.value)
+
+
+def test_available_memory_reads_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_memory(meminfo) == 20000000 * 1024
+    meminfo.write_text("MemTotal:       32000000 kB\n")
+    assert available_memory(meminfo) is None
+    assert available_memory(tmp_path / "absent") is None
+
+
+def test_quantize_checks_memory_before_calibrating(omni, monkeypatch, capsys, tmp_path):
+    from masq_fx import api
+    from masq_fx.cli import main
+
+    model, batch, _ = omni
+    monkeypatch.setattr(api, "available_memory", lambda: 1000)
+    monkeypatch.setattr(api, "calibration_inputs", lambda *_: pytest.fail("calibration ran despite the estimate"))
+    with pytest.raises(CalibrationMemoryError, match="only 0.00 GiB of memory is available"):
+        api.quantize(model, "masquant-w4a8", [batch], progress=False)
+    assert main(["quantize", "tiny:qwen2.5-omni-thinker", "--no-eval", "--quiet", "--out", str(tmp_path / "out")]) == 1
+    assert "lower --calib-samples, --calib-tokens or --seq-len" in capsys.readouterr().err
