@@ -1,8 +1,9 @@
 """Per-modality accuracy of the built-in tri-modal model under FP, RTN, SmoothQuant, MAS and MAS+CMC.
 
-This is the paper's main claim measured on our model: at W4A8 (and optionally W4A6), do
-per-modality smoothing scales (MAS) and the cross-modal low-rank compensation (CMC) keep vision
-and audio accuracy where one shared smoothing scale (SmoothQuant) loses it?
+This is the paper's main claim measured on our model: do per-modality smoothing scales (MAS) and
+the cross-modal low-rank compensation (CMC) keep vision and audio accuracy where one shared
+smoothing scale (SmoothQuant) loses it? Settings (``--settings``): W4A8 (the paper's), W4A8 with
+GPTQ error feedback on the weights, and W8A6 (activation-bound: where smoothing matters most).
 
 Protocol:
 - model: the built-in tri-modal thinker (SmolLM2-135M-Instruct, frozen, with trained vision and
@@ -15,13 +16,14 @@ Protocol:
   ``--windows`` 512-token windows of the Python reference's evaluation split, and the SQNR of the
   last decoder layer's output per modality on 4 calibration batches;
 - quantization: symmetric per-output-channel weights, dynamic symmetric per-token activations;
+  a setting is ``W/A``, optionally ``+gptq`` (GPTQ on the final smoothed weights);
 - methods: RTN; SmoothQuant α=0.5 tied (one scale per input, folded into the norm, all tokens);
   MAS-init (per-linear, per-modality SmoothQuant scales, one stored weight per modality); MAS
   (learned per layer, one stored weight per modality: the per-modality weight simulation); MAS+CMC
   (one stored weight, text's, plus whitened rank-ρ branches for vision and audio tokens), at each
   ``--ranks`` ratio, all from the same learned MAS scales.
 
-Run: ``.venv/bin/python benchmarks/trimodal_methods.py`` (about 20 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/trimodal_methods.py`` (about 45 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import math
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -43,6 +46,7 @@ from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.sources import Sizes, load_source
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
+from masq_fx.transforms.gptq import GPTQConfig
 
 METHODS = {"rtn": "RTN", "smoothquant": "SmoothQuant (tied)", "mas-init": "MAS-init", "mas": "MAS (learned)"}
 
@@ -52,8 +56,9 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration samples per modality")
     parser.add_argument("--items", type=int, default=128, help="evaluation items per modality (at most 128)")
     parser.add_argument("--windows", type=int, default=4, help="512-token text perplexity windows")
-    parser.add_argument("--bits", default="4/8", help="comma-separated W/A bit pairs")
-    parser.add_argument("--ranks", default="0.05,0.2,1.0", help="CMC rank ratios applied after MAS")
+    parser.add_argument("--settings", default="4/8,4/8+gptq,8/6", help="comma-separated W/A bit pairs, optionally +gptq")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--ranks", default="0.05,0.2", help="CMC rank ratios applied after MAS")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,7 +71,9 @@ def main() -> None:
         samples = [adapter.decoder_inputs(batch) for batch in source.calibration]
     base = capture(source.model)
     start = time.perf_counter()
-    stats = observe(Context(base, samples), moment_modalities=(Modality.VISION, Modality.AUDIO), progress=True).stats
+    settings = args.settings.split(",")
+    moments = tuple(Modality) if any(s.endswith("+gptq") for s in settings) else (Modality.VISION, Modality.AUDIO)
+    stats = observe(Context(base, samples), moment_modalities=moments, progress=True).stats
     print(f"calibration pass {time.perf_counter() - start:.0f} s")
     probe = samples[:4]
 
@@ -80,13 +87,16 @@ def main() -> None:
 
     rows: list = []
     score("FP32", "-", base, 0.0)
-    for pair in args.bits.split(","):
+    for setting in settings:
+        pair, gptq = setting.removesuffix("+gptq"), setting.endswith("+gptq")
         wbits, abits = (int(b) for b in pair.split("/"))
-        bits = f"W{wbits}A{abits}"
-        for method, label in METHODS.items():
+        bits = f"W{wbits}A{abits}" + (" GPTQ" if gptq else "")
+        for method in args.methods.split(","):
+            label = METHODS[method]
+            recipe = replace(preset(method, wbits, abits), gptq=GPTQConfig() if gptq else None)
             context = Context(copy.deepcopy(base), samples, stats=stats, provided={"stats"})
             start = time.perf_counter()
-            Pipeline(recipe_steps(preset(method, wbits, abits))).run(context, progress=method == "mas")
+            Pipeline(recipe_steps(recipe)).run(context, progress=method == "mas")
             seconds = time.perf_counter() - start
             score(label, bits, context.captured, seconds)
             if method != "mas":
@@ -100,13 +110,13 @@ def main() -> None:
     print()
     print(f"{source.title}; {args.items} evaluation items per modality, {args.windows} × 512 text tokens")
     metrics = list(rows[0][2])
-    header = f"{'method':<22} {'bits':<6}" + "".join(f"{m:>22}" for m in metrics)
+    header = f"{'method':<22} {'setting':<11}" + "".join(f"{m:>22}" for m in metrics)
     header += "".join(f"{'SQNR ' + m.name.lower():>14}" for m in Modality) + f"{'quantize s':>11}"
     print(header)
     for label, bits, values, sqnr, seconds in rows:
         cells = "".join(f"{100 * values[m]:>21.1f}%" if "exact match" in m else f"{values[m]:>22.3f}" for m in metrics)
         cells += "".join(f"{sqnr[m]:>14.1f}" for m in Modality)
-        print(f"{label:<22} {bits:<6}{cells}{seconds:>11.0f}")
+        print(f"{label:<22} {bits:<11}{cells}{seconds:>11.0f}")
 
 
 if __name__ == "__main__":
