@@ -3,15 +3,16 @@
 Protocol:
 - model: the shipped tri-modal thinker (SmolLM2-135M decoder, 30 layers, hidden 576); statistics from
   8 vision, 8 audio and 8 text samples of the calibration split;
-- quantized: ``preset("mas-init", 4, 8)`` with ``CMCConfig(rank_ratio=--ratio)``: one stored 4-bit weight
-  per linear, per-modality routed smoothing, a low-rank branch per linear for vision and for audio;
-  lowered to torchao int8 kernels. The baseline is the same lowered graph with the branches removed;
+- quantized: ``preset("mas-init", 4, 8)`` with ``CMCConfig(rank_ratio=--ratio, factor_bits=--factor-bits)``:
+  one stored 4-bit weight per linear, per-modality routed smoothing, a low-rank branch per linear for
+  vision and for audio (float32 factors, or ``--factor-bits`` integer codes on the int8 kernels);
+  lowered to torchao int8 kernels. The baseline is the same graph with the branches removed, lowered;
 - prompt: ``--tokens`` tokens of real decoder inputs, vision and audio spans of the calibration samples
   interleaved with text so that ``--media`` of them are vision/audio tokens;
 - both graphs and the FP32 graph compiled by :func:`masq_fx.backends.compile_graph`, ``--threads``
   threads, two warm-ups, ``--runs`` interleaved calls; the figures are ratios of medians in this run.
 
-Run: ``.venv/bin/python benchmarks/cmc_cost.py`` (5-10 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/cmc_cost.py [--factor-bits 8]`` (5-10 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import time
 from dataclasses import replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch._dynamo.utils import counters
 
 from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao
 from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
+from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 from masq_fx.trimodal import calibration_batches, load_trimodal
 
@@ -63,18 +66,20 @@ def mixed_prompt(samples: list[DecoderInputs], tokens: int, media: float) -> Dec
     return DecoderInputs(embeds[None], positions, ids[None], torch.ones(1, len(ids), dtype=torch.long))
 
 
-def without_branches(gm: nn.Module) -> nn.Module:
-    """A copy of a lowered graph with every CMC branch removed (the cost baseline)."""
-    stripped = copy.deepcopy(gm)
-    for module in stripped.modules():
-        if isinstance(module, Int8QuantLinear):
-            module.branch_left = module.branch_right = module.branch_rows = None
+def without_branches(captured: CapturedDecoder) -> CapturedDecoder:
+    """A copy of a quantized (not yet lowered) graph with every CMC branch removed (the cost baseline)."""
+    stripped = copy.deepcopy(captured)
+    for module in quant_linears(stripped.graph_module):
+        module.branches, module.branch_codes = {}, {}
     return stripped
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.05, help="CMC rank as a fraction of min(d_in, d_out)")
+    parser.add_argument(
+        "--factor-bits", type=int, default=None, help="integer CMC factors of this many bits (default: float32 factors)"
+    )
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--media", type=float, default=0.45, help="fraction of vision/audio tokens in the prompt")
     parser.add_argument("--runs", type=int, default=21)
@@ -88,17 +93,26 @@ def main() -> None:
     fp = capture(model)
     stats = observe(Context(fp, samples), moment_modalities=(Modality.VISION, Modality.AUDIO), progress=False).stats
     quantized = copy.deepcopy(fp)
-    recipe = replace(preset("mas-init", 4, 8), cmc=CMCConfig(rank_ratio=args.ratio))
+    recipe = replace(preset("mas-init", 4, 8), cmc=CMCConfig(rank_ratio=args.ratio, factor_bits=args.factor_bits))
     Pipeline(recipe_steps(recipe, progress=False)).run(Context(quantized, samples, stats=stats, provided={"stats"}), progress=False)
-    lower_to_torchao(quantized)
-    graphs = {"fp32": fp.graph_module, "w4a8": without_branches(quantized.graph_module), "w4a8+cmc": quantized.graph_module}
+    baseline = without_branches(quantized)
+    for graph in (baseline, quantized):
+        lower_to_torchao(graph)
+    graphs = {"fp32": fp.graph_module, "w4a8": baseline.graph_module, "w4a8+cmc": quantized.graph_module}
     ranks = sorted({r for m in quantized.graph_module.modules() if isinstance(m, Int8QuantLinear) for r in m.branch_ranks.values()})
 
+    factors = "float32" if args.factor_bits is None else f"{args.factor_bits}-bit"
     prompt = mixed_prompt(samples, args.tokens, args.media)
     media = float((prompt.modality_ids != int(Modality.TEXT)).float().mean())
     compiled = {name: compile_graph(gm) for name, gm in graphs.items()}
     start = time.perf_counter()
-    outputs: dict[str, Tensor] = {name: fn(*prompt.args()) for name, fn in compiled.items()}
+    outputs: dict[str, Tensor] = {}
+    fused: dict[str, int] = {}
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the fusion passes
+        for name, fn in compiled.items():  # compiles at the first call
+            before = counters["inductor"]["qlinear_weight_prepack_matcher_count"]
+            outputs[name] = fn(*prompt.args())
+            fused[name] = counters["inductor"]["qlinear_weight_prepack_matcher_count"] - before
     compile_s = time.perf_counter() - start
     for _ in range(2):
         for fn in compiled.values():
@@ -112,11 +126,11 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
 
     print(f"tri-modal thinker (SmolLM2 decoder), {prompt.attention_mask.shape[1]}-token prompt, {100 * media:.0f}% vision/audio "
-          f"tokens, CMC rank ratio {args.ratio} (ranks {ranks}), {args.threads} threads, {args.runs} interleaved runs; "
-          f"compile {compile_s:.0f} s")
-    print(f"{'graph':<9} {'median ms':>10} {'vs fp32':>8}")
+          f"tokens, CMC rank ratio {args.ratio} (ranks {ranks}), {factors} factors, {args.threads} threads, "
+          f"{args.runs} interleaved runs; compile {compile_s:.0f} s")
+    print(f"{'graph':<9} {'median ms':>10} {'vs fp32':>8} {'int8 GEMMs fused':>17}")
     for name in compiled:
-        print(f"{name:<9} {1e3 * median[name]:>10.1f} {median['fp32'] / median[name]:>7.2f}x")
+        print(f"{name:<9} {1e3 * median[name]:>10.1f} {median['fp32'] / median[name]:>7.2f}x {fused[name]:>17}")
     cost = median["w4a8+cmc"] / median["w4a8"] - 1
     print(f"CMC branch cost: {100 * cost:.1f}% of the W4A8 prefill time (gate <= 10%)")
     error = {name: float((outputs[name] - outputs["fp32"]).norm() / outputs["fp32"].norm()) for name in ("w4a8", "w4a8+cmc")}

@@ -24,6 +24,10 @@ graph its own copies of the replaced parameters.
     linear/<name>/weight/<row>/zero_point   int8 [out, groups] (asymmetric weights only)
     linear/<name>/act_static_scale          float32 [] (static per-tensor activations only)
     linear/<name>/cmc/<row>/left, right     float32 CMC factors [in, r], [r, out]
+    linear/<name>/cmc/<row>/left/codes, …/left/scale, …/right/codes, …/right/scale
+                                            integer CMC factors (``branch_bits`` in the manifest):
+                                            Lᵀ [r, in] and Rᵀ [out, r], codes as the weights' (packed
+                                            at ≤ 4 bits), float32 scales [r, 1] and [out, 1]
     router/<first linear>/row_of_modality   int64 [3] of a tied per-modality router node
     graph/<attribute>                       a graph parameter a transform replaced (the γ/s of a
                                             smoothing folded into a norm), by its graph path
@@ -62,7 +66,7 @@ from masq_fx.calibration import calibration_tokens
 from masq_fx.capture import MODULE_KEY, CapturedDecoder, capture
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
+from masq_fx.quant_linear import QuantLinear, branch_factor_config
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
 from masq_fx.transforms.prepare import PrepareQuantLinears, quant_linears
@@ -219,6 +223,7 @@ def _linear(module: QuantLinear, tables: _Tables, tensors: dict[str, Tensor]) ->
         "scales": None if module.scales is None else tables.key(module.scales, module.name),
         "stored_rows": [],
         "branch_rows": list(module.branches),
+        "branch_bits": module.branch_bits,
     }
     if module.scales is not None:
         tensors[f"{prefix}/row_of_modality"] = module.row_of_modality.long().clone()
@@ -231,8 +236,14 @@ def _linear(module: QuantLinear, tables: _Tables, tensors: dict[str, Tensor]) ->
     if module.act_static_scale is not None:
         tensors[f"{prefix}/act_static_scale"] = module.act_static_scale.detach().float().clone()
     for row, (left, right) in module.branches.items():
-        tensors[f"{prefix}/cmc/{row}/left"] = left.clone()
-        tensors[f"{prefix}/cmc/{row}/right"] = right.clone()
+        cmc = f"{prefix}/cmc/{row}"
+        if module.branch_codes:
+            left_t, right_t = module.branch_codes[row]
+            _store_weight(tensors, f"{cmc}/left", left_t)
+            _store_weight(tensors, f"{cmc}/right", right_t)
+        else:
+            tensors[f"{cmc}/left"] = left.clone()
+            tensors[f"{cmc}/right"] = right.clone()
     return record
 
 
@@ -562,8 +573,17 @@ def _apply_linear(module: QuantLinear, record: dict[str, Any], tables: dict[str,
         config = WeightQuantConfig(**record["weight_quant"])
         module.weight_quant = config
         module.set_solved({row: _weight(tensors, f"{prefix}/weight/{row}", config, module.in_features) for row in record["stored_rows"]})
+    bits = record.get("branch_bits")  # absent from older checkpoints: float factors
     for row in record["branch_rows"]:
-        module.set_branch(row, tensors[f"{prefix}/cmc/{row}/left"], tensors[f"{prefix}/cmc/{row}/right"])
+        cmc = f"{prefix}/cmc/{row}"
+        if bits is None:
+            module.set_branch(row, tensors[f"{cmc}/left"], tensors[f"{cmc}/right"])
+            continue
+        config = branch_factor_config(bits)
+        rank = tensors[f"{cmc}/left/scale"].shape[0]
+        module.set_branch_codes(
+            row, _weight(tensors, f"{cmc}/left", config, module.in_features), _weight(tensors, f"{cmc}/right", config, rank)
+        )
 
 
 def _weight(tensors: dict[str, Tensor], prefix: str, config: WeightQuantConfig, columns: int) -> QuantizedWeight:

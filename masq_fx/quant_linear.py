@@ -16,6 +16,20 @@ quantizers it is the float linear. ``weight_rows`` chooses the stored weights:
   low-rank branch ``(x ⊘ s[r]) · L_r · R_r`` (:meth:`set_branch`) to that row's tokens, computed
   for every token and masked (no data-dependent shapes).
 
+A branch's factors are float32, or b-bit integer codes (``set_branch(..., bits=b)``): ``L`` symmetric
+per rank column, ``R`` symmetric per output channel (torchao's full grid, :func:`quantize_weight`),
+and the branch then computes what the int8 kernels compute::
+
+    h = Q_8(x̃) · Q_b(L)      masked to the tokens of row r
+    y_branch = H_8(h) · Q_b(R)
+
+``x̃ = x ⊘ s[r]`` (``branch_input="smoothed"``) or its fake-quantized version; ``Q_8`` is the
+dynamic per-token 8-bit quantizer of the main GEMM's activations (:data:`BRANCH_ACT`); ``H_8``
+(:func:`fake_quant_hidden`) quantizes per token to 8 bits with torchao's ``SYMMETRIC_NO_CLIPPING_ERR``
+scale, so that each token's extreme value lands exactly on a code (``Q_8`` puts it on a rounding tie,
+±127.5, which the float rounding of ``h``, computed differently here and by the kernels, would break
+either way).
+
 ``divide_input=False`` means an upstream node already divided the input by ``s[m]`` (a smoothing
 folded into a norm, or shared by a group of linears); the module then only scales the weight.
 The float weight and bias are shared with the HF model and never modified.
@@ -39,6 +53,7 @@ from torch import Tensor, nn
 
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.quantizers import (
+    EPS,
     ActQuantConfig,
     QuantizedWeight,
     WeightQuantConfig,
@@ -48,6 +63,30 @@ from masq_fx.quantizers import (
 )
 
 WeightRows = Literal["per_row", "text"]
+
+#: how quantized CMC branches quantize their input: as the main GEMM's, 8-bit symmetric dynamic per
+#: token on the full grid (torchao's int8 kernels)
+BRANCH_ACT = ActQuantConfig()
+
+
+def fake_quant_hidden(h: Tensor) -> Tensor:
+    """Quantize-dequantize ``h`` per token (last dim) to int8 ``[-128, 127]`` with the scale
+    ``max(-min(h, 0) / 128, max(h, 0) / 127)`` (at least float32 eps), bit for bit torchao's dynamic
+    ``SYMMETRIC_NO_CLIPPING_ERR`` activation quantization (plain rounding, no straight-through gradient)."""
+    h = h.float()
+    low = torch.clamp(h.amin(-1, keepdim=True), max=0.0) / -128.0
+    high = torch.clamp(h.amax(-1, keepdim=True), min=0.0) / 127.0
+    scale = torch.clamp(torch.where(low > high, low, high), min=EPS)
+    return torch.clamp(torch.round(h * (1.0 / scale)), -128, 127) * scale
+
+
+def branch_factor_config(bits: int) -> WeightQuantConfig:
+    """Quantizer of the CMC factors with ``bits``-bit codes: symmetric, per output channel of ``Lᵀ`` and ``Rᵀ``."""
+    return WeightQuantConfig(bits=bits)
+
+
+def _format(bits: int | None) -> str:
+    return "float" if bits is None else f"{bits}-bit"
 
 
 class QuantLinear(nn.Module):
@@ -73,8 +112,11 @@ class QuantLinear(nn.Module):
         #: scale row (0 if unsmoothed) → integer weight solved by a weight transform (GPTQ) or loaded
         #: from a checkpoint; they replace ``Q_w(W·diag(s[r]))`` until the scales change
         self._solved: dict[int, QuantizedWeight] | None = None
-        #: scale row → (L [in, rank], R [rank, out]) of the cross-modal compensation branch
+        #: scale row → (L [in, rank], R [rank, out]) of the cross-modal compensation branch, float32
+        #: (the dequantized codes of a quantized branch)
         self.branches: dict[int, tuple[Tensor, Tensor]] = {}
+        #: scale row → integer codes (Lᵀ [rank, in], Rᵀ [out, rank]) of quantized branches; empty: float factors
+        self.branch_codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]] = {}
         #: the branch reads the smoothed float input, or its fake-quantized version
         self.branch_input: Literal["smoothed", "quantized"] = "smoothed"
 
@@ -105,6 +147,7 @@ class QuantLinear(nn.Module):
         self.row_of_modality = rows.to(self.row_of_modality.device)
         self._solved = None
         self.branches = {}
+        self.branch_codes = {}
         self.unfreeze()
 
     def set_solved(self, weights: Mapping[int, QuantizedWeight]) -> None:
@@ -184,14 +227,61 @@ class QuantLinear(nn.Module):
             return weight
         return fake_quant_weight(weight, self.weight_quant)
 
-    def set_branch(self, row: int, left: Tensor, right: Tensor) -> None:
-        """Add the compensation branch ``x ⊘ s[row] · left · right`` for the tokens of ``row``."""
+    @property
+    def branch_bits(self) -> int | None:
+        """Bits of the quantized branch factors (``None``: float factors, or no branches)."""
+        codes = next(iter(self.branch_codes.values()), None)
+        return None if codes is None else codes[0].config.bits
+
+    def set_branch(self, row: int, left: Tensor, right: Tensor, bits: int | None = None) -> None:
+        """Add the compensation branch ``x ⊘ s[row] · left · right`` for the tokens of ``row``.
+
+        ``bits``: store the factors as ``bits``-bit codes (``left`` per rank column, ``right`` per
+        output channel) and compute the branch as the int8 kernels do; ``None`` keeps them float32.
+        """
         if left.shape[0] != self.in_features or right.shape[1] != self.out_features or left.shape[1] != right.shape[0]:
             raise ValueError(
                 f"{self.name}: branch factors must be [{self.in_features}, r] and [r, {self.out_features}], "
                 f"got {tuple(left.shape)} and {tuple(right.shape)}"
             )
+        if bits is not None:
+            config = branch_factor_config(bits)
+            left_t, right_t = left.detach().float().T.contiguous(), right.detach().float().T.contiguous()
+            self.set_branch_codes(row, quantize_weight(left_t, config), quantize_weight(right_t, config))
+            return
+        self._check_branch_format(row, None)
+        self.branch_codes.pop(row, None)
         self.branches[row] = (left.detach().float().contiguous(), right.detach().float().contiguous())
+
+    def set_branch_codes(self, row: int, left_t: QuantizedWeight, right_t: QuantizedWeight) -> None:
+        """Add a quantized branch from integer codes: ``left_t`` = Lᵀ ``[r, in]``, ``right_t`` = Rᵀ ``[out, r]``,
+        each symmetric per output channel (as :meth:`set_branch` with ``bits`` makes them)."""
+        rank = left_t.qdata.shape[0]
+        if tuple(left_t.qdata.shape) != (rank, self.in_features) or tuple(right_t.qdata.shape) != (self.out_features, rank):
+            raise ValueError(
+                f"{self.name}: quantized branch factors must be Lᵀ [r, {self.in_features}] and Rᵀ [{self.out_features}, r], "
+                f"got {tuple(left_t.qdata.shape)} and {tuple(right_t.qdata.shape)}"
+            )
+        bits = left_t.config.bits
+        if left_t.config != branch_factor_config(bits) or right_t.config != branch_factor_config(bits):
+            raise ValueError(
+                f"{self.name}: quantized branch factors must both be {branch_factor_config(bits)}, "
+                f"got {left_t.config} and {right_t.config}"
+            )
+        self._check_branch_format(row, bits)
+        self.branch_codes[row] = (left_t, right_t)
+        self.branches[row] = (left_t.dequantize().float().T.contiguous(), right_t.dequantize().float().T.contiguous())
+
+    def _check_branch_format(self, row: int, bits: int | None) -> None:
+        others = sorted(r for r in self.branches if r != row)
+        if not others:
+            return
+        current = next((codes[0].config.bits for r, codes in self.branch_codes.items() if r != row), None)
+        if current != bits:
+            raise ValueError(
+                f"{self.name}: the branches of a linear share one format; rows {others} have {_format(current)} "
+                f"factors, row {row} would have {_format(bits)}: call set_scales() to drop them first"
+            )
 
     def _weights(self) -> Tensor:
         """``[rows, out, in]`` effective weights: one per scale row, or the text row only.
@@ -227,10 +317,15 @@ class QuantLinear(nn.Module):
         y = F.linear(xq, weights[0])
         for row in range(1, weights.shape[0]):
             y = torch.where(token_rows == row, F.linear(xq, weights[row]), y)
-        if self.quantizers_enabled:
+        if self.quantizers_enabled and self.branches:
             source = xq if self.branch_input == "quantized" else xs
+            if self.branch_codes:
+                source = fake_quant_act(source, BRANCH_ACT)
             for row, (left, right) in self.branches.items():
-                y = y + torch.where(token_rows == row, source @ left @ right, 0.0)
+                hidden = torch.where(token_rows == row, source @ left, 0.0)
+                if self.branch_codes:
+                    hidden = fake_quant_hidden(hidden)
+                y = y + hidden @ right
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(dtype)
@@ -241,5 +336,5 @@ class QuantLinear(nn.Module):
         return (
             f"{self.name}, in={self.in_features}, out={self.out_features}, scale_rows={rows}, "
             f"weight_rows={self.weight_rows}, divide_input={self.divide_input}, "
-            f"w={self.weight_quant}, a={self.act_quant}, branch_ranks={ranks}"
+            f"w={self.weight_quant}, a={self.act_quant}, branch_ranks={ranks}, branch_bits={self.branch_bits}"
         )

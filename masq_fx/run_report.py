@@ -309,7 +309,8 @@ def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
         c = recipe.cmc
         rank = f"rank {c.rank}" if c.rank is not None else f"rank ratio {0.2 if c.rank_ratio is None else c.rank_ratio:g}"
         whiten = f"whitened (damping {c.damping:g})" if c.whiten else "unwhitened"
-        rows.append(("CMC", f"{rank}, floor {c.rank_floor}, {whiten}, target {c.target}, branch input {c.branch_input}"))
+        rows.append(("CMC", f"{rank}, floor {c.rank_floor}, {whiten}, target {c.target}, branch input {c.branch_input}"
+                     + ("" if c.factor_bits is None else f", {c.factor_bits}-bit factors")))
     gptq = recipe.gptq
     rows.append(("GPTQ", "off" if gptq is None else f"damping {gptq.damping:g}, block {gptq.block_size}"))
     include = ", ".join(f"`{p}`" for p in recipe.modules.include)

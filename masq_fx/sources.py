@@ -336,10 +336,5 @@ def exact_match(
                 prompt = adapter.decoder_inputs(source.process(chunk))
             replies = greedy_decode(decoder, adapter, prompt, max_new_tokens, stop_id=source.stop_id)
             for sample, ids in zip(chunk, replies.tolist()):
-                reply = source.decode(ids[: ids.index(source.stop_id)] if source.stop_id in ids else ids).strip()
-                result.total += 1
-                if reply == sample.answer:
-                    result.correct += 1
-                else:
-                    result.misses.append((sample.answer, reply))
+                result.record(sample.answer, source.decode(ids[: ids.index(source.stop_id)] if source.stop_id in ids else ids).strip())
     return scores

@@ -15,9 +15,25 @@ computes what the reference computes, with the integer GEMM done by torchao:
   ``F.linear(x, int8_weight)``, so torchao's ``__torch_function__`` quantizes the activation per
   token (same integers and scales as :func:`masq_fx.quantizers.fake_quant_act`, measured bit-exact)
   and runs the int8 GEMM;
-* per-row outputs selected with ``torch.where`` (MAS simulation); CMC low-rank branches in float32,
-  stacked into one GEMM pair (each token masks the rank columns of other modalities' branches);
-  bias added last.
+* per-row outputs selected with ``torch.where`` (MAS simulation); CMC low-rank branches stacked
+  into one GEMM pair (each token masks the rank columns of other modalities' branches); bias added last.
+
+CMC branches with float factors run as two float32 GEMMs. Branches with integer factors
+(``CMCConfig.factor_bits``) run on the int8 kernels, with the reference's codes:
+
+* ``x̃·L``: the codes of every branch's ``Lᵀ`` (per rank column) are appended to the main weight's
+  rows, so one int8 GEMM of ``out + R`` columns gives ``y`` and the hidden ``h``. The branch input
+  is the main GEMM's (the smoothed input, quantized per token to 8 bits) and each column has its own
+  scale, so this is exactly the reference's ``Q_8(x̃)·Q_b(L)``. A separate GEMM would not do: inductor
+  shares the activation quantization between the two, and then rewrites neither into oneDNN qlinear
+  (it fuses an int8 GEMM only when its quantized activation has no other consumer);
+* ``h·R``: ``h`` masked per token, then ``F.linear`` with an ``Int8Tensor`` of the stacked ``Rᵀ``
+  codes and unit scales (torchao quantizes ``h`` per token with ``SYMMETRIC_NO_CLIPPING_ERR``, as the
+  reference's :func:`~masq_fx.quant_linear.fake_quant_hidden`); each token's output is multiplied by
+  its own branch's per-channel scales (a ``[rows, out]`` table gathered per token), so every branch
+  keeps its own scales of ``R``. ``h`` is a float product here and in the reference, rounded
+  differently, so now and then one of its codes differs by one step between the two (measured: 1
+  code in 2·10⁵ on random 576 → 256 linears with rank-16 branches).
 
 Like the reference, the module computes in float32 and returns its input's dtype: a bfloat16
 graph's activations are cast to float32 before the smoothing and the int8 GEMM, and the output is
@@ -54,7 +70,7 @@ from masq_fx.capture import CapturedDecoder
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, fake_quant_act, weight_qparams
+from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act, weight_qparams
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
@@ -80,6 +96,8 @@ LOWERED = "lowered_torchao_int8"
 INDUCTOR_OPTIONS: dict[str, object] = {"freezing": True}
 
 _INT8_ACT = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
+#: the CMC hidden's quantization (:func:`masq_fx.quant_linear.fake_quant_hidden`)
+_INT8_HIDDEN = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
 
 def unsupported_reason(module: QuantLinear) -> str | None:
@@ -104,6 +122,11 @@ def unsupported_reason(module: QuantLinear) -> str | None:
         return f"{a.bits}-bit activations (kernels quantize activations to int8)"
     if a.grid != "full":
         return f"activation grid {a.grid!r} (torchao quantizes activations on the full int8 grid [-128, 127])"
+    if module.branch_codes and module.branch_input != "smoothed":
+        return (
+            "integer CMC branches reading the quantized input (branch_input='quantized'): on the kernels the branch "
+            "shares the main GEMM's smoothed input"
+        )
     return None
 
 
@@ -139,13 +162,7 @@ def _int8_weight(module: QuantLinear, row: int | None) -> Int8Tensor:
             f"{module.name}: stored weights of row {row} are not on the per-channel int8 grid of their "
             f"scales (max deviation {float(error):.3g}); was the weight quantizer changed after freezing?"
         )
-    return Int8Tensor(
-        codes.to(torch.int8),
-        scale,
-        block_size=[1, module.in_features],
-        dtype=torch.float32,
-        act_quant_kwargs=_INT8_ACT,
-    )
+    return _int8_tensor(codes, scale)
 
 
 def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,6 +173,55 @@ def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor
     right = torch.cat([branches[r][1].detach().float() for r in rows], dim=0)
     owner = torch.cat([torch.full((branches[r][0].shape[1],), r) for r in rows])
     return left, right, owner
+
+
+def _int8_tensor(codes: Tensor, scale: Tensor, act: QuantizeTensorToInt8Kwargs = _INT8_ACT) -> Int8Tensor:
+    """torchao int8 weight ``[out, in]`` with per-output-channel ``scale [out, 1]``; ``act``: how torchao
+    quantizes the activation (per token)."""
+    return Int8Tensor(
+        codes.to(torch.int8).contiguous(),
+        scale.float().contiguous(),
+        block_size=[1, codes.shape[1]],
+        dtype=torch.float32,
+        act_quant_kwargs=act,
+    )
+
+
+@dataclass(frozen=True)
+class _Int8Branches:
+    """Integer CMC branches in the form the kernels take (see the module docstring)."""
+
+    #: codes ``[R, in]`` and scales ``[R, 1]`` of the stacked ``Lᵀ``, appended to the main weight
+    left_codes: Tensor
+    left_scale: Tensor
+    #: ``Int8Tensor`` of the stacked ``Rᵀ [out, R]`` codes with unit scales
+    right: Int8Tensor
+    #: ``[rows, out]``: row ``r``'s per-channel scales of ``R`` (zeros for a row without a branch)
+    right_scale: Tensor
+    #: scale row of each of the ``R`` rank columns
+    owner: Tensor
+
+    @classmethod
+    def stack(cls, codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]], rows: int) -> "_Int8Branches":
+        order = sorted(codes)
+        lefts, rights = [codes[r][0] for r in order], [codes[r][1] for r in order]
+        out_features = rights[0].qdata.shape[0]
+        right_scale = torch.zeros(rows, out_features)
+        for r, right in zip(order, rights):
+            right_scale[r] = right.scale[:, 0]
+        left_codes, left_scale = torch.cat([w.qdata for w in lefts]), torch.cat([w.scale for w in lefts])
+        right_codes = torch.cat([w.qdata for w in rights], dim=1)
+        owner = torch.cat([torch.full((w.qdata.shape[0],), r) for r, w in zip(order, lefts)])
+        if len(owner) == 1:  # torchao cannot quantize a one-column activation: add a zero column no token owns
+            left_codes, left_scale = F.pad(left_codes, (0, 0, 0, 1)), F.pad(left_scale, (0, 0, 0, 1), value=1.0)
+            right_codes, owner = F.pad(right_codes, (0, 1)), F.pad(owner, (0, 1), value=-1)
+        return cls(
+            left_codes=left_codes,
+            left_scale=left_scale,
+            right=_int8_tensor(right_codes, torch.ones(out_features, 1), _INT8_HIDDEN),
+            right_scale=right_scale,
+            owner=owner,
+        )
 
 
 class Int8QuantLinear(nn.Module):
@@ -174,18 +240,34 @@ class Int8QuantLinear(nn.Module):
         act_quant: ActQuantConfig,
         branches: dict[int, tuple[Tensor, Tensor]] | None = None,
         branch_input: Literal["smoothed", "quantized"] = "smoothed",
+        branch_codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]] | None = None,
     ) -> None:
+        """``branches``: float CMC factors (L, R) by scale row; ``branch_codes``: integer ones (Lᵀ, Rᵀ), in
+        which case ``branches`` is ignored (see the module docstring for how each runs)."""
         super().__init__()
         self.name = name
+        self.in_features, self.out_features = int(weights[0].shape[1]), int(weights[0].shape[0])
+        weights = list(weights)
+        int8 = _Int8Branches.stack(branch_codes, int(row_of_modality.max()) + 1) if branch_codes else None
+        if int8 is not None:  # x̃·L as extra output columns of the main GEMM
+            main = weights[0]
+            weights[0] = _int8_tensor(torch.cat([main.qdata, int8.left_codes]), torch.cat([main.scale, int8.left_scale]))
+            branches = None
         self.weights = nn.ParameterList([nn.Parameter(w, requires_grad=False) for w in weights])
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.scales = None if scales is None else nn.Parameter(scales.detach().float().clone(), requires_grad=False)
         self.register_buffer("row_of_modality", row_of_modality.detach().long().clone())
         self.act_quant = act_quant
-        self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
-        stacked = stacked_branches(branches) if branches else (None, None, None)
-        for name, tensor in zip(("branch_left", "branch_right", "branch_rows"), stacked):
-            self.register_buffer(name, tensor)
+        if int8 is not None:
+            self.branch_ranks = {row: int(left.qdata.shape[0]) for row, (left, _) in sorted(branch_codes.items())}
+        else:
+            self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
+        left, right, rows = stacked_branches(branches) if branches else (None, None, None)
+        self.register_buffer("branch_left", left)
+        self.register_buffer("branch_right", right)
+        self.register_buffer("branch_rows", int8.owner if int8 is not None else rows)
+        self.register_parameter("int8_right", None if int8 is None else nn.Parameter(int8.right, requires_grad=False))
+        self.register_buffer("int8_right_scale", None if int8 is None else int8.right_scale)
         self.branch_input = branch_input
 
     @classmethod
@@ -202,31 +284,29 @@ class Int8QuantLinear(nn.Module):
             act_quant=module.act_quant,
             branches=dict(module.branches),
             branch_input=module.branch_input,
+            branch_codes=dict(module.branch_codes),
         )
-
-    @property
-    def in_features(self) -> int:
-        return self.weights[0].shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weights[0].shape[0]
 
     def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         dtype = x.dtype
-        token_rows = self.row_of_modality[modality_ids]
+        rows = self.row_of_modality[modality_ids]
         xs = x.float()
         if self.scales is not None:
-            xs = xs / self.scales[token_rows]
-        token_rows = token_rows.unsqueeze(-1)
+            xs = xs / self.scales[rows]
+        token_rows = rows.unsqueeze(-1)
         y = F.linear(xs, self.weights[0])
+        if self.int8_right is not None:
+            y, hidden = y[..., : self.out_features], y[..., self.out_features :]
         for row in range(1, len(self.weights)):
             y = torch.where(token_rows == row, F.linear(xs, self.weights[row]), y)
+        # all modalities' branches in one GEMM pair; each token keeps only its own row's rank columns
         if self.branch_left is not None:
-            # all modalities' branches in one GEMM pair; each token keeps only its own row's rank columns
             source = fake_quant_act(xs, self.act_quant) if self.branch_input == "quantized" else xs
             hidden = (source @ self.branch_left) * (token_rows == self.branch_rows)
             y = y + hidden @ self.branch_right
+        if self.int8_right is not None:
+            hidden = hidden * (token_rows == self.branch_rows)
+            y = y + F.linear(hidden, self.int8_right) * self.int8_right_scale[rows]
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
@@ -234,7 +314,8 @@ class Int8QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.name}, in={self.in_features}, out={self.out_features}, weight_rows={len(self.weights)}, "
-            f"routed_smoothing={self.scales is not None}, branch_ranks={self.branch_ranks}"
+            f"routed_smoothing={self.scales is not None}, branch_ranks={self.branch_ranks}, "
+            f"int8_branches={self.int8_right is not None}"
         )
 
 

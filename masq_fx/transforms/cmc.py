@@ -18,6 +18,12 @@ The rank is ``rank`` (absolute) or ``⌊rank_ratio·min(d_in, d_out)⌋``, at le
 (0 by default; the official code uses 32), at most ``min(d_in, d_out)``. A modality without its
 own scale row (absent from calibration) gets no branch; one whose second moment was not collected
 gets an unwhitened branch, with a warning.
+
+``factor_bits=b`` stores ``L`` and ``R`` as b-bit codes (per rank column of ``L``, per output channel
+of ``R``) and computes the branch as torchao's int8 kernels do: the branch input and the masked
+hidden ``x̃·L`` quantized dynamically per token to 8 bits (see :mod:`masq_fx.quant_linear`). The
+lowered module then runs ``x̃·L`` inside the main int8 GEMM and ``h·R`` as a second int8 GEMM,
+instead of two float32 GEMMs. The reported errors are those of the quantized factors.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ CMC = "cmc"
 @dataclass(frozen=True)
 class CMCConfig:
     """Rank: ``rank`` (absolute) or ``rank_ratio`` (of ``min(d_in, d_out)``), at most one of them;
-    neither means ``rank_ratio=0.2``."""
+    neither means ``rank_ratio=0.2``. ``factor_bits``: ``None`` keeps the factors float32, ``b`` (2 to 8)
+    stores them as b-bit codes computed with 8-bit activations on the int8 kernels."""
 
     rank_ratio: float | None = None
     rank: int | None = None
@@ -52,6 +59,7 @@ class CMCConfig:
     target: Literal["float", "quantized"] = "float"
     whiten: bool = True
     branch_input: Literal["smoothed", "quantized"] = "smoothed"
+    factor_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank_ratio is not None:
@@ -66,6 +74,16 @@ class CMCConfig:
             raise ValueError(f"target must be 'float' or 'quantized', got {self.target!r}")
         if self.branch_input not in ("smoothed", "quantized"):
             raise ValueError(f"branch_input must be 'smoothed' or 'quantized', got {self.branch_input!r}")
+        bits = self.factor_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+            raise ValueError(
+                f"factor_bits must be None (float32 factors) or an int in [2, 8] (codes on the int8 kernels), got {bits!r}"
+            )
+        if bits is not None and self.branch_input == "quantized":
+            raise ValueError(
+                "factor_bits quantizes the branch input per token to 8 bits itself; with branch_input='quantized' "
+                "it would be quantized twice: use branch_input='smoothed' (or factor_bits=None)"
+            )
 
     def rank_for(self, d_in: int, d_out: int) -> int:
         full = min(d_in, d_out)
@@ -191,7 +209,9 @@ class CrossModalCompensation:
         )
         rank = cfg.rank_for(module.in_features, module.out_features)
         left, right, sigma = low_rank_factors(error_t, whitening, rank)
-        module.set_branch(row, left, right)
+        module.set_branch(row, left, right, cfg.factor_bits)
+        if cfg.factor_bits is not None:  # the errors of the codes the branch computes with
+            left, right = (f.double() for f in module.branches[row])
         residual = whitening.t @ (error_t - left @ right)
         total = (whitening.t @ error_t).norm()
         self.reports.append(
@@ -205,5 +225,4 @@ class CrossModalCompensation:
             )
         )
         record = context.result(module.name)
-        record[f"cmc_left.{modality.name.lower()}"] = left.float()
-        record[f"cmc_right.{modality.name.lower()}"] = right.float()
+        record[f"cmc_left.{modality.name.lower()}"], record[f"cmc_right.{modality.name.lower()}"] = module.branches[row]

@@ -93,6 +93,14 @@ class Accuracy:
     def __str__(self) -> str:
         return f"{100 * self.value:.1f}% ({self.correct}/{self.total})"
 
+    def record(self, expected: str, reply: str) -> None:
+        """Count one reply (exact match)."""
+        self.total += 1
+        if reply == expected:
+            self.correct += 1
+        else:
+            self.misses.append((expected, reply))
+
 
 def accuracy(
     decoder: DecoderFn,
@@ -112,12 +120,7 @@ def accuracy(
         prompt = adapter.decoder_inputs(processor(chunk))
         replies = greedy_decode(decoder, adapter, prompt, max_new_tokens)
         for sample, ids in zip(chunk, replies.tolist()):
-            reply = processor.decode_answer(ids)
-            result.total += 1
-            if reply == sample.answer:
-                result.correct += 1
-            else:
-                result.misses.append((sample.answer, reply))
+            result.record(sample.answer, processor.decode_answer(ids))
     return result
 
 
