@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from masq_fx import checkpoint
@@ -50,15 +51,19 @@ PRESETS: dict[str, Recipe] = {
 
 
 def resolve_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
-    """A :class:`Recipe`, a preset name, or a JSON file holding :meth:`Recipe.to_dict`."""
+    """A :class:`Recipe`, a preset name, or a JSON/YAML file of :meth:`Recipe.to_dict` fields (missing ones default)."""
     if isinstance(recipe, Recipe):
         return recipe
     if str(recipe) in PRESETS:
         return PRESETS[str(recipe)]
     path = Path(recipe)
-    if path.suffix == ".json" and path.is_file():
-        return Recipe.from_dict(json.loads(path.read_text()))
-    raise ValueError(f"unknown recipe {str(recipe)!r}: use one of {', '.join(PRESETS)} or a .json file of Recipe.to_dict()")
+    if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+        return Recipe.from_dict(json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
+    raise ValueError(
+        f"unknown recipe {str(recipe)!r}: use one of {', '.join(PRESETS)} or a .json/.yaml file of Recipe fields "
+        "(Recipe.to_dict(); missing fields take their defaults)"
+    )
 
 
 @dataclass

@@ -7,7 +7,7 @@ on one calibrated capture.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,19 +65,27 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Inverse of :meth:`to_dict`."""
-        learning = _config(MASLearningConfig, data["learning"])
+        """Inverse of :meth:`to_dict`; missing sections and fields take their defaults."""
+        _check_keys(cls, data, "recipe")
+        learning = _config(MASLearningConfig, data.get("learning", {}), "recipe learning")
         if learning.checkpoint is not None:
             learning = replace(learning, checkpoint=Path(learning.checkpoint))
+        default = cls()
+
+        def section(name: str, config: type) -> Any:
+            if name not in data:
+                return getattr(default, name)
+            return None if data[name] is None else _config(config, data[name], f"recipe {name}")
+
         return cls(
-            method=data["method"],
-            weight=_config(WeightQuantConfig, data["weight"]),
-            activation=None if data["activation"] is None else _config(ActQuantConfig, data["activation"]),
-            smoothing=_config(SmoothingConfig, data["smoothing"]),
+            method=data.get("method", default.method),
+            weight=section("weight", WeightQuantConfig),
+            activation=section("activation", ActQuantConfig),
+            smoothing=section("smoothing", SmoothingConfig),
             learning=learning,
-            cmc=None if data["cmc"] is None else _config(CMCConfig, data["cmc"]),
-            gptq=None if data["gptq"] is None else _config(GPTQConfig, data["gptq"]),
-            modules=_config(ModuleFilter, data.get("modules", {})),
+            cmc=section("cmc", CMCConfig),
+            gptq=section("gptq", GPTQConfig),
+            modules=section("modules", ModuleFilter),
         )
 
 
@@ -89,8 +97,18 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def _config(cls: type, data: dict[str, Any]) -> Any:
+def _check_keys(cls: type, data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of field names to values, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        known = ", ".join(f.name for f in fields(cls))
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; the fields are {known}")
+
+
+def _config(cls: type, data: dict[str, Any], where: str) -> Any:
     """A frozen config dataclass from its dict (lists back to tuples)."""
+    _check_keys(cls, data, where)
     return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
 
 

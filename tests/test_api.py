@@ -10,7 +10,7 @@ import torch
 from masq_fx import PRESETS, QuantizedModel, load, quantize
 from masq_fx.api import resolve_recipe
 from masq_fx.models.tiny import tiny_model
-from masq_fx.recipes import preset
+from masq_fx.recipes import Recipe, preset
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,22 @@ def test_recipes_resolve_by_name_object_or_json(tmp_path):
     assert resolve_recipe(path) == recipe
     with pytest.raises(ValueError, match="masquant-w4a8"):
         resolve_recipe("masquant-w3a3")
+
+
+def test_yaml_recipes_may_name_only_what_differs_from_the_defaults(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: mas-init\nweight: {bits: 4}\ncmc: {rank_ratio: 0.05, factor_bits: 8}\nmodules:\n  exclude: ['layers\\.0\\..*']\n")
+    recipe = resolve_recipe(path)
+    assert recipe.method == "mas-init" and recipe.weight.bits == 4 and recipe.activation == Recipe().activation
+    assert recipe.cmc.rank_ratio == 0.05 and recipe.cmc.factor_bits == 8
+    assert recipe.modules.exclude == (r"layers\.0\..*",)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path.write_text("method: mas\nweight: {bitz: 4}\n")
+    with pytest.raises(ValueError, match="recipe weight: unknown field.*bitz.*the fields are bits"):
+        resolve_recipe(path)
+    path.write_text("methd: mas\n")
+    with pytest.raises(ValueError, match="recipe: unknown field.*methd"):
+        resolve_recipe(path)
 
 
 def test_empty_calibration_is_refused(omni):
