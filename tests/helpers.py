@@ -36,3 +36,20 @@ def graph_of(linear: QuantLinear) -> fx.GraphModule:
     """A GraphModule whose only node calls ``linear`` (what graph transforms iterate over)."""
     wrap = _Wrap(linear)
     return fx.GraphModule(wrap, _QuantLinearLeaf().trace(wrap))
+
+
+def record_quant_linear_calls(gm: fx.GraphModule, inputs) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Module name → (x, modality_ids, y) of every QuantLinear call in one forward of ``gm`` on ``inputs``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod.name, (*args, out)))
+        for m in gm.modules()
+        if isinstance(m, QuantLinear)
+    ]
+    try:
+        with torch.no_grad():
+            gm(*inputs.args())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen

@@ -40,6 +40,8 @@ from masq_fx.transforms.cmc import CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
 from masq_fx.transforms.quantize import ModuleFilter
 
+from helpers import record_quant_linear_calls
+
 MODULE_RTOL = 1e-5
 LOGIT_RTOL = 2e-2
 MAS_CMC = replace(preset("mas-init", 8, 8), cmc=CMCConfig())
@@ -86,29 +88,13 @@ def omni() -> Tiny:
     return _tiny("qwen2.5-omni-thinker")
 
 
-def _record(gm: torch.fx.GraphModule, inputs: DecoderInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Module name → (x, modality_ids, y) of every QuantLinear call in one reference forward."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod.name, (*args, out)))
-        for m in quant_linears(gm)
-    ]
-    try:
-        with torch.no_grad():
-            gm(*inputs.args())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
-
-
 def _int8_modules(gm: torch.fx.GraphModule) -> dict[str, Int8QuantLinear]:
     return {m.name: m for m in gm.modules() if isinstance(m, Int8QuantLinear)}
 
 
 def _assert_backend_matches_reference(tiny: Tiny, context: Context, expected_lowered: int) -> None:
     reference = context.captured
-    recorded = _record(reference.graph_module, tiny.inputs)
+    recorded = record_quant_linear_calls(reference.graph_module, tiny.inputs)
     lowered = copy.deepcopy(reference)
     report = lower_to_torchao(lowered)
     assert len(report.lowered) == expected_lowered and not report.unlowered

@@ -47,6 +47,8 @@ from masq_fx.recipes import Recipe, preset, recipe_steps
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 
+from helpers import record_quant_linear_calls
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODULE_RTOL = 1e-5
@@ -91,22 +93,6 @@ def int8_cmc(omni) -> Context:
 
 def _compensated(gm: torch.fx.GraphModule) -> list[QuantLinear]:
     return [m for m in quant_linears(gm) if m.branches]
-
-
-def _record(gm: torch.fx.GraphModule, inputs: DecoderInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Module name → (x, modality_ids, y) of every QuantLinear call in one reference forward."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out: seen.__setitem__(mod.name, (*args, out)))
-        for m in quant_linears(gm)
-    ]
-    try:
-        with torch.no_grad():
-            gm(*inputs.args())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
 
 
 def _without_branches(module: QuantLinear) -> QuantLinear:
@@ -263,7 +249,7 @@ def test_integer_branches_stay_close_to_the_float_branches(omni, int8_cmc):
     serves: relative error measured ≤ 8.3e-3 (mean 7.6e-3). Logits: 3.3e-3 apart (relative), 0.04 of
     the quantization error (8.8e-2)."""
     float_cmc = omni.quantize(FLOAT_CMC)
-    recorded = _record(int8_cmc.graph_module, omni.inputs)
+    recorded = record_quant_linear_calls(int8_cmc.graph_module, omni.inputs)
     floats = {m.name: m for m in _compensated(float_cmc.graph_module)}
     for module in _compensated(int8_cmc.graph_module):
         x, ids, y = recorded[module.name]
@@ -355,7 +341,7 @@ def test_integer_branches_reading_the_quantized_input_stay_on_the_reference_path
 
 def test_lowered_tiny_model_matches_the_reference(omni, int8_cmc):
     reference = int8_cmc.captured
-    recorded = _record(reference.graph_module, omni.inputs)
+    recorded = record_quant_linear_calls(reference.graph_module, omni.inputs)
     lowered = copy.deepcopy(reference)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every linear lowers
