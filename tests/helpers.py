@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import fx, nn
 
+from masq_fx.calibration import observe
+from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.modality import Modality
+from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models.tiny import tiny_model
+from masq_fx.pipeline import Context, Pipeline
 from masq_fx.quant_linear import QuantLinear
+from masq_fx.recipes import Recipe, recipe_steps
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +63,30 @@ def record_quant_linear_calls(gm: fx.GraphModule, inputs) -> dict[str, tuple[tor
         for hook in hooks:
             hook.remove()
     return seen
+
+
+@dataclass
+class CalibratedTiny:
+    """A tiny model, its pristine capture, one calibrated batch and the float logits."""
+
+    model: nn.Module
+    captured: CapturedDecoder  # pristine: tests transform deep copies
+    inputs: DecoderInputs
+    stats: dict
+    fp: torch.Tensor
+
+    def transformed(self, recipe: Recipe, extra: tuple = ()) -> Context:
+        """A deep copy of the capture, transformed by ``recipe`` (then ``extra`` steps)."""
+        context = Context(copy.deepcopy(self.captured), [self.inputs], stats=self.stats, provided={"stats"})
+        return Pipeline([*recipe_steps(recipe, progress=False), *extra]).run(context, progress=False)
+
+
+def calibrated_tiny(family: str) -> CalibratedTiny:
+    """:class:`CalibratedTiny` of ``family`` with statistics (second moments included) of its example batch."""
+    tiny = tiny_model(family, seed=0, batch_size=2)
+    inputs = adapter_for(tiny.model).decoder_inputs(tiny.batch)
+    captured = capture(tiny.model)
+    stats = observe(Context(captured, [inputs]), moment_modalities=tuple(Modality), progress=False).stats
+    with torch.no_grad():
+        fp = captured(inputs)
+    return CalibratedTiny(tiny.model, captured, inputs, stats, fp)

@@ -15,32 +15,31 @@ Tolerances (measured values in the comments):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 
 from masq_fx.backends import Int8QuantLinear, LowerToTorchao, compile_graph, lower_to_torchao, unsupported_reason
 from masq_fx.backends.torchao_int8 import _INT8_ACT
 from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
-from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.capture import capture
+from masq_fx.modality import NUM_MODALITIES
+from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, act_scale, fake_quant_act, quantize_weight
-from masq_fx.recipes import Recipe, preset, recipe_steps
+from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import QuantizeActivations, QuantizeWeights, quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
 from masq_fx.transforms.quantize import ModuleFilter
 
-from helpers import record_quant_linear_calls
+from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 
 MODULE_RTOL = 1e-5
 LOGIT_RTOL = 2e-2
@@ -55,44 +54,21 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@dataclass
-class Tiny:
-    model: nn.Module
-    captured: CapturedDecoder  # pristine: tests transform deep copies
-    inputs: DecoderInputs
-    stats: dict
-    fp: torch.Tensor
-
-    def transformed(self, recipe: Recipe, extra: tuple = ()) -> Context:
-        context = Context(copy.deepcopy(self.captured), [self.inputs], stats=self.stats, provided={"stats"})
-        return Pipeline([*recipe_steps(recipe, progress=False), *extra]).run(context, progress=False)
-
-
-def _tiny(family: str) -> Tiny:
-    tiny = tiny_model(family, seed=0, batch_size=2)
-    inputs = adapter_for(tiny.model).decoder_inputs(tiny.batch)
-    captured = capture(tiny.model)
-    stats = observe(Context(captured, [inputs]), moment_modalities=tuple(Modality), progress=False).stats
-    with torch.no_grad():
-        fp = captured(inputs)
-    return Tiny(tiny.model, captured, inputs, stats, fp)
+@pytest.fixture(scope="module")
+def llama() -> CalibratedTiny:
+    return calibrated_tiny("llama")
 
 
 @pytest.fixture(scope="module")
-def llama() -> Tiny:
-    return _tiny("llama")
-
-
-@pytest.fixture(scope="module")
-def omni() -> Tiny:
-    return _tiny("qwen2.5-omni-thinker")
+def omni() -> CalibratedTiny:
+    return calibrated_tiny("qwen2.5-omni-thinker")
 
 
 def _int8_modules(gm: torch.fx.GraphModule) -> dict[str, Int8QuantLinear]:
     return {m.name: m for m in gm.modules() if isinstance(m, Int8QuantLinear)}
 
 
-def _assert_backend_matches_reference(tiny: Tiny, context: Context, expected_lowered: int) -> None:
+def _assert_backend_matches_reference(tiny: CalibratedTiny, context: Context, expected_lowered: int) -> None:
     reference = context.captured
     recorded = record_quant_linear_calls(reference.graph_module, tiny.inputs)
     lowered = copy.deepcopy(reference)

@@ -21,33 +21,28 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch._dynamo.utils import counters
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 
 from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao, unsupported_reason
 from masq_fx.backends.torchao_int8 import _INT8_HIDDEN
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
 from masq_fx.checkpoint import linear_bytes, load, read_manifest, save
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.models import DecoderInputs, adapter_for
-from masq_fx.models.tiny import tiny_model
-from masq_fx.pipeline import Context, Pipeline
+from masq_fx.pipeline import Context
 from masq_fx.quant_linear import BRANCH_ACT, QuantLinear, fake_quant_hidden
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act, quantize_weight
-from masq_fx.recipes import Recipe, preset, recipe_steps
+from masq_fx.recipes import Recipe, preset
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 
-from helpers import record_quant_linear_calls
+from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,34 +56,15 @@ _QLINEAR = "qlinear_weight_prepack_matcher_count"
 # ----------------------------------------------------------------------------- tiny model
 
 
-@dataclass
-class Tiny:
-    model: nn.Module
-    captured: CapturedDecoder  # pristine: tests transform deep copies
-    inputs: DecoderInputs
-    stats: dict
-    fp: torch.Tensor
-
-    def quantize(self, recipe: Recipe) -> Context:
-        context = Context(copy.deepcopy(self.captured), [self.inputs], stats=self.stats, provided={"stats"})
-        return Pipeline(recipe_steps(recipe, progress=False)).run(context, progress=False)
-
-
 @pytest.fixture(scope="module")
-def omni() -> Tiny:
-    tiny = tiny_model("qwen2.5-omni-thinker", seed=0, batch_size=2)
-    inputs = adapter_for(tiny.model).decoder_inputs(tiny.batch)
-    captured = capture(tiny.model)
-    stats = observe(Context(captured, [inputs]), moment_modalities=tuple(Modality), progress=False).stats
-    with torch.no_grad():
-        fp = captured(inputs)
-    return Tiny(tiny.model, captured, inputs, stats, fp)
+def omni() -> CalibratedTiny:
+    return calibrated_tiny("qwen2.5-omni-thinker")
 
 
 @pytest.fixture(scope="module")
 def int8_cmc(omni) -> Context:
     """The tiny model with 8-bit CMC factors (do not modify: copy)."""
-    return omni.quantize(INT8_CMC)
+    return omni.transformed(INT8_CMC)
 
 
 def _compensated(gm: torch.fx.GraphModule) -> list[QuantLinear]:
@@ -248,7 +224,7 @@ def test_integer_branches_stay_close_to_the_float_branches(omni, int8_cmc):
     """Per linear, the 8-bit branch output vs the float branch (same SVD factors) on the tokens it
     serves: relative error measured ≤ 8.3e-3 (mean 7.6e-3). Logits: 3.3e-3 apart (relative), 0.04 of
     the quantization error (8.8e-2)."""
-    float_cmc = omni.quantize(FLOAT_CMC)
+    float_cmc = omni.transformed(FLOAT_CMC)
     recorded = record_quant_linear_calls(int8_cmc.graph_module, omni.inputs)
     floats = {m.name: m for m in _compensated(float_cmc.graph_module)}
     for module in _compensated(int8_cmc.graph_module):
@@ -387,7 +363,7 @@ def test_compiled_graph_fuses_every_int8_gemm_of_the_branches(omni, int8_cmc):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_integer_factors_round_trip_through_checkpoints(omni, int8_cmc, tmp_path, bits):
     recipe = replace(INT8_CMC, cmc=CMCConfig(rank=4, factor_bits=bits))
-    context = int8_cmc if bits == 8 else omni.quantize(recipe)
+    context = int8_cmc if bits == 8 else omni.transformed(recipe)
     directory = save(context, tmp_path / "int", model=omni.model, recipe=recipe)
     loaded = load(directory, omni.model)
     with torch.no_grad():
@@ -406,7 +382,7 @@ def test_integer_factors_round_trip_through_checkpoints(omni, int8_cmc, tmp_path
 
 
 def test_integer_factors_take_about_a_quarter_of_the_float_bytes(omni, int8_cmc, tmp_path):
-    float_dir = save(omni.quantize(FLOAT_CMC), tmp_path / "float", model=omni.model, recipe=FLOAT_CMC)
+    float_dir = save(omni.transformed(FLOAT_CMC), tmp_path / "float", model=omni.model, recipe=FLOAT_CMC)
     int8_dir = save(int8_cmc, tmp_path / "int8", model=omni.model, recipe=INT8_CMC)
     float_bytes, int8_bytes = linear_bytes(float_dir).branch_bytes, linear_bytes(int8_dir).branch_bytes
     # codes: 1 byte instead of 4, plus a float32 scale per rank column of L and per output channel of R
@@ -417,7 +393,7 @@ def test_integer_factors_take_about_a_quarter_of_the_float_bytes(omni, int8_cmc,
 
 
 def test_checkpoints_without_the_field_load_float_factors(omni, tmp_path):
-    context = omni.quantize(FLOAT_CMC)
+    context = omni.transformed(FLOAT_CMC)
     directory = save(context, tmp_path / "old", model=omni.model, recipe=FLOAT_CMC)
     path = directory / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -434,7 +410,7 @@ def test_checkpoints_without_the_field_load_float_factors(omni, tmp_path):
 def test_cmc_reports_the_errors_of_the_integer_factors(omni):
     errors = {}
     for bits in (None, 8, 2):
-        context = omni.quantize(replace(INT8_CMC, cmc=CMCConfig(rank=4, factor_bits=bits)))
+        context = omni.transformed(replace(INT8_CMC, cmc=CMCConfig(rank=4, factor_bits=bits)))
         reports = context.diagnostics["cmc"]
         errors[bits] = sum(r.relative_error for r in reports) / len(reports)
         module = next(m for m in quant_linears(context.graph_module) if m.name == "layers.0.mlp.up_proj")
