@@ -37,7 +37,6 @@ from masq_fx.generation import CachedDecoder, capture_cached, full_attention_mas
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.recipes import Recipe
 
 #: inductor's count of int8 GEMMs it rewrote into oneDNN qlinear with a prepacked weight
 _QLINEAR_COUNTER = "qlinear_weight_prepack_matcher_count"
@@ -251,14 +250,6 @@ def resident_linear_bytes(gm: nn.Module) -> tuple[int, int]:
     return held, fp32
 
 
-def recipe_label(recipe: Recipe) -> str:
-    """``method W<bits>A<bits>`` (A16: weight-only)."""
-    if recipe.method == "fp":
-        return "fp"
-    activation = 16 if recipe.activation is None else recipe.activation.bits
-    return f"{recipe.method} W{recipe.weight.bits}A{activation}"
-
-
 def bench(
     quantized: QuantizedModel, config: BenchConfig = BenchConfig(), prompt: DecoderInputs | None = None, progress: bool = True
 ) -> BenchResult:
@@ -280,7 +271,7 @@ def bench(
     held, fp32_bytes = resident_linear_bytes(graphs[QUANTIZED].graph_module)
     return BenchResult(
         config=config,
-        label=recipe_label(quantized.recipe),
+        label=quantized.recipe.label,
         fp32=measured.timings[FP32],
         quantized=measured.timings[QUANTIZED],
         lowering=lowering,

@@ -51,6 +51,20 @@ class Recipe:
             return tuple(Modality)
         return (Modality.VISION, Modality.AUDIO) if self.cmc is not None else ()
 
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``mas W4A8 +CMC`` or ``smoothquant W4A16 g64 +GPTQ``."""
+        if self.method == "fp":
+            return "fp (not quantized)"
+        label = f"{self.method} W{self.weight.bits}A{16 if self.activation is None else self.activation.bits}"
+        if self.weight.group_size is not None:
+            label += f" g{self.weight.group_size}"
+        if self.gptq is not None:
+            label += " +GPTQ"
+        if self.cmc is not None:
+            label += " +CMC"
+        return label
+
     def __post_init__(self) -> None:
         if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
             raise ValueError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")

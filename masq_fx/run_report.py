@@ -137,7 +137,7 @@ class RunReport:
             axes.text(0.5, 0.5, "every layer is exact (∞ dB)", ha="center", va="center", transform=axes.transAxes)
         axes.set_xlabel("decoder layer")
         axes.set_ylabel("output SQNR vs float (dB)")
-        axes.set_title(f"Per-layer output SQNR, {recipe_label(self.recipe)}")
+        axes.set_title(f"Per-layer output SQNR, {self.recipe.label}")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
@@ -273,20 +273,6 @@ def build(
     )
 
 
-def recipe_label(recipe: Recipe) -> str:
-    """Short name of a recipe, e.g. ``mas W4A8 +CMC`` or ``smoothquant W4A16 g64``."""
-    if recipe.method == "fp":
-        return "fp (not quantized)"
-    label = f"{recipe.method} W{recipe.weight.bits}A{16 if recipe.activation is None else recipe.activation.bits}"
-    if recipe.weight.group_size is not None:
-        label += f" g{recipe.weight.group_size}"
-    if recipe.gptq is not None:
-        label += " +GPTQ"
-    if recipe.cmc is not None:
-        label += " +CMC"
-    return label
-
-
 def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
     """(setting, value) rows of the recipe's key settings."""
     w, a = recipe.weight, recipe.activation
@@ -320,7 +306,7 @@ def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def _recipe_section(recipe: Recipe) -> str:
-    lines = [f"## Recipe: {recipe_label(recipe)}", "", "| setting | value |", "|---|---|"]
+    lines = [f"## Recipe: {recipe.label}", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in recipe_settings(recipe)]
     lines += [
         "",

@@ -16,7 +16,7 @@ from masq_fx.modality import Modality
 from masq_fx.models.tiny import tiny_model
 from masq_fx.pipeline import StepRecord
 from masq_fx.recipes import Recipe, preset
-from masq_fx.run_report import PLOT_FILE, REPORT_FILE, RunReport, build, recipe_label
+from masq_fx.run_report import PLOT_FILE, REPORT_FILE, RunReport, build
 from masq_fx.transforms.cmc import BranchReport, CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
 from masq_fx.transforms.quantize import ModuleFilter
@@ -72,7 +72,7 @@ def test_multimodal_report_has_every_section(omni_quantized, omni_report, tmp_pa
         assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
     markdown = path.read_text()
     assert markdown.startswith("# tiny Omni thinker\n")
-    assert "## Recipe: mas W4A8 +CMC\n" in markdown and recipe_label(omni_quantized.recipe) == "mas W4A8 +CMC"
+    assert "## Recipe: mas W4A8 +CMC\n" in markdown and omni_quantized.recipe.label == "mas W4A8 +CMC"
     assert f"![per-layer output SQNR per modality]({PLOT_FILE})" in markdown
 
     sqnr = section(markdown, "Per-layer output SQNR")
@@ -213,7 +213,7 @@ def test_cmc_overhead_is_branch_macs_over_dense_macs(shapes):
 
 def test_recipe_section_names_the_key_settings():
     recipe = replace(preset("smoothquant", 4, 16), gptq=GPTQConfig(), modules=ModuleFilter(exclude=(r".*(q|k)_proj",)))
-    assert recipe_label(recipe) == "smoothquant W4A16 g64 +GPTQ"
+    assert recipe.label == "smoothquant W4A16 g64 +GPTQ"
     settings = section(_report({(0, Modality.TEXT): 30.0}, recipe=recipe).markdown(), "Recipe: smoothquant W4A16 g64 +GPTQ")
     assert table_row(settings, "weights") == ["4-bit, groups of 64, symmetric, full grid"]
     assert table_row(settings, "activations") == ["float (weight-only)"]
