@@ -21,7 +21,9 @@ Protocol:
   MAS-init (per-linear, per-modality SmoothQuant scales, one stored weight per modality); MAS
   (learned per layer, one stored weight per modality: the per-modality weight simulation); MAS+CMC
   (one stored weight, text's, plus whitened rank-ρ branches for vision and audio tokens), at each
-  ``--ranks`` ratio, all from the same learned MAS scales.
+  ``--ranks`` ratio, all from the same learned MAS scales; with ``--own-channels``, also MAS+CMC
+  whose vision/audio scales keep their own value on only as many channels as the rank
+  (``CMCConfig(own_channels="rank")``; text's scale elsewhere).
 
 Run: ``.venv/bin/python benchmarks/trimodal_methods.py`` (about 45 minutes on 2 cores).
 """
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--settings", default="4/8,4/8+gptq,8/6", help="comma-separated W/A bit pairs, optionally +gptq")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--ranks", default="0.05,0.2", help="CMC rank ratios applied after MAS")
+    parser.add_argument("--own-channels", action="store_true", help="add MAS+CMC rows with own_channels='rank'")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,21 +105,23 @@ def main() -> None:
             if method != "mas":
                 continue
             for ratio in (float(r) for r in args.ranks.split(",")):
-                cmc = copy.deepcopy(context)
-                start = time.perf_counter()
-                Pipeline([CrossModalCompensation(CMCConfig(rank_ratio=ratio))]).run(cmc, progress=False)
-                score(f"MAS + CMC ρ={ratio:g}", bits, cmc.captured, seconds + time.perf_counter() - start)
+                for own in ("rank",) * args.own_channels + (None,):
+                    cmc = copy.deepcopy(context)
+                    start = time.perf_counter()
+                    Pipeline([CrossModalCompensation(CMCConfig(rank_ratio=ratio, own_channels=own))]).run(cmc, progress=False)
+                    label = f"MAS + CMC ρ={ratio:g}" + (" own=rank" if own else "")
+                    score(label, bits, cmc.captured, seconds + time.perf_counter() - start)
 
     print()
     print(f"{source.title}; {args.items} evaluation items per modality, {args.windows} × 512 text tokens")
     metrics = list(rows[0][2])
-    header = f"{'method':<22} {'setting':<11}" + "".join(f"{m:>22}" for m in metrics)
+    header = f"{'method':<28} {'setting':<11}" + "".join(f"{m:>22}" for m in metrics)
     header += "".join(f"{'SQNR ' + m.name.lower():>14}" for m in Modality) + f"{'quantize s':>11}"
     print(header)
     for label, bits, values, sqnr, seconds in rows:
         cells = "".join(f"{100 * values[m]:>21.1f}%" if "exact match" in m else f"{values[m]:>22.3f}" for m in metrics)
         cells += "".join(f"{sqnr[m]:>14.1f}" for m in Modality)
-        print(f"{label:<22} {bits:<11}{cells}{seconds:>11.0f}")
+        print(f"{label:<28} {bits:<11}{cells}{seconds:>11.0f}")
 
 
 if __name__ == "__main__":

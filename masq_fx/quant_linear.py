@@ -211,6 +211,11 @@ class QuantLinear(nn.Module):
         self._frozen_weights = None
 
     @property
+    def has_solved_weights(self) -> bool:
+        """Integer weights were solved (GPTQ) or loaded for the current scales."""
+        return self._solved is not None
+
+    @property
     def cached_weights(self) -> Tensor | None:
         """The ``[rows, out, in]`` weights :meth:`freeze` cached (``None`` when not frozen)."""
         return self._frozen_weights

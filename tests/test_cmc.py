@@ -377,6 +377,45 @@ def test_whitened_error_does_not_grow_with_rank(seed, d_in, d_out, tokens, dampi
     assert errors[-1] <= 1e-9 * total
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    d_in=st.integers(4, 16),
+    d_out=st.integers(4, 16),
+    keep=st.integers(0, 4),
+)
+def test_own_channels_make_the_scale_mismatch_fit_the_rank(seed, d_in, d_out, keep):
+    """With a modality's own scale on ``k`` channels only, its mismatch ``W·diag(s_m − s_t)`` has rank ≤ k:
+    a rank-k branch leaves at most the text weight's quantization error on that modality's tokens."""
+    case = linear_case(seed, d_in, d_out, spread=1.5)
+    rank = max(keep, 1)
+    module, _ = compensate(case, CMCConfig(rank=rank, own_channels="rank" if keep else 0, damping=0.0))
+    scales = module.scales.detach().double()
+    text = scales[int(module.row_of_modality[TEXT])]
+    original = case.module.scales.detach().double()
+    for modality in (VISION, AUDIO):
+        row = int(module.row_of_modality[modality])
+        own = scales[row] != text
+        assert int(own.sum()) <= keep
+        assert torch.equal(scales[row][own], original[row][own])  # kept channels keep the learned scale
+        base = text_weight(module).double()
+        error_t = (module.weight.double() * scales[row] - base).T
+        quant_only = (module.weight.double() * text - base).T
+        with_branch = calibration_error(case, module, modality, error_t)
+        x_tilde = case.x[case.ids == int(modality)].double() / scales[row]
+        assert with_branch <= float((x_tilde @ quant_only).square().sum()) * (1 + 1e-6) + 1e-9
+
+
+def test_own_channels_refuse_bad_values_and_solved_weights():
+    for bad in (-1, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="own_channels"):
+            CMCConfig(own_channels=bad)
+    case = linear_case(0, 8, 8)
+    case.module.set_solved({row: case.module.weight_codes(row) for row in case.module.stored_rows()})
+    with pytest.raises(ValueError, match="run CMC before GPTQ"):
+        compensate(case, CMCConfig(own_channels="rank"))
+
+
 # ----------------------------------------------------------------------------- 3. Whitening
 
 

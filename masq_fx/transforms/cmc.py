@@ -19,6 +19,14 @@ The rank is ``rank`` (absolute) or ``⌊rank_ratio·min(d_in, d_out)⌋``, at le
 own scale row (absent from calibration) gets no branch; one whose second moment was not collected
 gets an unwhitened branch, with a warning.
 
+``own_channels=k`` (an int, or ``"rank"`` for the branch's rank) first projects every non-text scale
+row onto text's except in ``k`` input channels: those where the mismatch costs most on that
+modality's activations, ``diag(C)_j / s_m[j]² · ‖W[:, j]‖² · (s_m[j] − s_t[j])²`` summed over the
+linears sharing the table. The mismatch part of ``E`` is then ``W·diag(s_m − s_t)`` with at most ``k``
+non-zero columns, so a rank-``k`` branch leaves at most the text weight's quantization error on those
+tokens (Eckart–Young) instead of an unreachable full-rank mismatch. ``None`` (the spec) keeps every
+channel's own scale.
+
 ``factor_bits=b`` stores ``L`` and ``R`` as b-bit codes (per rank column of ``L``, per output channel
 of ``R``) and computes the branch as torchao's int8 kernels do: the branch input and the masked
 hidden ``x̃·L`` quantized dynamically per token to 8 bits (see :mod:`masq_fx.quant_linear`). The
@@ -60,8 +68,12 @@ class CMCConfig:
     whiten: bool = True
     branch_input: Literal["smoothed", "quantized"] = "smoothed"
     factor_bits: int | None = None
+    own_channels: int | Literal["rank"] | None = None
 
     def __post_init__(self) -> None:
+        own = self.own_channels
+        if own is not None and own != "rank" and (isinstance(own, bool) or not isinstance(own, int) or own < 0):
+            raise ValueError(f"own_channels must be None (all channels), 'rank' or a non-negative int, got {own!r}")
         if self.rank is not None and self.rank_ratio is not None:
             raise ValueError("set at most one of rank (absolute) and rank_ratio (fraction of min(d_in, d_out))")
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
@@ -84,6 +96,12 @@ class CMCConfig:
                 "factor_bits quantizes the branch input per token to 8 bits itself; with branch_input='quantized' "
                 "it would be quantized twice: use branch_input='smoothed' (or factor_bits=None)"
             )
+
+    def own_channels_for(self, d_in: int, d_out: int) -> int | None:
+        """Input channels that keep a modality's own scale (``None``: all of them)."""
+        if self.own_channels is None:
+            return None
+        return min(d_in, self.rank_for(d_in, d_out) if self.own_channels == "rank" else self.own_channels)
 
     def rank_for(self, d_in: int, d_out: int) -> int:
         full = min(d_in, d_out)
@@ -160,9 +178,11 @@ class CrossModalCompensation:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         self.reports = []
         skipped: set[Modality] = set()
-        for module in quant_linears(gm):
-            if module.scales is None or module.scales.shape[0] < 2 or module.weight_quant is None:
-                continue  # one row, or a float linear left out of quantization: exact without a branch
+        # one row, or a float linear left out of quantization: exact without a branch
+        linears = [m for m in quant_linears(gm) if m.scales is not None and m.scales.shape[0] >= 2 and m.weight_quant is not None]
+        if self.config.own_channels is not None:
+            self._project_scales(linears, context)
+        for module in linears:
             if not module.quantizers_enabled:
                 raise ValueError(
                     f"{module.name} has no active weight quantizer: run QuantizeWeights before CMC "
@@ -191,6 +211,39 @@ class CrossModalCompensation:
                 stacklevel=2,
             )
         return gm
+
+    def _project_scales(self, linears: list[QuantLinear], context: Context) -> None:
+        """Set each non-text scale row to text's outside its ``own_channels`` costliest channels (per table)."""
+        tables: dict[int, list[QuantLinear]] = {}
+        for module in linears:
+            tables.setdefault(id(module.scales), []).append(module)
+        for sharing in tables.values():
+            first = sharing[0]
+            if first.has_solved_weights:
+                raise ValueError(
+                    f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
+                    "run CMC before GPTQ, or leave own_channels at None"
+                )
+            keep = min(self.config.own_channels_for(m.in_features, m.out_features) for m in sharing)
+            scales = first.scales.detach()
+            text_row = int(first.row_of_modality[Modality.TEXT])
+            for modality in Modality:
+                row = int(first.row_of_modality[modality])
+                if row == text_row:
+                    continue
+                gap = (scales[row].double() - scales[text_row].double()).square() / scales[row].double().square()
+                cost = torch.zeros_like(gap)
+                for module in sharing:
+                    stats = context.stats.get(module.name)
+                    moment = None if stats is None else stats.moments.get(modality)
+                    energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
+                    cost += energy * module.weight.detach().double().square().sum(0) * gap
+                own = torch.zeros_like(gap, dtype=torch.bool)
+                own[cost.topk(keep).indices] = True
+                with torch.no_grad():
+                    first.scales[row] = torch.where(own, scales[row], scales[text_row])
+            for module in sharing:
+                module.unfreeze()
 
     def _compensate(
         self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context
