@@ -227,23 +227,25 @@ class CrossModalCompensation:
             keep = min(self.config.own_channels_for(m.in_features, m.out_features) for m in sharing)
             scales = first.scales.detach()
             text_row = int(first.row_of_modality[Modality.TEXT])
+            column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
             for modality in Modality:
                 row = int(first.row_of_modality[modality])
                 if row == text_row:
                     continue
                 gap = (scales[row].double() - scales[text_row].double()).square() / scales[row].double().square()
                 cost = torch.zeros_like(gap)
-                for module in sharing:
+                for module, columns in zip(sharing, column_energy):
                     stats = context.stats.get(module.name)
                     moment = None if stats is None else stats.moments.get(modality)
                     energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
-                    cost += energy * module.weight.detach().double().square().sum(0) * gap
+                    cost += energy * columns * gap
                 own = torch.zeros_like(gap, dtype=torch.bool)
                 own[cost.topk(keep).indices] = True
                 with torch.no_grad():
                     first.scales[row] = torch.where(own, scales[row], scales[text_row])
             for module in sharing:
                 module.unfreeze()
+                context.result(module.name)["smooth_scales"] = first.scales.detach().clone()
 
     def _compensate(
         self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context
