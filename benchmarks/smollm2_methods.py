@@ -12,7 +12,8 @@ Evaluation protocol:
 - methods (``--methods``), each on a fresh copy of one calibrated capture: RTN; SmoothQuant α=0.5
   tied (one scale per input, folded into the norm) and per-linear (online); MAS-init (per-linear,
   per-modality SmoothQuant); MAS (learned: AdamW lr 5e-2, 2 epochs, per layer); optional weight-side
-  variants with GPTQ error feedback or a clipping search.
+  variants with GPTQ error feedback, a weight-MSE clipping search, or clipping ratios learned in
+  MAS's per-layer loss (``mas-lwc``).
 SmolLM2 is text only, so MAS-init equals per-linear SmoothQuant here; MAS differs by learning.
 
 Run: ``.venv/bin/python benchmarks/smollm2_methods.py`` (about 15-20 minutes on 2 cores).
@@ -49,6 +50,8 @@ METHODS = {
     "sq-gptq": ("SmoothQuant (tied) + GPTQ", "smoothquant", None, {"gptq": GPTQConfig()}),
     "mas-gptq": ("MAS (learned) + GPTQ", "mas", None, {"gptq": GPTQConfig()}),
     "mas-clip": ("MAS (learned) + clip search", "mas", None, {"clip_search": True}),
+    "mas-lwc": ("MAS (learned) + learned clipping", "mas", None, {"learn_clipping": True}),
+    "mas-lwc-gptq": ("MAS + learned clipping + GPTQ", "mas", None, {"learn_clipping": True, "gptq": GPTQConfig()}),
 }
 
 
@@ -85,6 +88,8 @@ def main() -> None:
             recipe = preset(method, wbits, abits, variant)
             if extra.get("clip_search"):
                 recipe = replace(recipe, weight=replace(recipe.weight, clip_search=True))
+            if extra.get("learn_clipping"):
+                recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True))
             if "gptq" in extra:
                 recipe = replace(recipe, gptq=extra["gptq"])
             start = time.perf_counter()
@@ -99,10 +104,10 @@ def main() -> None:
     print()
     print(f"SmolLM2-135M-Instruct, {args.eval_windows} × 512 eval tokens, {args.calib_samples} × 256 calib tokens "
           f"(calibration pass {calib_s:.0f} s)")
-    print(f"{'method':<30} {'bits':<6} {'ppl':>8} {'Δ vs FP':>9} {'quantize s':>11} {'decoder linears':>16} {'lm_head':>8}")
+    print(f"{'method':<34} {'bits':<6} {'ppl':>8} {'Δ vs FP':>9} {'quantize s':>11} {'decoder linears':>16} {'lm_head':>8}")
     for label, bits, ppl, seconds, linears, head in rows:
         delta = "" if label == "FP32" else f"{100 * (ppl / fp - 1):+.1f}%"
-        print(f"{label:<30} {bits:<6} {ppl:>8.3f} {delta:>9} {seconds:>11.0f} {linears:>16} {'yes' if head else 'no':>8}")
+        print(f"{label:<34} {bits:<6} {ppl:>8.3f} {delta:>9} {seconds:>11.0f} {linears:>16} {'yes' if head else 'no':>8}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ class QuantLinear(nn.Module):
         self.act_quant: ActQuantConfig | None = None
         self.act_static_scale: Tensor | None = None
         self._frozen_weights: Tensor | None = None
+        #: learned weight clipping: ratios ``[rows, out, n_groups]`` in (0, 1] that shrink the range of
+        #: each weight row's output channels (groups); ``None``: full range (or the clip search)
+        self.clip_ratios: nn.Parameter | None = None
         #: scale row (0 if unsmoothed) → integer weight solved by a weight transform (GPTQ) or loaded
         #: from a checkpoint; they replace ``Q_w(W·diag(s[r]))`` until the scales change
         self._solved: dict[int, QuantizedWeight] | None = None
@@ -131,7 +134,7 @@ class QuantLinear(nn.Module):
     def set_scales(self, scales: Tensor | nn.Parameter | None, row_of_modality: Tensor | None = None) -> None:
         """Install a ``[rows, in_features]`` scale table (shared ``nn.Parameter`` objects stay shared).
 
-        Solved weights and compensation branches depend on the scales and are dropped.
+        Solved weights, learned clipping and compensation branches depend on the scales and are dropped.
         """
         if scales is not None:
             if scales.dim() != 2 or scales.shape[1] != self.in_features:
@@ -146,6 +149,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{self.name}: row_of_modality points past the {scales.shape[0]} scale rows")
         self.row_of_modality = rows.to(self.row_of_modality.device)
         self._solved = None
+        self.clip_ratios = None
         self.branches = {}
         self.branch_codes = {}
         self.unfreeze()
@@ -193,7 +197,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{self.name}: no weight quantizer, so no integer weights")
         if self._solved is not None:
             return self._solved_row(row)
-        return quantize_weight(self._smoothed_weight(row), self.weight_quant)
+        return quantize_weight(self._smoothed_weight(row), self.weight_quant, self.clip_ratio(row))
 
     def _solved_row(self, row: int | None) -> QuantizedWeight:
         assert self._solved is not None
@@ -201,6 +205,27 @@ class QuantLinear(nn.Module):
         if solved is None:
             raise ValueError(f"{self.name}: no quantized weight of scale row {row} is stored (rows {sorted(self._solved)})")
         return solved
+
+    def learn_clipping(self) -> nn.Parameter:
+        """Make each weight row's clipping ratios learnable (as OmniQuant's learnable weight clipping).
+
+        The ratio of an output channel (group) multiplies its range before the quantization scale
+        is taken; it starts at 1 (the plain quantizer). An existing table is reused.
+        """
+        if self.weight_quant is None:
+            raise ValueError(f"{self.name}: no weight quantizer, so no clipping to learn")
+        if self._solved is not None:
+            raise ValueError(f"{self.name}: weights already solved (GPTQ or loaded); learn clipping before solving")
+        if self.clip_ratios is None:
+            rows = 1 if self.scales is None else self.scales.shape[0]
+            groups = 1 if self.weight_quant.group_size is None else self.in_features // self.weight_quant.group_size
+            self.clip_ratios = nn.Parameter(torch.ones(rows, self.out_features, groups))
+        self.unfreeze()
+        return self.clip_ratios
+
+    def clip_ratio(self, row: int | None) -> Tensor | None:
+        """Learned clipping ratios ``[out, n_groups]`` of scale row ``row`` (``None``: none learned)."""
+        return None if self.clip_ratios is None else self.clip_ratios[row or 0]
 
     def freeze(self) -> None:
         """Cache the quantized weights (call once the scales are final); :meth:`unfreeze` undoes it."""
@@ -230,7 +255,7 @@ class QuantLinear(nn.Module):
         weight = self._smoothed_weight(row)
         if self.weight_quant is None or not self.quantizers_enabled:
             return weight
-        return fake_quant_weight(weight, self.weight_quant)
+        return fake_quant_weight(weight, self.weight_quant, self.clip_ratio(row))
 
     @property
     def branch_bits(self) -> int | None:

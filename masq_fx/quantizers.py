@@ -233,19 +233,31 @@ def _search_clip_ratio(wg: Tensor, config: WeightQuantConfig) -> Tensor:
     return best_ratio
 
 
-def _fake_quant_grouped(wg: Tensor, config: WeightQuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
-    ratio = _search_clip_ratio(wg.detach(), config) if config.clip_search else 1.0
-    scale, zp = _weight_qparams(wg, config, ratio)
+def _clip_ratio(wg: Tensor, config: WeightQuantConfig, ratio: Tensor | None) -> Tensor | float:
+    """``[out, n_groups, 1]`` clipping ratios: the given (learned) ones, else the configured search's, else 1."""
+    if ratio is not None:
+        if ratio.shape != wg.shape[:-1]:
+            raise ValueError(
+                f"clip ratio must be [out_features, n_groups] = {list(wg.shape[:-1])}, got {list(ratio.shape)}"
+            )
+        return ratio.float().unsqueeze(-1)
+    return _search_clip_ratio(wg.detach(), config) if config.clip_search else 1.0
+
+
+def _fake_quant_grouped(
+    wg: Tensor, config: WeightQuantConfig, ratio: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    scale, zp = _weight_qparams(wg, config, _clip_ratio(wg, config, ratio))
     return _quantize(wg, scale, zp, config.qmin, config.qmax), scale, zp
 
 
 @torch.no_grad()
-def weight_qparams(w: Tensor, config: WeightQuantConfig) -> tuple[Tensor, Tensor | None]:
+def weight_qparams(w: Tensor, config: WeightQuantConfig, ratio: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Scale (and zero point) ``[out, 1]`` for a slice ``[out, k]`` of weight columns quantized as one
-    group (with the clipping search if configured); used by error-feedback solvers such as GPTQ."""
+    group, its range shrunk by ``ratio [out, 1]`` if given, else by the configured clipping search;
+    used by error-feedback solvers such as GPTQ."""
     wg = w.float()[:, None, :]
-    ratio = _search_clip_ratio(wg, config) if config.clip_search else 1.0
-    scale, zp = _weight_qparams(wg, config, ratio)
+    scale, zp = _weight_qparams(wg, config, _clip_ratio(wg, config, ratio))
     return scale[:, 0], None if zp is None else zp[:, 0]
 
 
@@ -290,9 +302,10 @@ class QuantizedWeight:
 
 
 @torch.no_grad()
-def quantize_weight(w: Tensor, config: WeightQuantConfig) -> QuantizedWeight:
-    """Quantize a weight ``[out, in]`` to int8 codes, scales and zero points."""
-    q, scale, zp = _fake_quant_grouped(_grouped(w, config), config)
+def quantize_weight(w: Tensor, config: WeightQuantConfig, ratio: Tensor | None = None) -> QuantizedWeight:
+    """Quantize a weight ``[out, in]`` to int8 codes, scales and zero points; ``ratio [out, n_groups]``
+    shrinks each row's (group's) range (learned clipping) in place of ``config``'s clipping search."""
+    q, scale, zp = _fake_quant_grouped(_grouped(w, config), config, ratio)
     return QuantizedWeight(
         qdata=q.reshape(w.shape).to(torch.int8),
         scale=scale.squeeze(-1),
@@ -302,9 +315,10 @@ def quantize_weight(w: Tensor, config: WeightQuantConfig) -> QuantizedWeight:
     )
 
 
-def fake_quant_weight(w: Tensor, config: WeightQuantConfig) -> Tensor:
-    """Quantize-dequantize a weight ``[out, in]``; differentiable w.r.t. ``w`` (STE, scale not detached)."""
-    q, scale, zp = _fake_quant_grouped(_grouped(w, config), config)
+def fake_quant_weight(w: Tensor, config: WeightQuantConfig, ratio: Tensor | None = None) -> Tensor:
+    """Quantize-dequantize a weight ``[out, in]``; differentiable w.r.t. ``w`` and ``ratio`` (as
+    :func:`quantize_weight`) through the STE rounding, the scale not detached."""
+    q, scale, zp = _fake_quant_grouped(_grouped(w, config), config, ratio)
     return _dequantize(q, scale, zp).reshape(w.shape).to(w.dtype)
 
 

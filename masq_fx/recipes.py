@@ -21,7 +21,7 @@ from masq_fx.transforms import (
     SmoothingConfig,
     SmoothScales,
 )
-from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
+from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectScales
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 from masq_fx.transforms.quantize import ModuleFilter
@@ -153,6 +153,8 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
         steps.append(QuantizeActivations(recipe.activation, recipe.modules))
     if recipe.method == "mas":
         steps.append(LearnMAS(recipe.learning, progress=progress))
+    if recipe.cmc is not None and recipe.cmc.own_channels is not None:
+        steps.append(ProjectScales(recipe.cmc))  # before GPTQ solves weights for the final scales
     if recipe.gptq is not None:
         steps.append(GPTQWeights(recipe.gptq, progress=progress))
     if recipe.cmc is not None:

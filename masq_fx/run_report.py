@@ -290,13 +290,15 @@ def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.method == "mas":
         ln = recipe.learning
         loss = " / ".join(f"{_name(m)} {v:g}" for m, v in zip(Modality, ln.loss_weights))
-        rows.append(("MAS learning", f"{ln.epochs} epochs, lr {ln.lr:g}, loss weights {loss}, {ln.normalization}"))
+        clipping = f", learned clipping (lr {ln.clip_lr:g}, ratio ≥ {ln.min_clip_ratio:g})" if ln.learn_clipping else ""
+        rows.append(("MAS learning", f"{ln.epochs} epochs, lr {ln.lr:g}, loss weights {loss}, {ln.normalization}{clipping}"))
     if recipe.cmc is not None:
         c = recipe.cmc
         rank = f"rank {c.rank}" if c.rank is not None else f"rank ratio {0.2 if c.rank_ratio is None else c.rank_ratio:g}"
         whiten = f"whitened (damping {c.damping:g})" if c.whiten else "unwhitened"
         rows.append(("CMC", f"{rank}, floor {c.rank_floor}, {whiten}, target {c.target}, branch input {c.branch_input}"
-                     + ("" if c.factor_bits is None else f", {c.factor_bits}-bit factors")))
+                     + ("" if c.factor_bits is None else f", {c.factor_bits}-bit factors")
+                     + ("" if c.own_channels is None else f", own scale on {c.own_channels} channels")))
     gptq = recipe.gptq
     rows.append(("GPTQ", "off" if gptq is None else f"damping {gptq.damping:g}, block {gptq.block_size}"))
     include = ", ".join(f"`{p}`" for p in recipe.modules.include)

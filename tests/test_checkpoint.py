@@ -65,11 +65,13 @@ RECIPES: dict[str, Recipe] = {
     "mas-init-cmc-w8a8": replace(preset("mas-init", 8, 8), cmc=CMCConfig()),
     "gptq-w4a8": replace(preset("mas-init", 4, 8), gptq=GPTQConfig()),
     "gptq-cmc-w8a8": replace(preset("mas-init", 8, 8), gptq=GPTQConfig(), cmc=CMCConfig()),
+    "mas-clip-cmc-w4a8": replace(preset("mas", 4, 8), learning=replace(ONE_EPOCH, learn_clipping=True), cmc=CMCConfig()),
+    "mas-clip-gptq-w4a8": replace(preset("mas", 4, 8), learning=replace(ONE_EPOCH, learn_clipping=True), gptq=GPTQConfig()),
 }
 #: recipes the torchao int8 backend lowers completely (W8A8, and W4A8 codes on the int8 kernel)
 LOWERABLE = [
     "rtn-w8a8", "smoothquant-folded-w8a8", "smoothquant-routed-w8a8", "mas-init-w8a8", "mas-init-cmc-w8a8",
-    "gptq-cmc-w8a8", "smoothquant-folded-w4a8", "mas-cmc-w4a8", "gptq-w4a8",
+    "gptq-cmc-w8a8", "smoothquant-folded-w4a8", "mas-cmc-w4a8", "gptq-w4a8", "mas-clip-cmc-w4a8", "mas-clip-gptq-w4a8",
 ]  # fmt: skip
 
 

@@ -40,6 +40,7 @@ from masq_fx.transforms.cmc import (
     Whitening,
     low_rank_factors,
 )
+from masq_fx.transforms.gptq import GPTQConfig
 
 TEXT, VISION, AUDIO = Modality.TEXT, Modality.VISION, Modality.AUDIO
 W4 = WeightQuantConfig(bits=4)
@@ -412,8 +413,28 @@ def test_own_channels_refuse_bad_values_and_solved_weights():
             CMCConfig(own_channels=bad)
     case = linear_case(0, 8, 8)
     case.module.set_solved({row: case.module.weight_codes(row) for row in case.module.stored_rows()})
-    with pytest.raises(ValueError, match="run CMC before GPTQ"):
+    with pytest.raises(ValueError, match="run ProjectScales before GPTQ"):
         compensate(case, CMCConfig(own_channels="rank"))
+
+
+def test_recipe_projects_the_scales_before_gptq_solves_the_weights(omni):
+    """own_channels with GPTQ: the recipe confines the scale mismatch first, GPTQ solves the text weight,
+    and the full-rank branches then reach the projected rows' smoothed weights from the solved one."""
+    stats = observe(Context(copy.deepcopy(omni.captured), [omni.inputs]), moment_modalities=tuple(Modality), progress=False).stats
+    recipe = replace(MAS_INIT, cmc=CMCConfig(rank_ratio=1.0, own_channels=2), gptq=GPTQConfig())
+    steps = [type(step).__name__ for step in recipe_steps(recipe, progress=False)]
+    assert steps.index("ProjectScales") < steps.index("GPTQWeights") < steps.index("CrossModalCompensation")
+    context = mas_init(omni, recipe, stats)
+    checked = 0
+    for module, modality, row, left, right in branches(context):
+        scales = module.scales.detach()
+        text = scales[int(module.row_of_modality[TEXT])]
+        assert module.has_solved_weights and int((scales[row] != text).sum()) <= 2
+        base = module.quantized_weight(int(module.row_of_modality[TEXT])).double()
+        target = module.weight.double() * scales[row].double()
+        assert ((base + (left @ right).T - target).abs() <= float32_factor_bound(left, right, target).T).all()
+        checked += 1
+    assert checked == 24
 
 
 # ----------------------------------------------------------------------------- 3. Whitening

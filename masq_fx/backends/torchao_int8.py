@@ -70,7 +70,7 @@ from masq_fx.capture import CapturedDecoder
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
-from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act, weight_qparams
+from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
@@ -141,28 +141,19 @@ def _weight_rows(module: QuantLinear) -> list[int | None]:
 
 @torch.no_grad()
 def _int8_weight(module: QuantLinear, row: int | None) -> Int8Tensor:
-    """torchao int8 weight of ``module.quantized_weight(row)``: the reference's codes and per-channel scales.
-
-    The scales are those of the reference quantizer on the smoothed float weight; the codes are
-    ``round(Q / scale)``. Plain round-to-nearest weights are reproduced bit for bit; solved (GPTQ)
-    weights, which the reference rescales in float64, within 2 ulp. Anything else raises.
-    """
+    """torchao int8 weight of ``module.quantized_weight(row)``: the reference's own integer codes and
+    per-channel scales (rounded to nearest, clipped, or solved by GPTQ), checked to dequantize to it."""
     config: WeightQuantConfig = module.weight_quant
+    codes = module.weight_codes(row)
     target = module.quantized_weight(row).detach().float()
-    smoothed = module.weight.detach().float()
-    if row is not None:
-        smoothed = smoothed * module.scales[row].detach()
-    scale, _ = weight_qparams(smoothed, config)
-    scale = scale.float()
-    codes = torch.round(target / scale)
-    restored = codes * scale
-    if codes.min() < config.qmin or codes.max() > config.qmax or not torch.allclose(restored, target, rtol=2**-22, atol=0.0):
+    restored = codes.qdata.float() * codes.scale.float()
+    if codes.zero_point is not None or codes.scale.shape[-1] != 1 or not torch.equal(restored, target):
         error = (restored - target).abs().max()
         raise ValueError(
-            f"{module.name}: stored weights of row {row} are not on the per-channel int8 grid of their "
+            f"{module.name}: stored weights of row {row} are not on the per-channel {config.bits}-bit grid of their "
             f"scales (max deviation {float(error):.3g}); was the weight quantizer changed after freezing?"
         )
-    return _int8_tensor(codes, scale)
+    return _int8_tensor(codes.qdata.float(), codes.scale.float())
 
 
 def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

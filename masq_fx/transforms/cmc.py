@@ -52,6 +52,7 @@ from masq_fx.transforms.quantize import WEIGHT_QUANT
 from masq_fx.transforms.smoothing import SCALES
 
 CMC = "cmc"
+SCALES_PROJECTED = "cmc_scales_projected"
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,63 @@ def _effective_rank(sigma: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _compensated(gm: fx.GraphModule) -> list[QuantLinear]:
+    """Quantized linears with several scale rows (one row, or a float linear, is exact without a branch)."""
+    return [m for m in quant_linears(gm) if m.scales is not None and m.scales.shape[0] >= 2 and m.weight_quant is not None]
+
+
+@dataclass
+class ProjectScales:
+    """CMC's ``own_channels`` step on its own: set each non-text scale row to text's outside its
+    ``own_channels`` costliest channels (per shared table).
+
+    :class:`CrossModalCompensation` runs it itself; a pipeline that solves weights for the final
+    scales (GPTQ) runs it first, then GPTQ, then CMC (as :func:`masq_fx.recipes.recipe_steps` does).
+    """
+
+    config: CMCConfig = field(default_factory=CMCConfig)
+    name: str = "project_scales"
+    requires: tuple[str, ...] = (SCALES,)
+    provides: tuple[str, ...] = (SCALES_PROJECTED,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        if self.config.own_channels is None:
+            raise ValueError("ProjectScales needs CMCConfig.own_channels (an int or 'rank'); None keeps every channel")
+        tables: dict[int, list[QuantLinear]] = {}
+        for module in _compensated(gm):
+            tables.setdefault(id(module.scales), []).append(module)
+        for sharing in tables.values():
+            first = sharing[0]
+            if first.has_solved_weights:
+                raise ValueError(
+                    f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
+                    "run ProjectScales before GPTQ (recipe_steps does), or leave own_channels at None"
+                )
+            keep = min(self.config.own_channels_for(m.in_features, m.out_features) for m in sharing)
+            scales = first.scales.detach()
+            text_row = int(first.row_of_modality[Modality.TEXT])
+            column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
+            for modality in Modality:
+                row = int(first.row_of_modality[modality])
+                if row == text_row:
+                    continue
+                gap = (scales[row].double() - scales[text_row].double()).square() / scales[row].double().square()
+                cost = torch.zeros_like(gap)
+                for module, columns in zip(sharing, column_energy):
+                    stats = context.stats.get(module.name)
+                    moment = None if stats is None else stats.moments.get(modality)
+                    energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
+                    cost += energy * columns * gap
+                own = torch.zeros_like(gap, dtype=torch.bool)
+                own[cost.topk(keep).indices] = True
+                with torch.no_grad():
+                    first.scales[row] = torch.where(own, scales[row], scales[text_row])
+            for module in sharing:
+                module.unfreeze()
+                context.result(module.name)["smooth_scales"] = first.scales.detach().clone()
+        return gm
+
+
 @dataclass
 class CrossModalCompensation:
     """Switch every multi-row QuantLinear to one text weight plus a low-rank branch per other row."""
@@ -178,10 +236,9 @@ class CrossModalCompensation:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         self.reports = []
         skipped: set[Modality] = set()
-        # one row, or a float linear left out of quantization: exact without a branch
-        linears = [m for m in quant_linears(gm) if m.scales is not None and m.scales.shape[0] >= 2 and m.weight_quant is not None]
-        if self.config.own_channels is not None:
-            self._project_scales(linears, context)
+        linears = _compensated(gm)
+        if self.config.own_channels is not None and SCALES_PROJECTED not in context.provided:
+            ProjectScales(self.config)(gm, context)
         for module in linears:
             if not module.quantizers_enabled:
                 raise ValueError(
@@ -211,41 +268,6 @@ class CrossModalCompensation:
                 stacklevel=2,
             )
         return gm
-
-    def _project_scales(self, linears: list[QuantLinear], context: Context) -> None:
-        """Set each non-text scale row to text's outside its ``own_channels`` costliest channels (per table)."""
-        tables: dict[int, list[QuantLinear]] = {}
-        for module in linears:
-            tables.setdefault(id(module.scales), []).append(module)
-        for sharing in tables.values():
-            first = sharing[0]
-            if first.has_solved_weights:
-                raise ValueError(
-                    f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
-                    "run CMC before GPTQ, or leave own_channels at None"
-                )
-            keep = min(self.config.own_channels_for(m.in_features, m.out_features) for m in sharing)
-            scales = first.scales.detach()
-            text_row = int(first.row_of_modality[Modality.TEXT])
-            column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
-            for modality in Modality:
-                row = int(first.row_of_modality[modality])
-                if row == text_row:
-                    continue
-                gap = (scales[row].double() - scales[text_row].double()).square() / scales[row].double().square()
-                cost = torch.zeros_like(gap)
-                for module, columns in zip(sharing, column_energy):
-                    stats = context.stats.get(module.name)
-                    moment = None if stats is None else stats.moments.get(modality)
-                    energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
-                    cost += energy * columns * gap
-                own = torch.zeros_like(gap, dtype=torch.bool)
-                own[cost.topk(keep).indices] = True
-                with torch.no_grad():
-                    first.scales[row] = torch.where(own, scales[row], scales[text_row])
-            for module in sharing:
-                module.unfreeze()
-                context.result(module.name)["smooth_scales"] = first.scales.detach().clone()
 
     def _compensate(
         self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context

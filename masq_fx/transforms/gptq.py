@@ -47,16 +47,21 @@ class GPTQConfig:
 
 
 @torch.no_grad()
-def gptq_quantize(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> Tensor:
+def gptq_quantize(
+    weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig, ratio: Tensor | None = None
+) -> Tensor:
     """Quantize-dequantized ``weight`` ``[out, in]`` minimising ``tr((W − Q) H (W − Q)ᵀ)`` greedily."""
-    return gptq_codes(weight, hessian, config, gptq).dequantize().to(weight.dtype)
+    return gptq_codes(weight, hessian, config, gptq, ratio).dequantize().to(weight.dtype)
 
 
 @torch.no_grad()
-def gptq_codes(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig) -> QuantizedWeight:
+def gptq_codes(
+    weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig, ratio: Tensor | None = None
+) -> QuantizedWeight:
     """The integer codes and scales of :func:`gptq_quantize`'s result.
 
-    The inverse-Hessian factor is computed in float64; the column sweep runs in float32.
+    ``ratio [out, n_groups]`` (learned clipping) shrinks each channel's (group's) range before its
+    scale is taken. The inverse-Hessian factor is computed in float64; the column sweep in float32.
     """
     w = weight.float().clone()
     h = hessian.double().clone()
@@ -74,8 +79,11 @@ def gptq_codes(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq:
     scales: list[Tensor] = []
     zero_points: list[Tensor | None] = []
     scale = zero_point = None
+    def group_ratio(column: int) -> Tensor | None:
+        return None if ratio is None else ratio[:, column // group : column // group + 1]
+
     if group == columns:
-        scale, zero_point = weight_qparams(w, config)
+        scale, zero_point = weight_qparams(w, config, group_ratio(0))
         scales.append(scale)
         zero_points.append(zero_point)
     for start in range(0, columns, block):
@@ -86,7 +94,7 @@ def gptq_codes(weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq:
         for i in range(end - start):
             column = start + i
             if group < columns and column % group == 0:
-                scale, zero_point = weight_qparams(w_block[:, i : i + group], config)
+                scale, zero_point = weight_qparams(w_block[:, i : i + group], config, group_ratio(column))
                 scales.append(scale)
                 zero_points.append(zero_point)
             value = w_block[:, i : i + 1]
@@ -142,6 +150,8 @@ class GPTQWeights:
                     scale = module.scales[row].detach().double()
                     weight = weight * scale
                     hessian = hessian / scale[:, None] / scale[None, :]
-                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config)
+                ratio = module.clip_ratio(row)
+                ratio = None if ratio is None else ratio.detach()
+                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, ratio)
             module.set_solved(solved)
         return gm

@@ -18,6 +18,12 @@ after quantization); the QuantLinears compute in float32 and the loss is taken i
 
 With ``checkpoint`` set, the learned scales are written atomically after every layer, and a
 rerun with the same file skips the layers already learned (resume after an interruption).
+
+With ``learn_clipping`` the loss also trains a clipping ratio per output channel (group) of every
+quantized weight in the layer (OmniQuant's learnable weight clipping): the ratio shrinks the range
+whose extreme sets the quantization scale, trading clipped outliers for a finer grid where the
+layer's output, not the weight MSE, says it pays. The ratios stay on the QuantLinears, so GPTQ,
+CMC, checkpoints and the int8 backend all use the clipped weights.
 """
 
 from __future__ import annotations
@@ -57,6 +63,12 @@ class MASLearningConfig:
     #: "official": Σ_m w_m·Σ_m|Δ| / (d·N), the official code's normalisation (spec §14 item 26)
     normalization: Literal["modality_mean", "official"] = "modality_mean"
     min_scale: float = 1e-2
+    #: also learn each quantized weight's per-channel (per-group) clipping ratio in the same loss
+    #: (as OmniQuant's learnable weight clipping); off reproduces the official MAS
+    learn_clipping: bool = False
+    clip_lr: float = 5e-3
+    #: the ratios start at 1 and are kept in [min_clip_ratio, 1]
+    min_clip_ratio: float = 0.5
     checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +78,10 @@ class MASLearningConfig:
             raise ValueError(f"loss_weights must be {NUM_MODALITIES} non-negative numbers (text, vision, audio)")
         if self.normalization not in ("modality_mean", "official"):
             raise ValueError(f"normalization must be 'modality_mean' or 'official', got {self.normalization!r}")
+        if self.clip_lr <= 0:
+            raise ValueError(f"clip_lr must be positive, got {self.clip_lr}")
+        if not 0 < self.min_clip_ratio <= 1:
+            raise ValueError(f"min_clip_ratio must be in (0, 1], got {self.min_clip_ratio}")
 
 
 def modality_weighted_mae(
@@ -151,6 +167,10 @@ def _set_quantizers(module: nn.Module, enabled: bool) -> None:
             sub.quantizers_enabled = enabled
 
 
+def _quantized_linears(module: nn.Module) -> list[QuantLinear]:
+    return [sub for sub in module.modules() if isinstance(sub, QuantLinear) and sub.weight_quant is not None]
+
+
 def _layer_scales(module: nn.Module) -> dict[str, nn.Parameter]:
     """Name (of the first QuantLinear holding it) → each distinct learnable scale table of a layer."""
     found: dict[int, tuple[str, nn.Parameter]] = {}
@@ -227,24 +247,24 @@ class LearnMAS:
         return dict(zip(placeholders, sample.args()))
 
     def _learn(self, layer, module, node, split, fp_envs, q_envs, samples) -> None:
-        params = _layer_scales(module)
-        if not params:
-            return
         cfg = self.config
+        params = _layer_scales(module)
+        clips = [m.learn_clipping() for m in _quantized_linears(module)] if cfg.learn_clipping else []
+        if not params and not clips:
+            return
         with torch.no_grad():
             _set_quantizers(module, False)
             targets = [_outputs(_value(split, node, env)) for env in fp_envs]
             _set_quantizers(module, True)
-        for p in params.values():
+        for p in [*params.values(), *clips]:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": list(params.values()), "lr": cfg.lr}, {"params": clips, "lr": cfg.clip_lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
         epoch_losses = []
         for _ in range(cfg.epochs):
             total = 0.0
             for env, target, sample in zip(q_envs, targets, samples):
-                with torch.no_grad():
-                    for p in params.values():
-                        p.clamp_(min=cfg.min_scale)
+                self._clamp(params, clips)
                 outputs = _outputs(_value(split, node, env))
                 valid = sample.attention_mask.bool()
                 loss = sum(
@@ -261,18 +281,29 @@ class LearnMAS:
                 optimizer.step()
                 total += float(loss.detach())
             epoch_losses.append(total / len(samples))
-        with torch.no_grad():
-            for p in params.values():
-                p.clamp_(min=cfg.min_scale)
-                p.requires_grad_(False)
+        self._clamp(params, clips)
+        for p in [*params.values(), *clips]:
+            p.requires_grad_(False)
         self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
         _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
+
+    @torch.no_grad()
+    def _clamp(self, scales: dict[str, nn.Parameter], clips: list[nn.Parameter]) -> None:
+        for p in scales.values():
+            p.clamp_(min=self.config.min_scale)
+        for p in clips:
+            p.clamp_(self.config.min_clip_ratio, 1.0)
 
     def _save(self, gm: fx.GraphModule, layer: int) -> None:
         path = self.config.checkpoint
         if path is None:
             return
-        state = {f"{m.name}.scales": m.scales.detach().clone(memory_format=torch.contiguous_format) for m in gm.modules() if isinstance(m, QuantLinear) and m.scales is not None}
+        state = {}
+        for m in gm.modules():
+            if isinstance(m, QuantLinear):
+                for key in ("scales", "clip_ratios"):
+                    if getattr(m, key) is not None:
+                        state[f"{m.name}.{key}"] = getattr(m, key).detach().clone(memory_format=torch.contiguous_format)
         state["completed_layers"] = torch.tensor([layer + 1])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,11 +318,19 @@ class LearnMAS:
         state = load_file(str(path))
         completed = int(state.pop("completed_layers")[0])
         for module in gm.modules():
-            if isinstance(module, QuantLinear) and module.scales is not None:
-                saved = state.get(f"{module.name}.scales")
-                if saved is not None and saved.shape == module.scales.shape:
+            if not isinstance(module, QuantLinear):
+                continue
+            saved = state.get(f"{module.name}.scales")
+            if module.scales is not None and saved is not None and saved.shape == module.scales.shape:
+                with torch.no_grad():
+                    module.scales.copy_(saved)
+            saved = state.get(f"{module.name}.clip_ratios")
+            if saved is not None and module.weight_quant is not None:
+                ratios = module.learn_clipping()
+                if saved.shape == ratios.shape:
                     with torch.no_grad():
-                        module.scales.copy_(saved)
+                        ratios.copy_(saved)
+                ratios.requires_grad_(False)
         return set(range(completed))
 
 
