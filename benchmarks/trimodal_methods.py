@@ -23,7 +23,9 @@ Protocol:
   (one stored weight, text's, plus whitened rank-ρ branches for vision and audio tokens), at each
   ``--ranks`` ratio, all from the same learned MAS scales; with ``--own-channels``, also MAS+CMC
   whose vision/audio scales keep their own value on only as many channels as the rank
-  (``CMCConfig(own_channels="rank")``; text's scale elsewhere).
+  (``CMCConfig(own_channels="rank")``; text's scale elsewhere). ``--learn-clipping``: MAS also learns
+  each weight's per-channel clipping ratio in its per-layer loss. With ``+gptq``, GPTQ solves the
+  weights after MAS (and after the own-channel projection of the scales, before CMC).
 
 Run: ``.venv/bin/python benchmarks/trimodal_methods.py`` (about 45 minutes on 2 cores).
 """
@@ -47,8 +49,8 @@ from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.sources import Sizes, load_source
-from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation
-from masq_fx.transforms.gptq import GPTQConfig
+from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectScales
+from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 
 METHODS = {"rtn": "RTN", "smoothquant": "SmoothQuant (tied)", "mas-init": "MAS-init", "mas": "MAS (learned)"}
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--ranks", default="0.05,0.2", help="CMC rank ratios applied after MAS")
     parser.add_argument("--own-channels", action="store_true", help="add MAS+CMC rows with own_channels='rank'")
+    parser.add_argument("--learn-clipping", action="store_true", help="MAS also learns per-channel weight clipping")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,21 +99,31 @@ def main() -> None:
         bits = f"W{wbits}A{abits}" + (" GPTQ" if gptq else "")
         for method in args.methods.split(","):
             label = METHODS[method]
-            recipe = replace(preset(method, wbits, abits), gptq=GPTQConfig() if gptq else None)
+            recipe = preset(method, wbits, abits)
+            if method == "mas" and args.learn_clipping:
+                recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True))
+                label = "MAS (learned + clipping)"
+            # MAS's rows share one learning run: GPTQ (and CMC's scale projection before it) follow it per row
             context = Context(copy.deepcopy(base), samples, stats=stats, provided={"stats"})
             start = time.perf_counter()
-            Pipeline(recipe_steps(recipe)).run(context, progress=method == "mas")
+            Pipeline(recipe_steps(recipe if method == "mas" else replace(recipe, gptq=GPTQConfig() if gptq else None))).run(
+                context, progress=method == "mas"
+            )
             seconds = time.perf_counter() - start
-            score(label, bits, context.captured, seconds)
-            if method != "mas":
-                continue
-            for ratio in (float(r) for r in args.ranks.split(",")):
-                for own in ("rank",) * args.own_channels + (None,):
-                    cmc = copy.deepcopy(context)
-                    start = time.perf_counter()
-                    Pipeline([CrossModalCompensation(CMCConfig(rank_ratio=ratio, own_channels=own))]).run(cmc, progress=False)
-                    label = f"MAS + CMC ρ={ratio:g}" + (" own=rank" if own else "")
-                    score(label, bits, cmc.captured, seconds + time.perf_counter() - start)
+            solve = [GPTQWeights(GPTQConfig(), progress=False)] if gptq and method == "mas" else []
+            variants: list[tuple[str, CMCConfig | None]] = [(label, None)]
+            if method == "mas":
+                for ratio in (float(r) for r in args.ranks.split(",")):
+                    for own in ("rank",) * args.own_channels + (None,):
+                        name = f"MAS + CMC ρ={ratio:g}" + (" own=rank" if own else "")
+                        variants.append((name, CMCConfig(rank_ratio=ratio, own_channels=own)))
+            for name, cmc in variants:
+                project = [ProjectScales(cmc)] if cmc is not None and cmc.own_channels is not None else []
+                steps = [*project, *solve, *([] if cmc is None else [CrossModalCompensation(cmc)])]
+                variant = copy.deepcopy(context) if steps else context
+                start = time.perf_counter()
+                Pipeline(steps).run(variant, progress=False)
+                score(name, bits, variant.captured, seconds + time.perf_counter() - start)
 
     print()
     print(f"{source.title}; {args.items} evaluation items per modality, {args.windows} × 512 text tokens")

@@ -37,6 +37,7 @@ from masq_fx.transforms.cmc import (
     BranchReport,
     CMCConfig,
     CrossModalCompensation,
+    ProjectScales,
     Whitening,
     low_rank_factors,
 )
@@ -415,6 +416,18 @@ def test_own_channels_refuse_bad_values_and_solved_weights():
     case.module.set_solved({row: case.module.weight_codes(row) for row in case.module.stored_rows()})
     with pytest.raises(ValueError, match="run ProjectScales before GPTQ"):
         compensate(case, CMCConfig(own_channels="rank"))
+
+
+def test_project_scales_alone_then_cmc_is_cmc_with_own_channels(omni):
+    config = CMCConfig(rank=2, own_channels="rank")
+    with pytest.raises(ValueError, match="needs CMCConfig.own_channels"):
+        Pipeline([ProjectScales(CMCConfig())]).run(mas_init(omni), progress=False)
+    together, apart = mas_init(omni), mas_init(omni)
+    run_cmc(together, config)
+    Pipeline([ProjectScales(config), CrossModalCompensation(config)]).run(apart, progress=False)
+    assert torch.equal(logits(together, omni.inputs), logits(apart, omni.inputs))
+    for module in multi_row(apart):
+        assert torch.equal(module.scales, modules(together)[module.name].scales)
 
 
 def test_recipe_projects_the_scales_before_gptq_solves_the_weights(omni):
