@@ -15,7 +15,7 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 DEFAULT_RECIPE = "masquant-w4a8"
-DEFAULT_COMPARE = ("smoothquant-w4a8",)
+DEFAULT_COMPARE = ("smoothquant-w4a8-gptq",)  # the same weight solver as the default recipe
 #: calibration batches the run report's per-layer SQNR is measured on
 REPORT_SAMPLES = 4
 MODEL_HELP = (

@@ -53,12 +53,14 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        """Short name, e.g. ``mas W4A8 +CMC`` or ``smoothquant W4A16 g64 +GPTQ``."""
+        """Short name, e.g. ``mas W4A8 +clip +GPTQ +CMC`` or ``smoothquant W4A16 g64 +GPTQ``."""
         if self.method == "fp":
             return "fp (not quantized)"
         label = f"{self.method} W{self.weight.bits}A{16 if self.activation is None else self.activation.bits}"
         if self.weight.group_size is not None:
             label += f" g{self.weight.group_size}"
+        if self.method == "mas" and self.learning.learn_clipping:
+            label += " +clip"
         if self.gptq is not None:
             label += " +GPTQ"
         if self.cmc is not None:

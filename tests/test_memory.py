@@ -53,7 +53,7 @@ def test_too_little_memory_is_refused_with_what_to_lower(omni):
         require_memory(estimate, estimate.total - 1)
     message = str(error.value)
     assert f"need about {estimate.total / GIB:.2f} GiB" in message and "is available" in message
-    assert "decoder inputs of 1 batches" in message and "float64 second moments of vision, audio at 8 sites" in message
+    assert "decoder inputs of 1 batches" in message and "float64 second moments of text, vision, audio at 8 sites" in message
     assert "lower --calib-samples, --calib-tokens or --seq-len" in message and "without CMC/GPTQ" in message
     plain = estimate_calibration_memory(model, captured, PRESETS["rtn-w8a8"], [batch])
     with pytest.raises(CalibrationMemoryError) as error:
