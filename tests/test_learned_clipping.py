@@ -120,16 +120,17 @@ def test_mas_clipping_resumes_from_its_checkpoint(omni, tmp_path):
     config = replace(LWC, epochs=1, checkpoint=tmp_path / "mas.safetensors")
     first = omni.transformed(replace(preset("mas", 4, 8), learning=config))
     again = omni.transformed(replace(preset("mas", 4, 8), learning=config))  # every layer done: nothing learned
+    assert any(float(m.clip_ratios.min()) < 1 for m in quant_linears(again.graph_module))  # restored, not reset
     with torch.no_grad():
         assert torch.equal(first.captured(omni.inputs), again.captured(omni.inputs))
 
 
 def test_gptq_keeps_the_learned_ranges(omni):
     context = omni.transformed(replace(preset("mas", 4, 8), learning=LWC))
-    reference = {m.name: (m.weight_codes(0), m.clip_ratio(0).detach()) for m in quant_linears(context.graph_module)}
+    rounded = {m.name: m.weight_codes(0) for m in quant_linears(context.graph_module)}
     Pipeline([GPTQWeights(GPTQConfig(), progress=False)]).run(context, progress=False)
     for module in quant_linears(context.graph_module):
-        rtn, ratio = reference[module.name]
+        rtn = rounded[module.name]
         solved = module.weight_codes(0)
         torch.testing.assert_close(solved.scale, rtn.scale)  # per-channel scales of the clipped ranges
         assert not torch.equal(solved.qdata, rtn.qdata)
