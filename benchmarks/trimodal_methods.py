@@ -103,12 +103,12 @@ def main() -> None:
             if method == "mas" and args.learn_clipping:
                 recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True))
                 label = "MAS (learned + clipping)"
-            # MAS's rows share one learning run: GPTQ (and CMC's scale projection before it) follow it per row
+            elif method != "mas" and gptq:
+                recipe = replace(recipe, gptq=GPTQConfig())
+            # MAS is learned once for all its rows; GPTQ (after CMC's scale projection, if any) runs per row
             context = Context(copy.deepcopy(base), samples, stats=stats, provided={"stats"})
             start = time.perf_counter()
-            Pipeline(recipe_steps(recipe if method == "mas" else replace(recipe, gptq=GPTQConfig() if gptq else None))).run(
-                context, progress=method == "mas"
-            )
+            Pipeline(recipe_steps(recipe)).run(context, progress=method == "mas")
             seconds = time.perf_counter() - start
             solve = [GPTQWeights(GPTQConfig(), progress=False)] if gptq and method == "mas" else []
             variants: list[tuple[str, CMCConfig | None]] = [(label, None)]

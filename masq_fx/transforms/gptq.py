@@ -150,8 +150,6 @@ class GPTQWeights:
                     scale = module.scales[row].detach().double()
                     weight = weight * scale
                     hessian = hessian / scale[:, None] / scale[None, :]
-                ratio = module.clip_ratio(row)
-                ratio = None if ratio is None else ratio.detach()
-                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, ratio)
+                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row))
             module.set_solved(solved)
         return gm
