@@ -6,10 +6,12 @@ Protocol:
 - quantized: ``preset("mas-init", 4, 8)`` with ``CMCConfig(rank_ratio=--ratio, factor_bits=--factor-bits)``:
   one stored 4-bit weight per linear, per-modality routed smoothing, a low-rank branch per linear for
   vision and for audio (float32 factors, or ``--factor-bits`` integer codes on the int8 kernels);
-  lowered to torchao int8 kernels. The baseline is the same graph with the branches removed, lowered;
+  lowered to torchao int8 kernels twice, with the branches indexed (each computed on its modality's
+  tokens, the positions passed as graph inputs: the default) and masked (every branch for every
+  token). The baseline is the same graph with the branches removed, lowered;
 - prompt: ``--tokens`` tokens of real decoder inputs, vision and audio spans of the calibration samples
   interleaved with text so that ``--media`` of them are vision/audio tokens;
-- both graphs and the FP32 graph compiled by :func:`masq_fx.backends.compile_graph`, ``--threads``
+- the three graphs and the FP32 graph compiled by :func:`masq_fx.backends.compile_graph`, ``--threads``
   threads, two warm-ups, ``--runs`` interleaved calls; the figures are ratios of medians in this run.
 
 Run: ``.venv/bin/python benchmarks/cmc_cost.py [--factor-bits 8]`` (5-10 minutes on 2 cores).
@@ -95,10 +97,16 @@ def main() -> None:
     quantized = copy.deepcopy(fp)
     recipe = replace(preset("mas-init", 4, 8), cmc=CMCConfig(rank_ratio=args.ratio, factor_bits=args.factor_bits))
     Pipeline(recipe_steps(recipe, progress=False)).run(Context(quantized, samples, stats=stats, provided={"stats"}), progress=False)
-    baseline = without_branches(quantized)
+    baseline, masked = without_branches(quantized), copy.deepcopy(quantized)
     for graph in (baseline, quantized):
         lower_to_torchao(graph)
-    graphs = {"fp32": fp.graph_module, "w4a8": baseline.graph_module, "w4a8+cmc": quantized.graph_module}
+    lower_to_torchao(masked, branch_layout="masked")
+    graphs = {
+        "fp32": fp.graph_module,
+        "w4a8": baseline.graph_module,
+        "w4a8+cmc": quantized.graph_module,
+        "w4a8+cmc masked": masked.graph_module,
+    }
     ranks = sorted({r for m in quantized.graph_module.modules() if isinstance(m, Int8QuantLinear) for r in m.branch_ranks.values()})
 
     factors = "float32" if args.factor_bits is None else f"{args.factor_bits}-bit"
@@ -128,12 +136,13 @@ def main() -> None:
     print(f"tri-modal thinker (SmolLM2 decoder), {prompt.attention_mask.shape[1]}-token prompt, {100 * media:.0f}% vision/audio "
           f"tokens, CMC rank ratio {args.ratio} (ranks {ranks}), {factors} factors, {args.threads} threads, "
           f"{args.runs} interleaved runs; compile {compile_s:.0f} s")
-    print(f"{'graph':<9} {'median ms':>10} {'vs fp32':>8} {'int8 GEMMs fused':>17}")
+    print(f"{'graph':<16} {'median ms':>10} {'vs fp32':>8} {'int8 GEMMs fused':>17}")
     for name in compiled:
-        print(f"{name:<9} {1e3 * median[name]:>10.1f} {median['fp32'] / median[name]:>7.2f}x {fused[name]:>17}")
-    cost = median["w4a8+cmc"] / median["w4a8"] - 1
-    print(f"CMC branch cost: {100 * cost:.1f}% of the W4A8 prefill time (gate <= 10%)")
-    error = {name: float((outputs[name] - outputs["fp32"]).norm() / outputs["fp32"].norm()) for name in ("w4a8", "w4a8+cmc")}
+        print(f"{name:<16} {1e3 * median[name]:>10.1f} {median['fp32'] / median[name]:>7.2f}x {fused[name]:>17}")
+    for name, layout in (("w4a8+cmc", "indexed"), ("w4a8+cmc masked", "masked")):
+        cost = median[name] / median["w4a8"] - 1
+        print(f"CMC branch cost, {layout}: {100 * cost:.1f}% of the W4A8 prefill time (gate <= 10%)")
+    error = {name: float((outputs[name] - outputs["fp32"]).norm() / outputs["fp32"].norm()) for name in graphs if name != "fp32"}
     print("relative logit error vs fp32 on this prompt: " + ", ".join(f"{k} {v:.4f}" for k, v in error.items()))
 
 

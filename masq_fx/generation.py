@@ -28,6 +28,7 @@ from transformers import StaticCache
 from masq_fx.capture import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+from masq_fx.token_positions import add_position_inputs, position_placeholders
 from masq_fx.transforms.smoothing import ModalityScale, insert_routers
 
 CACHE_START = "cache_start"
@@ -195,6 +196,8 @@ def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDeco
         raise ValueError(f"the cached graph has no linear for {sorted(missing)[:5]}: capture it from the same model")
     for router, readers in _routers(source):
         insert_routers(gm, [installed[name] for name in readers], router.scales, router.row_of_modality)
+    positions = set(position_placeholders(source))
+    add_position_inputs(gm, [installed[name] for name, node in modules.items() if positions & set(node.args)])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return len(installed)
@@ -219,7 +222,7 @@ def generate(
     """Greedy continuation ``[batch, <= max_new_tokens]`` of left-padded ``prompt`` through the KV cache.
 
     Prefill runs the whole prompt once; each decode step feeds one text token. ``run`` replaces the
-    graph call (e.g. a ``torch.compile``-d graph module) and takes the graph's five positional
+    graph call (e.g. a :class:`~masq_fx.backends.CompiledGraph`) and takes the graph's five positional
     inputs. Stops early once every row has produced ``stop_id``.
     """
     batch, tokens = prompt.attention_mask.shape

@@ -339,14 +339,16 @@ def test_lowered_tiny_model_matches_the_reference(omni, int8_cmc):
     assert (out - ref).norm() < (ref - omni.fp).norm(), "backend deviates more than the quantization error"
 
 
-def test_compiled_graph_fuses_every_int8_gemm_of_the_branches(omni, int8_cmc):
-    """x̃·L rides in the main GEMM (extra output columns), h·R is one more int8 GEMM per compensated
-    linear: the fused count grows by one per compensated linear, and every int8 GEMM is fused."""
+@pytest.mark.parametrize("layout", ["indexed", "masked"])
+def test_compiled_graph_fuses_every_int8_gemm_of_the_branches(omni, int8_cmc, layout):
+    """x̃·L rides in the main GEMM (extra output columns); h·R is one more int8 GEMM per compensated
+    linear (masked) or per compensated linear and modality (indexed), and every int8 GEMM is fused."""
     lowered = copy.deepcopy(int8_cmc.captured)
-    lower_to_torchao(lowered)
+    lower_to_torchao(lowered, branch_layout=layout)
     modules = [m for m in lowered.graph_module.modules() if isinstance(m, Int8QuantLinear)]
-    gemms = sum(len(m.weights) + (m.int8_right is not None) for m in modules)
-    assert gemms == 14 + 12
+    branch_gemms = {"indexed": sum(len(m.position_rows) for m in modules), "masked": sum(m.int8_right is not None for m in modules)}
+    assert branch_gemms == {"indexed": 12 * 2, "masked": 12}
+    gemms = sum(len(m.weights) for m in modules) + branch_gemms[layout]
     compiled = compile_graph(lowered)
     with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the pattern passes
         before = counters["inductor"][_QLINEAR]

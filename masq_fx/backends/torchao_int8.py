@@ -15,8 +15,15 @@ computes what the reference computes, with the integer GEMM done by torchao:
   ``F.linear(x, int8_weight)``, so torchao's ``__torch_function__`` quantizes the activation per
   token (same integers and scales as :func:`masq_fx.quantizers.fake_quant_act`, measured bit-exact)
   and runs the int8 GEMM;
-* per-row outputs selected with ``torch.where`` (MAS simulation); CMC low-rank branches stacked
-  into one GEMM pair (each token masks the rank columns of other modalities' branches); bias added last.
+* per-row outputs selected with ``torch.where`` (MAS simulation); CMC low-rank branches in one of
+  two layouts (``branch_layout``), bias added last:
+
+  - ``"indexed"`` (default): the graph takes each modality's token positions as inputs
+    (:mod:`masq_fx.token_positions`; :class:`CompiledGraph` passes them), and each branch is computed
+    on its modality's tokens alone and added back with ``index_add``. Called without the positions
+    (an eager call with the usual four inputs), the module computes its branches masked;
+  - ``"masked"``: the branches stacked into one GEMM pair for every token, each token keeping only its
+    own row's rank columns (no extra graph inputs).
 
 CMC branches with float factors run as two float32 GEMMs. Branches with integer factors
 (``CMCConfig.factor_bits``) run on the int8 kernels, with the reference's codes:
@@ -27,8 +34,8 @@ CMC branches with float factors run as two float32 GEMMs. Branches with integer 
   scale, so this is exactly the reference's ``Q_8(x̃)·Q_b(L)``. A separate GEMM would not do: inductor
   shares the activation quantization between the two, and then rewrites neither into oneDNN qlinear
   (it fuses an int8 GEMM only when its quantized activation has no other consumer);
-* ``h·R``: ``h`` masked per token, then ``F.linear`` with an ``Int8Tensor`` of the stacked ``Rᵀ``
-  codes and unit scales (torchao quantizes ``h`` per token with ``SYMMETRIC_NO_CLIPPING_ERR``, as the
+* ``h·R``: ``h`` masked per token (or each branch's columns of its own tokens' ``h``, indexed), then
+  ``F.linear`` with an ``Int8Tensor`` of the stacked (or the branch's) ``Rᵀ`` codes and unit scales (torchao quantizes ``h`` per token with ``SYMMETRIC_NO_CLIPPING_ERR``, as the
   reference's :func:`~masq_fx.quant_linear.fake_quant_hidden`); each token's output is multiplied by
   its own branch's per-channel scales (a ``[rows, out]`` table gathered per token), so every branch
   keeps its own scales of ``R``. ``h`` is a float product here and in the reference, rounded
@@ -71,6 +78,7 @@ from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
+from masq_fx.token_positions import POSITION_MODALITIES, add_position_inputs, with_positions
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
@@ -83,6 +91,8 @@ __all__ = [
     "lower_to_torchao",
     "unsupported_reason",
 ]
+
+BranchLayout = Literal["indexed", "masked"]
 
 LOWERED = "lowered_torchao_int8"
 
@@ -178,6 +188,11 @@ def _int8_tensor(codes: Tensor, scale: Tensor, act: QuantizeTensorToInt8Kwargs =
     )
 
 
+def _pad_one_column(codes: Tensor) -> Tensor:
+    """``codes [out, 1]`` with a zero column appended: torchao cannot quantize a one-column activation."""
+    return F.pad(codes, (0, 1)) if codes.shape[1] == 1 else codes
+
+
 @dataclass(frozen=True)
 class _Int8Branches:
     """Integer CMC branches in the form the kernels take (see the module docstring)."""
@@ -185,8 +200,10 @@ class _Int8Branches:
     #: codes ``[R, in]`` and scales ``[R, 1]`` of the stacked ``Lᵀ``, appended to the main weight
     left_codes: Tensor
     left_scale: Tensor
-    #: ``Int8Tensor`` of the stacked ``Rᵀ [out, R]`` codes with unit scales
+    #: ``Int8Tensor`` of the stacked ``Rᵀ [out, R]`` codes with unit scales (masked layout)
     right: Int8Tensor
+    #: scale row → ``Int8Tensor`` of that branch's ``Rᵀ`` codes with unit scales (indexed layout)
+    right_rows: dict[int, Int8Tensor]
     #: ``[rows, out]``: row ``r``'s per-channel scales of ``R`` (zeros for a row without a branch)
     right_scale: Tensor
     #: scale row of each of the ``R`` rank columns
@@ -197,28 +214,33 @@ class _Int8Branches:
         order = sorted(codes)
         lefts, rights = [codes[r][0] for r in order], [codes[r][1] for r in order]
         out_features = rights[0].qdata.shape[0]
+        unit = torch.ones(out_features, 1)
         right_scale = torch.zeros(rows, out_features)
         for r, right in zip(order, rights):
             right_scale[r] = right.scale[:, 0]
         left_codes, left_scale = torch.cat([w.qdata for w in lefts]), torch.cat([w.scale for w in lefts])
         right_codes = torch.cat([w.qdata for w in rights], dim=1)
         owner = torch.cat([torch.full((w.qdata.shape[0],), r) for r, w in zip(order, lefts)])
-        if len(owner) == 1:  # torchao cannot quantize a one-column activation: add a zero column no token owns
+        if len(owner) == 1:  # a zero column no token owns
             left_codes, left_scale = F.pad(left_codes, (0, 0, 0, 1)), F.pad(left_scale, (0, 0, 0, 1), value=1.0)
-            right_codes, owner = F.pad(right_codes, (0, 1)), F.pad(owner, (0, 1), value=-1)
+            right_codes, owner = _pad_one_column(right_codes), F.pad(owner, (0, 1), value=-1)
         return cls(
             left_codes=left_codes,
             left_scale=left_scale,
-            right=_int8_tensor(right_codes, torch.ones(out_features, 1), _INT8_HIDDEN),
+            right=_int8_tensor(right_codes, unit, _INT8_HIDDEN),
+            right_rows={r: _int8_tensor(_pad_one_column(w.qdata), unit, _INT8_HIDDEN) for r, w in zip(order, rights)},
             right_scale=right_scale,
             owner=owner,
         )
 
 
 class Int8QuantLinear(nn.Module):
-    """W8A8/W4A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids) -> y``.
+    """W8A8/W4A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids, *positions) -> y``.
 
-    Built by :meth:`from_quant_linear`; holds no reference to the float weight.
+    ``positions``: the token positions of each of :data:`~masq_fx.token_positions.POSITION_MODALITIES`
+    (graph inputs added by :func:`lower_to_torchao` with ``branch_layout="indexed"``); without them
+    (or ``None``) the CMC branches are computed masked. Built by :meth:`from_quant_linear`; holds no
+    reference to the float weight.
     """
 
     def __init__(
@@ -239,7 +261,7 @@ class Int8QuantLinear(nn.Module):
         self.name = name
         self.in_features, self.out_features = int(weights[0].shape[1]), int(weights[0].shape[0])
         weights = list(weights)
-        int8 = _Int8Branches.stack(branch_codes, int(row_of_modality.max()) + 1) if branch_codes else None
+        int8 = _Int8Branches.stack(branch_codes, max(int(row_of_modality.max()), *branch_codes) + 1) if branch_codes else None
         if int8 is not None:  # x̃·L as extra output columns of the main GEMM
             main = weights[0]
             weights[0] = _int8_tensor(torch.cat([main.qdata, int8.left_codes]), torch.cat([main.scale, int8.left_scale]))
@@ -253,11 +275,25 @@ class Int8QuantLinear(nn.Module):
             self.branch_ranks = {row: int(left.qdata.shape[0]) for row, (left, _) in sorted(branch_codes.items())}
         else:
             self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
-        left, right, rows = stacked_branches(branches) if branches else (None, None, None)
+        #: scale row → its branch's columns ``[start, stop)`` of the stacked factors (and of the hidden)
+        self.branch_spans: dict[int, tuple[int, int]] = {}
+        start = 0
+        for row, rank in self.branch_ranks.items():
+            self.branch_spans[row] = (start, start + rank)
+            start += rank
+        #: (index into the positions inputs, scale row) of each modality whose tokens take a branch; empty
+        #: (masked only) if text's row has one, as text tokens have no positions input
+        rows = [int(r) for r in self.row_of_modality]
+        self.position_rows: tuple[tuple[int, int], ...] = ()
+        if rows[Modality.TEXT] not in self.branch_spans:
+            self.position_rows = tuple((i, rows[m]) for i, m in enumerate(POSITION_MODALITIES) if rows[m] in self.branch_spans)
+        left, right, owner = stacked_branches(branches) if branches else (None, None, None)
         self.register_buffer("branch_left", left)
         self.register_buffer("branch_right", right)
-        self.register_buffer("branch_rows", int8.owner if int8 is not None else rows)
+        self.register_buffer("branch_rows", int8.owner if int8 is not None else owner)
         self.register_parameter("int8_right", None if int8 is None else nn.Parameter(int8.right, requires_grad=False))
+        right_rows = {} if int8 is None else int8.right_rows
+        self.int8_right_rows = nn.ParameterDict({str(r): nn.Parameter(w, requires_grad=False) for r, w in right_rows.items()})
         self.register_buffer("int8_right_scale", None if int8 is None else int8.right_scale)
         self.branch_input = branch_input
 
@@ -278,7 +314,12 @@ class Int8QuantLinear(nn.Module):
             branch_codes=dict(module.branch_codes),
         )
 
-    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+    @property
+    def takes_positions(self) -> bool:
+        """Whether a modality's tokens take a branch (then the indexed layout can pass positions)."""
+        return bool(self.position_rows)
+
+    def forward(self, x: Tensor, modality_ids: Tensor, *positions: Tensor | None) -> Tensor:
         dtype = x.dtype
         rows = self.row_of_modality[modality_ids]
         xs = x.float()
@@ -286,21 +327,42 @@ class Int8QuantLinear(nn.Module):
             xs = xs / self.scales[rows]
         token_rows = rows.unsqueeze(-1)
         y = F.linear(xs, self.weights[0])
+        hidden = None
         if self.int8_right is not None:
             y, hidden = y[..., : self.out_features], y[..., self.out_features :]
         for row in range(1, len(self.weights)):
             y = torch.where(token_rows == row, F.linear(xs, self.weights[row]), y)
-        # all modalities' branches in one GEMM pair; each token keeps only its own row's rank columns
-        if self.branch_left is not None:
-            source = fake_quant_act(xs, self.act_quant) if self.branch_input == "quantized" else xs
-            hidden = (source @ self.branch_left) * (token_rows == self.branch_rows)
-            y = y + hidden @ self.branch_right
-        if self.int8_right is not None:
+        source = xs
+        if self.branch_left is not None and self.branch_input == "quantized":
+            source = fake_quant_act(xs, self.act_quant)
+        if self.position_rows and positions and positions[0] is not None:
+            y = self._indexed_branches(y, source, hidden, positions)
+        elif self.branch_left is not None:  # all modalities' branches in one GEMM pair, masked per token
+            h = (source @ self.branch_left) * (token_rows == self.branch_rows)
+            y = y + h @ self.branch_right
+        elif hidden is not None:
             hidden = hidden * (token_rows == self.branch_rows)
             y = y + F.linear(hidden, self.int8_right) * self.int8_right_scale[rows]
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
+
+    def _indexed_branches(self, y: Tensor, source: Tensor, hidden: Tensor | None, positions: Sequence[Tensor]) -> Tensor:
+        """``y`` plus each modality's branch, computed on its tokens only (``positions``: flat token indices)."""
+        flat = y.reshape(-1, self.out_features)
+        for index, row in self.position_rows:
+            tokens = positions[index]
+            if tokens.numel() == 0:
+                continue
+            start, stop = self.branch_spans[row]
+            if hidden is None:
+                part = (source.reshape(-1, self.in_features)[tokens] @ self.branch_left[:, start:stop]) @ self.branch_right[start:stop]
+            else:
+                h = hidden.reshape(-1, hidden.shape[-1])[tokens, start:stop]
+                h = F.pad(h, (0, 1)) if stop - start == 1 else h
+                part = F.linear(h, self.int8_right_rows[str(row)]) * self.int8_right_scale[row]
+            flat = flat.index_add(0, tokens, part)
+        return flat.view(y.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -323,14 +385,19 @@ class LoweringReport:
         return "\n".join(lines)
 
 
-def lower_to_torchao(target: CapturedDecoder | fx.GraphModule) -> LoweringReport:
+def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: BranchLayout = "indexed") -> LoweringReport:
     """Replace (in place) every lowerable QuantLinear of a transformed graph by an :class:`Int8QuantLinear`.
 
-    The float weights (shared with the HF model) are not modified. Warns if some QuantLinears stay
-    on the reference path; the report names them with the reason.
+    With ``branch_layout="indexed"`` and CMC branches, the graph gains the per-modality positions
+    inputs (:mod:`masq_fx.token_positions`, default ``None``: masked). The float weights (shared with
+    the HF model) are not modified. Warns if some QuantLinears stay on the reference path; the report
+    names them with the reason.
     """
     gm = target.graph_module if isinstance(target, CapturedDecoder) else target
+    if branch_layout not in ("indexed", "masked"):
+        raise ValueError(f"branch_layout must be 'indexed' or 'masked', got {branch_layout!r}")
     report = LoweringReport()
+    indexed: list[fx.Node] = []
     for node in gm.graph.find_nodes(op="call_module"):
         module = gm.get_submodule(str(node.target))
         if not isinstance(module, QuantLinear):
@@ -339,12 +406,16 @@ def lower_to_torchao(target: CapturedDecoder | fx.GraphModule) -> LoweringReport
         if reason is not None:
             report.unlowered[module.name] = reason
             continue
-        gm.add_submodule(str(node.target), Int8QuantLinear.from_quant_linear(module))
+        lowered = Int8QuantLinear.from_quant_linear(module)
+        gm.add_submodule(str(node.target), lowered)
         report.lowered.append(module.name)
+        if branch_layout == "indexed" and lowered.takes_positions:
+            indexed.append(node)
     if not report.lowered and not report.unlowered:
         raise ValueError("the graph has no QuantLinears: run PrepareQuantLinears and the quantizer transforms first")
     if report.unlowered:
         warnings.warn(str(report), stacklevel=2)
+    add_position_inputs(gm, indexed)
     gm.recompile()
     return report
 
@@ -356,10 +427,11 @@ class LowerToTorchao:
     name: str = "lower_to_torchao"
     requires: tuple[str, ...] = (QUANT_LINEARS,)
     provides: tuple[str, ...] = (LOWERED,)
+    branch_layout: BranchLayout = "indexed"
     report: LoweringReport | None = field(default=None, init=False)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        self.report = lower_to_torchao(gm)
+        self.report = lower_to_torchao(gm, self.branch_layout)
         return gm
 
 
@@ -377,15 +449,19 @@ def _register_torchao_x86_int8_pattern() -> None:
 class CompiledGraph:
     """``torch.compile(gm, fullgraph=True)``, run without autograd under :data:`INDUCTOR_OPTIONS`.
 
-    Compilation happens at the first call (and on recompiles), so the options are applied around
-    every call; ``torch.compile(options=...)`` does not enable freezing in torch 2.13.
+    Called with the graph's usual inputs; when the graph takes per-modality token positions (indexed
+    CMC branches), they are computed from ``modality_ids`` and passed as well. Compilation happens at
+    the first call (and on recompiles), so the options are applied around every call;
+    ``torch.compile(options=...)`` does not enable freezing in torch 2.13.
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
         _register_torchao_x86_int8_pattern()
+        self.graph_module = gm
         self.compiled = torch.compile(gm, fullgraph=True)
 
     def __call__(self, *args: Tensor) -> Tensor:
+        args = with_positions(self.graph_module, args)
         with torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS):
             return self.compiled(*args)
 
