@@ -25,7 +25,9 @@ Protocol:
   whose vision/audio scales keep their own value on only as many channels as the rank
   (``CMCConfig(own_channels="rank")``; text's scale elsewhere). ``--learn-clipping``: MAS also learns
   each weight's per-channel clipping ratio in its per-layer loss. With ``+gptq``, GPTQ solves the
-  weights after MAS (and after the own-channel projection of the scales, before CMC).
+  weights after MAS (and after the own-channel projection of the scales, before CMC). ``mas-tied``
+  (not in the default list): MAS learned under CMC's own-channel constraint
+  (``MASLearningConfig(own_channels_in_loop=True)``) for the first ``--ranks`` ratio, then that CMC.
 
 Run: ``.venv/bin/python benchmarks/trimodal_methods.py`` (about 45 minutes on 2 cores).
 """
@@ -52,7 +54,13 @@ from masq_fx.sources import Sizes, load_source
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectScales
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 
-METHODS = {"rtn": "RTN", "smoothquant": "SmoothQuant (tied)", "mas-init": "MAS-init", "mas": "MAS (learned)"}
+METHODS = {
+    "rtn": "RTN",
+    "smoothquant": "SmoothQuant (tied)",
+    "mas-init": "MAS-init",
+    "mas": "MAS (learned)",
+    "mas-tied": "MAS tied (learned)",
+}
 
 
 def main() -> None:
@@ -61,7 +69,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=128, help="evaluation items per modality (at most 128)")
     parser.add_argument("--windows", type=int, default=4, help="512-token text perplexity windows")
     parser.add_argument("--settings", default="4/8,4/8+gptq,8/6", help="comma-separated W/A bit pairs, optionally +gptq")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default="rtn,smoothquant,mas-init,mas", help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--ranks", default="0.05,0.2", help="CMC rank ratios applied after MAS")
     parser.add_argument("--own-channels", action="store_true", help="add MAS+CMC rows with own_channels='rank'")
     parser.add_argument("--learn-clipping", action="store_true", help="MAS also learns per-channel weight clipping")
@@ -99,16 +107,21 @@ def main() -> None:
         bits = f"W{wbits}A{abits}" + (" GPTQ" if gptq else "")
         for method in args.methods.split(","):
             label = METHODS[method]
-            recipe = preset(method, wbits, abits)
-            if method == "mas" and args.learn_clipping:
+            recipe = preset(method.removesuffix("-tied"), wbits, abits)
+            if method.startswith("mas") and args.learn_clipping:
                 recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True))
-                label = "MAS (learned + clipping)"
-            elif method != "mas" and gptq:
+                label = label.replace("(learned", "(learned + clipping")
+            if method == "mas-tied":  # the whole recipe: MAS under the constraint, projection, GPTQ, CMC
+                ratio = float(args.ranks.split(",")[0])
+                learning = replace(recipe.learning, own_channels_in_loop=True)
+                recipe = replace(recipe, learning=learning, cmc=CMCConfig(rank_ratio=ratio, own_channels="rank"))
+                label = label.replace(" (learned)", "").replace(" (learned + clipping)", " +clip") + f" + CMC ρ={ratio:g}"
+            if method != "mas" and gptq:
                 recipe = replace(recipe, gptq=GPTQConfig())
             # MAS is learned once for all its rows; GPTQ (after CMC's scale projection, if any) runs per row
             context = Context(copy.deepcopy(base), samples, stats=stats, provided={"stats"})
             start = time.perf_counter()
-            Pipeline(recipe_steps(recipe)).run(context, progress=method == "mas")
+            Pipeline(recipe_steps(recipe)).run(context, progress=method in ("mas", "mas-tied"))
             seconds = time.perf_counter() - start
             solve = [GPTQWeights(GPTQConfig(), progress=False)] if gptq and method == "mas" else []
             variants: list[tuple[str, CMCConfig | None]] = [(label, None)]
@@ -128,13 +141,13 @@ def main() -> None:
     print()
     print(f"{source.title}; {args.items} evaluation items per modality, {args.windows} × 512 text tokens")
     metrics = list(rows[0][2])
-    header = f"{'method':<28} {'setting':<11}" + "".join(f"{m:>22}" for m in metrics)
+    header = f"{'method':<32} {'setting':<11}" + "".join(f"{m:>22}" for m in metrics)
     header += "".join(f"{'SQNR ' + m.name.lower():>14}" for m in Modality) + f"{'quantize s':>11}"
     print(header)
     for label, bits, values, sqnr, seconds in rows:
         cells = "".join(f"{100 * values[m]:>21.1f}%" if "exact match" in m else f"{values[m]:>22.3f}" for m in metrics)
         cells += "".join(f"{sqnr[m]:>14.1f}" for m in Modality)
-        print(f"{label:<28} {bits:<11}{cells}{seconds:>11.0f}")
+        print(f"{label:<32} {bits:<11}{cells}{seconds:>11.0f}")
 
 
 if __name__ == "__main__":

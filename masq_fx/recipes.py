@@ -61,6 +61,8 @@ class Recipe:
             label += f" g{self.weight.group_size}"
         if self.method == "mas" and self.learning.learn_clipping:
             label += " +clip"
+        if self.method == "mas" and self.learning.own_channels_in_loop:
+            label += " +tied"
         if self.gptq is not None:
             label += " +GPTQ"
         if self.cmc is not None:
@@ -74,6 +76,11 @@ class Recipe:
             raise ValueError("GPTQ needs quantized weights: pick a method other than 'fp'")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
             raise ValueError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
+        if self.method == "mas" and self.learning.own_channels_in_loop and (self.cmc is None or self.cmc.own_channels is None):
+            raise ValueError(
+                "learning.own_channels_in_loop learns under the CMC's own_channels constraint: set cmc.own_channels "
+                "(e.g. 'rank'), or turn own_channels_in_loop off"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: nested configs as dicts, tuples as lists, paths as strings."""
@@ -154,7 +161,7 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     if recipe.activation is not None:
         steps.append(QuantizeActivations(recipe.activation, recipe.modules))
     if recipe.method == "mas":
-        steps.append(LearnMAS(recipe.learning, progress=progress))
+        steps.append(LearnMAS(recipe.learning, progress=progress, cmc=recipe.cmc))
     if recipe.cmc is not None and recipe.cmc.own_channels is not None:
         steps.append(ProjectScales(recipe.cmc))  # before GPTQ solves weights for the final scales
     if recipe.gptq is not None:

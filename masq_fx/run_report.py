@@ -291,7 +291,8 @@ def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
         ln = recipe.learning
         loss = " / ".join(f"{_name(m)} {v:g}" for m, v in zip(Modality, ln.loss_weights))
         clipping = f", learned clipping (lr {ln.clip_lr:g}, ratio ≥ {ln.min_clip_ratio:g})" if ln.learn_clipping else ""
-        rows.append(("MAS learning", f"{ln.epochs} epochs, lr {ln.lr:g}, loss weights {loss}, {ln.normalization}{clipping}"))
+        tied = ", under CMC's own-channel constraint" if ln.own_channels_in_loop else ""
+        rows.append(("MAS learning", f"{ln.epochs} epochs, lr {ln.lr:g}, loss weights {loss}, {ln.normalization}{clipping}{tied}"))
     if recipe.cmc is not None:
         c = recipe.cmc
         rank = f"rank {c.rank}" if c.rank is not None else f"rank ratio {0.2 if c.rank_ratio is None else c.rank_ratio:g}"

@@ -166,9 +166,37 @@ def _effective_rank(sigma: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _compensated(gm: fx.GraphModule) -> list[QuantLinear]:
+def compensated(gm: fx.GraphModule) -> list[QuantLinear]:
     """Quantized linears with several scale rows (one row, or a float linear, is exact without a branch)."""
     return [m for m in quant_linears(gm) if m.scales is not None and m.scales.shape[0] >= 2 and m.weight_quant is not None]
+
+
+def own_channel_masks(sharing: list[QuantLinear], config: CMCConfig, stats: dict) -> dict[int, Tensor]:
+    """Non-text scale row → the input channels that keep that row's own scale (bool ``[in]``) under
+    ``config.own_channels``, for the linears ``sharing`` one scale table: the ``k`` channels where the
+    mismatch with text's scale costs most on the row's modality (see the module docstring).
+    ``stats``: module name → observer statistics (their second moments, when collected)."""
+    first = sharing[0]
+    keep = min(config.own_channels_for(m.in_features, m.out_features) for m in sharing)
+    scales = first.scales.detach().double()
+    text_row = int(first.row_of_modality[Modality.TEXT])
+    column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
+    masks: dict[int, Tensor] = {}
+    for modality in Modality:
+        row = int(first.row_of_modality[modality])
+        if row == text_row or row in masks:
+            continue
+        gap = (scales[row] - scales[text_row]).square() / scales[row].square()
+        cost = torch.zeros_like(gap)
+        for module, columns in zip(sharing, column_energy):
+            module_stats = stats.get(module.name)
+            moment = None if module_stats is None else module_stats.moments.get(modality)
+            energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
+            cost += energy * columns * gap
+        own = torch.zeros_like(gap, dtype=torch.bool)
+        own[cost.topk(keep).indices] = True
+        masks[row] = own
+    return masks
 
 
 @dataclass
@@ -189,7 +217,7 @@ class ProjectScales:
         if self.config.own_channels is None:
             raise ValueError("ProjectScales needs CMCConfig.own_channels (an int or 'rank'); None keeps every channel")
         tables: dict[int, list[QuantLinear]] = {}
-        for module in _compensated(gm):
+        for module in compensated(gm):
             tables.setdefault(id(module.scales), []).append(module)
         for sharing in tables.values():
             first = sharing[0]
@@ -198,25 +226,11 @@ class ProjectScales:
                     f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
                     "run ProjectScales before GPTQ (recipe_steps does), or leave own_channels at None"
                 )
-            keep = min(self.config.own_channels_for(m.in_features, m.out_features) for m in sharing)
-            scales = first.scales.detach()
+            masks = own_channel_masks(sharing, self.config, context.stats)
             text_row = int(first.row_of_modality[Modality.TEXT])
-            column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
-            for modality in Modality:
-                row = int(first.row_of_modality[modality])
-                if row == text_row:
-                    continue
-                gap = (scales[row].double() - scales[text_row].double()).square() / scales[row].double().square()
-                cost = torch.zeros_like(gap)
-                for module, columns in zip(sharing, column_energy):
-                    stats = context.stats.get(module.name)
-                    moment = None if stats is None else stats.moments.get(modality)
-                    energy = moment.diagonal().double() if moment is not None else torch.ones_like(gap)
-                    cost += energy * columns * gap
-                own = torch.zeros_like(gap, dtype=torch.bool)
-                own[cost.topk(keep).indices] = True
-                with torch.no_grad():
-                    first.scales[row] = torch.where(own, scales[row], scales[text_row])
+            with torch.no_grad():
+                for row, own in masks.items():
+                    first.scales[row] = torch.where(own, first.scales[row], first.scales[text_row])
             for module in sharing:
                 module.unfreeze()
                 context.result(module.name)["smooth_scales"] = first.scales.detach().clone()
@@ -236,7 +250,7 @@ class CrossModalCompensation:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         self.reports = []
         skipped: set[Modality] = set()
-        linears = _compensated(gm)
+        linears = compensated(gm)
         if self.config.own_channels is not None and SCALES_PROJECTED not in context.provided:
             ProjectScales(self.config)(gm, context)
         for module in linears:

@@ -24,6 +24,14 @@ quantized weight in the layer (OmniQuant's learnable weight clipping): the ratio
 whose extreme sets the quantization scale, trading clipped outliers for a finer grid where the
 layer's output, not the weight MSE, says it pays. The ratios stay on the QuantLinears, so GPTQ,
 CMC, checkpoints and the int8 backend all use the clipped weights.
+
+With ``own_channels_in_loop`` (and a CMC with ``own_channels`` after it), every non-text scale row
+is learned under CMC's constraint instead of being projected after learning: at the start of each
+layer, its ``k`` own channels are chosen from the initial scales (as
+:func:`~masq_fx.transforms.cmc.own_channel_masks` chooses them) and the row is tied to text's
+everywhere else. The tie is a parametrization ``s_m = where(own, s_m, s_t)``: the gradient of a tied
+entry is added to text's entry, and the tied entries are re-set to text's after every step. The
+learned scales then already satisfy the constraint, so the projection that follows keeps them.
 """
 
 from __future__ import annotations
@@ -41,10 +49,11 @@ from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from masq_fx.capture import LAYER_KEY
-from masq_fx.modality import NUM_MODALITIES
+from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.pipeline import CALIBRATION_DATA, Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import calibrate_static_scale
+from masq_fx.transforms.cmc import CMCConfig, compensated, own_channel_masks
 from masq_fx.transforms.quantize import WEIGHT_QUANT, _smoothed_absmax
 from masq_fx.transforms.smoothing import SCALES
 
@@ -69,6 +78,8 @@ class MASLearningConfig:
     clip_lr: float = 5e-3
     #: the ratios start at 1 and are kept in [min_clip_ratio, 1]
     min_clip_ratio: float = 0.5
+    #: learn the scales under the CMC's ``own_channels`` constraint (needs a recipe with one)
+    own_channels_in_loop: bool = False
     checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
@@ -180,22 +191,59 @@ def _layer_scales(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(found.values())
 
 
+@dataclass(frozen=True)
+class _TiedRows:
+    """A scale table whose non-text rows follow text's outside their own channels (``masks``: row → own)."""
+
+    table: nn.Parameter
+    text_row: int
+    masks: dict[int, Tensor]
+
+    @classmethod
+    def of(cls, module: nn.Module, table: nn.Parameter, cmc: CMCConfig, stats: dict) -> "_TiedRows | None":
+        sharing = [m for m in compensated(module) if m.scales is table]
+        if not sharing:
+            return None
+        text_row = int(sharing[0].row_of_modality[Modality.TEXT])
+        return cls(table, text_row, own_channel_masks(sharing, cmc, stats))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for row, own in self.masks.items():
+            self.table[row] = torch.where(own, self.table[row], self.table[self.text_row])
+
+    def tie_gradient(self, grad: Tensor) -> Tensor:
+        tied = grad.clone()
+        for row, own in self.masks.items():
+            tied[self.text_row] += torch.where(own, 0.0, grad[row])
+            tied[row] = torch.where(own, grad[row], 0.0)
+        return tied
+
+
 @dataclass
 class LearnMAS:
     """Learn every decoder layer's smoothing scales against the float model, layer by layer.
 
     Learns against the quantizers installed when it runs: put activation quantization (if any)
     before it, as :func:`masq_fx.recipes.recipe_steps` does; weight-only recipes have none.
+    ``cmc``: the compensation that follows, whose ``own_channels`` constraint
+    ``config.own_channels_in_loop`` learns under.
     """
 
     config: MASLearningConfig = field(default_factory=MASLearningConfig)
     progress: bool = True
+    cmc: CMCConfig | None = None
     name: str = "learn_mas"
     requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT, CALIBRATION_DATA)
     provides: tuple[str, ...] = (LEARNED_SCALES,)
     losses: dict[int, tuple[float, float]] = field(default_factory=dict, init=False)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        if self.config.own_channels_in_loop and (self.cmc is None or self.cmc.own_channels is None):
+            raise ValueError(
+                "own_channels_in_loop learns under the CMC's own_channels constraint: pass LearnMAS(cmc=CMCConfig("
+                "own_channels=...)) (a recipe with cmc.own_channels set does), or turn own_channels_in_loop off"
+            )
         for module in gm.modules():
             if isinstance(module, QuantLinear):
                 module.unfreeze()
@@ -211,7 +259,7 @@ class LearnMAS:
             layer = layers.layer_nodes.get(node)
             module = layers.split.get_submodule(str(node.target)) if node.op == "call_module" else None
             if layer is not None and layer not in done:
-                self._learn(layer, module, node, layers.split, fp_envs, q_envs, samples)
+                self._learn(layer, module, node, layers.split, fp_envs, q_envs, samples, context.stats)
                 self._save(gm, layer)
             with torch.no_grad():
                 for fp_env, q_env in zip(fp_envs, q_envs):
@@ -246,25 +294,28 @@ class LearnMAS:
         placeholders = layers.split.graph.find_nodes(op="placeholder")
         return dict(zip(placeholders, sample.args()))
 
-    def _learn(self, layer, module, node, split, fp_envs, q_envs, samples) -> None:
+    def _learn(self, layer, module, node, split, fp_envs, q_envs, samples, stats) -> None:
         cfg = self.config
         params = _layer_scales(module)
         clips = [m.learn_clipping() for m in _quantized_linears(module)] if cfg.learn_clipping else []
         if not params and not clips:
             return
+        tied = [] if not cfg.own_channels_in_loop else [_TiedRows.of(module, p, self.cmc, stats) for p in params.values()]
+        tied = [t for t in tied if t is not None]
         with torch.no_grad():
             _set_quantizers(module, False)
             targets = [_outputs(_value(split, node, env)) for env in fp_envs]
             _set_quantizers(module, True)
         for p in [*params.values(), *clips]:
             p.requires_grad_(True)
+        hooks = [t.table.register_hook(t.tie_gradient) for t in tied]
         groups = [{"params": list(params.values()), "lr": cfg.lr}, {"params": clips, "lr": cfg.clip_lr}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
         epoch_losses = []
         for _ in range(cfg.epochs):
             total = 0.0
             for env, target, sample in zip(q_envs, targets, samples):
-                self._clamp(params, clips)
+                self._clamp(params, clips, tied)
                 outputs = _outputs(_value(split, node, env))
                 valid = sample.attention_mask.bool()
                 loss = sum(
@@ -281,18 +332,22 @@ class LearnMAS:
                 optimizer.step()
                 total += float(loss.detach())
             epoch_losses.append(total / len(samples))
-        self._clamp(params, clips)
+        self._clamp(params, clips, tied)
+        for hook in hooks:
+            hook.remove()
         for p in [*params.values(), *clips]:
             p.requires_grad_(False)
         self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
         _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
 
     @torch.no_grad()
-    def _clamp(self, scales: dict[str, nn.Parameter], clips: list[nn.Parameter]) -> None:
+    def _clamp(self, scales: dict[str, nn.Parameter], clips: list[nn.Parameter], tied: list[_TiedRows]) -> None:
         for p in scales.values():
             p.clamp_(min=self.config.min_scale)
         for p in clips:
             p.clamp_(self.config.min_clip_ratio, 1.0)
+        for rows in tied:
+            rows.project()
 
     def _save(self, gm: fx.GraphModule, layer: int) -> None:
         path = self.config.checkpoint
