@@ -13,8 +13,9 @@ derive them (``nonzero`` has a data-dependent shape); they are computed outside,
   take them;
 * :func:`token_positions` computes them: flat indices into the ``batch · seq`` tokens;
 * :func:`with_positions` completes a graph's positional arguments with them, outside a compiled
-  region: :class:`~masq_fx.backends.CompiledGraph` does so on every call. Called eagerly with its
-  usual inputs, the graph completes them itself (a forward pre-hook), so callers never pass them.
+  region: :class:`~masq_fx.backends.CompiledGraph` does so on every call. Called with its usual
+  inputs (eagerly, or through a plain ``torch.compile(gm, fullgraph=True)``), the graph completes them
+  itself in a forward pre-hook, which runs before the compiled forward; callers never pass them.
 
 A module given ``None`` for them computes its branches masked, with the same result up to float
 rounding.

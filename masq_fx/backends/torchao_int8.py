@@ -19,9 +19,9 @@ computes what the reference computes, with the integer GEMM done by torchao:
   two layouts (``branch_layout``), bias added last:
 
   - ``"indexed"`` (default): the graph takes each modality's token positions as inputs
-    (:mod:`masq_fx.token_positions`; :class:`CompiledGraph` passes them), and each branch is computed
-    on its modality's tokens alone and added back with ``index_add``. Called without the positions
-    (an eager call with the usual four inputs), the module computes its branches masked;
+    (:mod:`masq_fx.token_positions`; computed from ``modality_ids`` when the caller passes only the
+    usual inputs), and each branch is computed on its modality's tokens alone and added back with
+    ``index_add``. A module called without them computes its branches masked;
   - ``"masked"``: the branches stacked into one GEMM pair for every token, each token keeping only its
     own row's rank columns (no extra graph inputs).
 
