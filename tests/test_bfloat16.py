@@ -35,6 +35,7 @@ from masq_fx.models.tiny import VOCAB, tiny_model
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.recipes import preset
+from masq_fx.token_positions import with_positions
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 
@@ -140,7 +141,7 @@ def _module_output_dtypes(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) ->
                 dtypes.add(value.dtype)
             return value
 
-    Recorder(gm).run(*args)
+    Recorder(gm).run(*with_positions(gm, args))
     return dtypes
 
 

@@ -11,6 +11,7 @@ from torch import fx
 from masq_fx.capture import LAYER_KEY, CapturedDecoder
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
+from masq_fx.token_positions import with_positions
 
 
 def layer_output_nodes(gm: fx.GraphModule) -> dict[int, fx.Node]:
@@ -42,7 +43,7 @@ def layer_outputs(captured: CapturedDecoder, inputs: DecoderInputs) -> dict[int,
     gm = captured.graph_module
     watch = {node: layer for layer, node in layer_output_nodes(gm).items()}
     recorder = _Recorder(gm, watch)
-    recorder.run(*inputs.args())
+    recorder.run(*with_positions(gm, inputs.args()))
     return recorder.values
 
 
