@@ -389,7 +389,7 @@ def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: Br
     """Replace (in place) every lowerable QuantLinear of a transformed graph by an :class:`Int8QuantLinear`.
 
     With ``branch_layout="indexed"`` and CMC branches, the graph gains the per-modality positions
-    inputs (:mod:`masq_fx.token_positions`, default ``None``: masked). The float weights (shared with
+    inputs (:mod:`masq_fx.token_positions`; a call with the usual inputs computes them). The float weights (shared with
     the HF model) are not modified. Warns if some QuantLinears stay on the reference path; the report
     names them with the reason.
     """
