@@ -45,9 +45,11 @@ _W4_CMC = CMCConfig(rank_ratio=0.05, own_channels="rank")
 
 
 def _masquant_w4(abits: int) -> Recipe:
-    """MAS with learned weight clipping, GPTQ, and CMC confined to the rank's channels."""
+    """MAS with learned weight clipping, learned under CMC's constraint (each modality's own scale on the
+    rank's channels only), GPTQ, and that CMC."""
     recipe = preset("mas", 4, abits)
-    return replace(recipe, learning=replace(recipe.learning, learn_clipping=True), gptq=GPTQConfig(), cmc=_W4_CMC)
+    learning = replace(recipe.learning, learn_clipping=True, own_channels_in_loop=True)
+    return replace(recipe, learning=learning, gptq=GPTQConfig(), cmc=_W4_CMC)
 
 
 #: named recipes. ``masquant-*`` learn per-modality scales; at 4 bits they also learn weight clipping,
