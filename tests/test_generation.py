@@ -18,6 +18,7 @@ from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset, recipe_steps
+from masq_fx.token_positions import POSITION_INPUTS, position_placeholders
 from masq_fx.transforms.cmc import CMCConfig
 
 NEW_TOKENS = 5
@@ -108,6 +109,8 @@ def test_lowered_cached_graph_compiles_fullgraph_for_prefill_and_decode(omni, on
     lower_to_torchao(quantized)
     cached = capture_cached(tiny.model, batch_size=2, max_cache_len=CACHE)
     transplant(quantized, cached)
+    # the indexed CMC branches take the token positions in the cached graph too
+    assert [n.name for n in position_placeholders(cached.graph_module)] == list(POSITION_INPUTS)
     compiled = compile_graph(cached.graph_module)  # fullgraph=True: a graph break raises
     mask = full_attention_mask(prompt.attention_mask, CACHE)
     prefill = (*replace(prompt, attention_mask=mask).args(), torch.tensor([0]))
