@@ -107,3 +107,15 @@ def test_the_tie_needs_a_cmc_with_own_channels(omni):
     steps[steps.index(learn)] = LearnMAS(TIED.learning, progress=False)
     with pytest.raises(ValueError, match=r"LearnMAS\(cmc=CMCConfig"):
         Pipeline(steps).run(context, progress=False)
+
+
+def test_an_interrupted_layer_leaves_no_hook_and_no_grad_on_the_scales(omni, monkeypatch):
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LearnMAS, "_optimise", interrupt)
+    context = Context(copy.deepcopy(omni.captured), [omni.inputs], stats=omni.stats, provided={"stats"})
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(recipe_steps(TIED, progress=False)).run(context, progress=False)
+    tables = [m.scales for m in quant_linears(context.graph_module) if m.scales is not None]
+    assert tables and not any(t.requires_grad or t._backward_hooks for t in tables)

@@ -309,6 +309,19 @@ class LearnMAS:
         for p in [*params.values(), *clips]:
             p.requires_grad_(True)
         hooks = [t.table.register_hook(t.tie_gradient) for t in tied]
+        try:
+            epoch_losses = self._optimise(layer, params, clips, tied, split, node, q_envs, targets, samples)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for p in [*params.values(), *clips]:
+                p.requires_grad_(False)
+        self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
+        _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
+
+    def _optimise(self, layer, params, clips, tied, split, node, q_envs, targets, samples) -> list[float]:
+        """AdamW on the layer's scales (and clipping ratios); the mean loss of every epoch."""
+        cfg = self.config
         groups = [{"params": list(params.values()), "lr": cfg.lr}, {"params": clips, "lr": cfg.clip_lr}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
         epoch_losses = []
@@ -333,12 +346,7 @@ class LearnMAS:
                 total += float(loss.detach())
             epoch_losses.append(total / len(samples))
         self._clamp(params, clips, tied)
-        for hook in hooks:
-            hook.remove()
-        for p in [*params.values(), *clips]:
-            p.requires_grad_(False)
-        self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
-        _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
+        return epoch_losses
 
     @torch.no_grad()
     def _clamp(self, scales: dict[str, nn.Parameter], clips: list[nn.Parameter], tied: list[_TiedRows]) -> None:
