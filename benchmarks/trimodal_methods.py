@@ -59,7 +59,7 @@ METHODS = {
     "smoothquant": "SmoothQuant (tied)",
     "mas-init": "MAS-init",
     "mas": "MAS (learned)",
-    "mas-tied": "MAS tied (learned)",
+    "mas-tied": "MAS tied + CMC",
 }
 
 
@@ -108,14 +108,15 @@ def main() -> None:
         for method in args.methods.split(","):
             label = METHODS[method]
             recipe = preset(method.removesuffix("-tied"), wbits, abits)
-            if method.startswith("mas") and args.learn_clipping:
+            clip = method in ("mas", "mas-tied") and args.learn_clipping
+            if clip:
                 recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True))
-                label = label.replace("(learned", "(learned + clipping")
+                label = "MAS (learned + clipping)"
             if method == "mas-tied":  # the whole recipe: MAS under the constraint, projection, GPTQ, CMC
                 ratio = float(args.ranks.split(",")[0])
                 learning = replace(recipe.learning, own_channels_in_loop=True)
                 recipe = replace(recipe, learning=learning, cmc=CMCConfig(rank_ratio=ratio, own_channels="rank"))
-                label = label.replace(" (learned)", "").replace(" (learned + clipping)", " +clip") + f" + CMC ρ={ratio:g}"
+                label = "MAS tied" + (" +clip" if clip else "") + f" + CMC ρ={ratio:g}"
             if method != "mas" and gptq:
                 recipe = replace(recipe, gptq=GPTQConfig())
             # MAS is learned once for all its rows; GPTQ (after CMC's scale projection, if any) runs per row

@@ -13,7 +13,7 @@ derive them (``nonzero`` has a data-dependent shape); they are computed outside,
   take them;
 * :func:`token_positions` computes them: flat indices into the ``batch · seq`` tokens;
 * :func:`with_positions` completes a graph's positional arguments with them, outside a compiled
-  region: :class:`~masq_fx.backends.CompiledGraph` does so on every call. Called with its usual
+  region, as :class:`~masq_fx.backends.CompiledGraph` does on every call. Called with its usual
   inputs (eagerly, or through a plain ``torch.compile(gm, fullgraph=True)``), the graph completes them
   itself in a forward pre-hook, which runs before the compiled forward; callers never pass them.
 

@@ -78,7 +78,7 @@ from masq_fx.modality import Modality
 from masq_fx.pipeline import Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
-from masq_fx.token_positions import POSITION_MODALITIES, add_position_inputs, with_positions
+from masq_fx.token_positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
@@ -457,11 +457,12 @@ class CompiledGraph:
 
     def __init__(self, gm: fx.GraphModule) -> None:
         _register_torchao_x86_int8_pattern()
-        self.graph_module = gm
+        self.positions = CompletePositions.of(gm)
         self.compiled = torch.compile(gm, fullgraph=True)
 
     def __call__(self, *args: Tensor) -> Tensor:
-        args = with_positions(self.graph_module, args)
+        if self.positions is not None:  # outside the compiled region: nonzero has a data-dependent shape
+            args = self.positions.complete(args)
         with torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS):
             return self.compiled(*args)
 

@@ -199,6 +199,13 @@ def own_channel_masks(sharing: list[QuantLinear], config: CMCConfig, stats: dict
     return masks
 
 
+@torch.no_grad()
+def tie_to_text(scales: Tensor, text_row: int, masks: dict[int, Tensor]) -> None:
+    """Set each row of ``masks`` (row → own channels) to text's scale outside its own channels, in place."""
+    for row, own in masks.items():
+        scales[row] = torch.where(own, scales[row], scales[text_row])
+
+
 @dataclass
 class ProjectScales:
     """CMC's ``own_channels`` step on its own: set each non-text scale row to text's outside its
@@ -226,11 +233,7 @@ class ProjectScales:
                     f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
                     "run ProjectScales before GPTQ (recipe_steps does), or leave own_channels at None"
                 )
-            masks = own_channel_masks(sharing, self.config, context.stats)
-            text_row = int(first.row_of_modality[Modality.TEXT])
-            with torch.no_grad():
-                for row, own in masks.items():
-                    first.scales[row] = torch.where(own, first.scales[row], first.scales[text_row])
+            tie_to_text(first.scales, int(first.row_of_modality[Modality.TEXT]), own_channel_masks(sharing, self.config, context.stats))
             for module in sharing:
                 module.unfreeze()
                 context.result(module.name)["smooth_scales"] = first.scales.detach().clone()

@@ -53,7 +53,12 @@ from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.pipeline import CALIBRATION_DATA, Context
 from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import calibrate_static_scale
-from masq_fx.transforms.cmc import CMCConfig, compensated, own_channel_masks
+from masq_fx.transforms.cmc import (
+    CMCConfig,
+    compensated,
+    own_channel_masks,
+    tie_to_text,
+)
 from masq_fx.transforms.quantize import WEIGHT_QUANT, _smoothed_absmax
 from masq_fx.transforms.smoothing import SCALES
 
@@ -207,10 +212,8 @@ class _TiedRows:
         text_row = int(sharing[0].row_of_modality[Modality.TEXT])
         return cls(table, text_row, own_channel_masks(sharing, cmc, stats))
 
-    @torch.no_grad()
     def project(self) -> None:
-        for row, own in self.masks.items():
-            self.table[row] = torch.where(own, self.table[row], self.table[self.text_row])
+        tie_to_text(self.table, self.text_row, self.masks)
 
     def tie_gradient(self, grad: Tensor) -> Tensor:
         tied = grad.clone()
