@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from masq_fx.capture import capture
+from masq_fx.builtin.smollm2 import load_smollm2
+from masq_fx.capture.decoder import capture
 from masq_fx.data.text import token_windows
 from masq_fx.models import adapter_for
-from masq_fx.pretrained import load_smollm2
 
 
 def _peak_rss_mib() -> float:

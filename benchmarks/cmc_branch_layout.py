@@ -25,12 +25,13 @@ Run: ``.venv/bin/python benchmarks/cmc_branch_layout.py`` (about 2 minutes on 2 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from masq_fx.bench import intra_op_threads, interleaved_medians
+from masq_fx.app.bench import interleaved_medians, intra_op_threads
 
 SHAPES = {"q/o 576→576": (576, 576), "gate/up 576→1536": (576, 1536), "down 1536→576": (1536, 576)}
 
@@ -84,8 +85,8 @@ def main() -> None:
                 left, right = torch.cat([lv, la], 1), torch.cat([rv, ra], 0)
                 owner = torch.cat([torch.full((rank,), 1), torch.full((rank,), 2)])
                 calls = {
-                    "masked": lambda: masked_fn(x, rows, left, right, owner),
-                    "indexed": lambda: indexed_fn(x, vision, audio, lv, rv, la, ra),
+                    "masked": functools.partial(masked_fn, x, rows, left, right, owner),
+                    "indexed": functools.partial(indexed_fn, x, vision, audio, lv, rv, la, ra),
                 }
                 a, b = calls["masked"](), calls["indexed"]()
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))

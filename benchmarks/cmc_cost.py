@@ -30,15 +30,15 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.builtin.trimodal import calibration_batches, load_trimodal
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
-from masq_fx.trimodal import calibration_batches, load_trimodal
 
 
 def mixed_prompt(samples: list[DecoderInputs], tokens: int, media: float) -> DecoderInputs:

@@ -28,14 +28,14 @@ from dataclasses import replace
 
 import torch
 
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.builtin.smollm2 import load_smollm2
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.pretrained import load_smollm2
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.gptq import GPTQConfig

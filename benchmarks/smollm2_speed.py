@@ -13,7 +13,7 @@ Protocol:
 - prefill: one ``--tokens``-token window of the evaluation split at cache slot 0; decode: one text
   token at slot ``--tokens`` (the attention reads the whole cache either way);
 - ``--threads`` threads, two warm-up calls, then ``--runs`` interleaved calls of every graph
-  (:func:`masq_fx.bench.measure`); the figures are ratios of medians within this run (never compare
+  (:func:`masq_fx.app.bench.measure`); the figures are ratios of medians within this run (never compare
   absolute times across runs);
 - memory: resident bytes of the lowered decoder linears, and checkpoint bytes of their weights
   (:func:`masq_fx.checkpoint.linear_bytes`; 4-bit codes packed two per byte) against FP32;
@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from masq_fx.app.bench import BenchConfig, latency_table, measure, resident_linear_bytes
 from masq_fx.backends import INDUCTOR_OPTIONS, lower_to_torchao
-from masq_fx.bench import BenchConfig, latency_table, measure, resident_linear_bytes
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.builtin.smollm2 import load_smollm2
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.checkpoint import LinearBytes, linear_bytes, save
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, generate, transplant
 from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.pretrained import load_smollm2
 from masq_fx.recipes import preset, recipe_steps
 
 PROMPTS = (

@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for

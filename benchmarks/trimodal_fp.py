@@ -1,6 +1,6 @@
 """FP accuracy of the built-in trimodal model per modality, and its text perplexity, on the evaluation split.
 
-Everything runs through the *captured* decoder graph (``masq_fx.capture.capture``), as a quantized
+Everything runs through the *captured* decoder graph (``masq_fx.capture.decoder.capture``), as a quantized
 graph would: the towers run eagerly via the adapter's ``decoder_inputs``, greedy decoding re-runs the
 prefix per token. Vision: held-out numbers; audio: unseen espeak-ng voices (exact match of the
 reply). Text: perplexity on 512-token windows of the evaluation split of the Python reference
@@ -17,9 +17,9 @@ import warnings
 
 import torch
 
-from masq_fx.capture import capture
+from masq_fx.builtin.trimodal import accuracy, load_set, load_trimodal, text_perplexity
+from masq_fx.capture.decoder import capture
 from masq_fx.models import adapter_for
-from masq_fx.trimodal import accuracy, load_set, load_trimodal, text_perplexity
 
 
 def main() -> None:

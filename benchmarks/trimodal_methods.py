@@ -7,7 +7,7 @@ GPTQ error feedback on the weights, and W8A6 (activation-bound: where smoothing 
 
 Protocol:
 - model: the built-in tri-modal thinker (SmolLM2-135M-Instruct, frozen, with trained vision and
-  audio towers; ``masq_fx.trimodal``); only the language decoder's 7 × 30 linears are quantized
+  audio towers; ``masq_fx.builtin.trimodal``); only the language decoder's 7 × 30 linears are quantized
   (towers, projectors, embeddings, ``lm_head``, attention matmuls and the KV cache stay float);
 - calibration: ``--calib-samples`` samples per modality of the *calibration* split (text, rendered
   numbers, spoken numbers), observed once; every method runs on a fresh copy of that capture;
@@ -43,14 +43,14 @@ from dataclasses import replace
 
 import torch
 
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.app.sources import Sizes, load_source
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import preset, recipe_steps
-from masq_fx.sources import Sizes, load_source
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectScales
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 

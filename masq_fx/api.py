@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for

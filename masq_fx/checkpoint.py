@@ -62,11 +62,11 @@ import safetensors.torch
 import torch
 from torch import Tensor, fx, nn
 
-from masq_fx.calibration import calibration_tokens
-from masq_fx.capture import MODULE_KEY, CapturedDecoder, capture
+from masq_fx.calibration.calibrate import calibration_tokens
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture
 from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.nn.quant_linear import QuantLinear, branch_factor_config
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear, branch_factor_config
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
 from masq_fx.transforms.prepare import PrepareQuantLinears, quant_linears

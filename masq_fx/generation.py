@@ -3,7 +3,7 @@
 :func:`capture_cached` exports the language decoder and head once more, now with a
 ``transformers.StaticCache`` whose key/value tensors are buffers of the graph (updated in place,
 so the graph compiles with ``fullgraph=True`` for prefill and for decode). Its placeholders are
-those of :func:`masq_fx.capture.capture` plus ``cache_start`` (``[1]``, the cache slot of the first
+those of :func:`masq_fx.capture.decoder.capture` plus ``cache_start`` (``[1]``, the cache slot of the first
 input token); ``attention_mask`` spans the whole cache (``[batch, max_cache_len]``: the prompt's
 padding mask, ones after it). The batch size and cache length are fixed at capture, the number of
 input tokens is dynamic. Linear nodes carry the same module-name tags as the prefill capture.
@@ -25,10 +25,10 @@ from torch import Tensor, fx, nn
 from torch.export import Dim
 from transformers import StaticCache
 
-from masq_fx.capture import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
+from masq_fx.capture.positions import add_position_inputs, position_placeholders
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
-from masq_fx.token_positions import add_position_inputs, position_placeholders
 from masq_fx.transforms.smoothing import ModalityScale, insert_routers
 
 CACHE_START = "cache_start"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from masq_fx.capture import LAYER_KEY, CapturedDecoder
-from masq_fx.graph import input_node
+from masq_fx.capture.dataflow import input_node
+from masq_fx.capture.decoder import LAYER_KEY, CapturedDecoder
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import adapter_for
 from masq_fx.recipes import Recipe

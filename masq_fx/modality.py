@@ -22,7 +22,7 @@ class Modality(enum.IntEnum):
     AUDIO = 2
 
     @classmethod
-    def parse(cls, value: "str | int | Modality") -> "Modality":
+    def parse(cls, value: str | int | Modality) -> Modality:
         if isinstance(value, Modality):
             return value
         if isinstance(value, int):

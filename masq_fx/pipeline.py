@@ -23,10 +23,10 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from masq_fx.capture import CapturedDecoder
-from masq_fx.graph import SmoothingGroup
+from masq_fx.calibration.stats import ModalityStats
+from masq_fx.capture.dataflow import SmoothingGroup
+from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.models import DecoderInputs
-from masq_fx.observers import ModalityStats
 
 #: capabilities a context can hold before any step runs
 GRAPH = "graph"
@@ -41,7 +41,7 @@ class Transform(Protocol):
     requires: tuple[str, ...]
     provides: tuple[str, ...]
 
-    def __call__(self, gm: fx.GraphModule, context: "Context") -> fx.GraphModule: ...
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule: ...
 
 
 @dataclass

@@ -1,12 +1,19 @@
-"""Shared fixtures: a hypothesis profile for tensor code and the real SmolLM2 model, loaded once."""
+"""Shared fixtures: a hypothesis profile for tensor code and the real SmolLM2 model, loaded once.
+
+The data generators of the tri-modal task (``benchmarks/fixtures``) are importable, for the tests of their splits.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["helpers"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fixtures"))
 
 settings.register_profile(
     "masq_fx",
@@ -22,7 +29,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (model, tokenizer), loaded once per test session."""
-    from masq_fx.pretrained import load_smollm2
+    from masq_fx.builtin.smollm2 import load_smollm2
 
     return load_smollm2()
 
@@ -30,7 +37,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_captured(smollm2):
     """SmolLM2's decoder captured once per test session."""
-    from masq_fx.capture import capture
+    from masq_fx.capture.decoder import capture
 
     model, _ = smollm2
     return capture(model)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import fx, nn
 
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.recipes import Recipe, recipe_steps
 
 

@@ -19,27 +19,26 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 
 from masq_fx.backends import Int8QuantLinear, LowerToTorchao, compile_graph, lower_to_torchao, unsupported_reason
 from masq_fx.backends.torchao_int8 import _INT8_ACT
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.modality import NUM_MODALITIES
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, act_scale, fake_quant_act, quantize_weight
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import QuantizeActivations, QuantizeWeights, quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
 from masq_fx.transforms.quantize import ModuleFilter
-
-from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 
 MODULE_RTOL = 1e-5
 LOGIT_RTOL = 2e-2

@@ -1,4 +1,4 @@
-"""``masq_fx.bench`` and ``masq-fx bench`` on a tiny Llama checkpoint saved to a temporary folder."""
+"""``masq_fx.app.bench`` and ``masq-fx bench`` on a tiny Llama checkpoint saved to a temporary folder."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from masq_fx import PRESETS, load, quantize
-from masq_fx.backends import LoweringReport
-from masq_fx.bench import (
+from masq_fx.app.bench import (
     BenchConfig,
     BenchResult,
     GraphTiming,
@@ -21,7 +20,8 @@ from masq_fx.bench import (
     resident_linear_bytes,
     text_prompt,
 )
-from masq_fx.cli import main
+from masq_fx.app.cli import main
+from masq_fx.backends import LoweringReport
 from masq_fx.generation import capture_cached
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
@@ -73,7 +73,7 @@ def test_bench_times_compiled_fp32_and_int8_graphs(checkpoint, one_thread):
 
 
 def test_cli_bench_loads_the_checkpoint_and_prints_the_table(checkpoint, monkeypatch, capsys):
-    import masq_fx.bench
+    import masq_fx.app.bench
 
     directory, _ = checkpoint
     called = {}
@@ -83,7 +83,7 @@ def test_cli_bench_loads_the_checkpoint_and_prints_the_table(checkpoint, monkeyp
         called.update(recipe=quantized.recipe, config=config, progress=progress)
         return result
 
-    monkeypatch.setattr(masq_fx.bench, "bench", fake_bench)
+    monkeypatch.setattr(masq_fx.app.bench, "bench", fake_bench)
     args = ["bench", str(directory), "--model", TINY, "--prompt-tokens", "16", "--runs", "3", "--threads", "1", "--quiet"]
     assert main(args) == 0
     assert called == {"recipe": PRESETS["rtn-w8a8"], "config": BenchConfig(prompt_tokens=16, runs=3, threads=1), "progress": False}

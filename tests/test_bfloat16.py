@@ -26,16 +26,16 @@ from torch import fx, nn
 
 from masq_fx import QuantizedModel, load, quantize
 from masq_fx.backends import Int8QuantLinear, lower_to_torchao
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.capture.positions import with_positions
 from masq_fx.checkpoint import CheckpointError, read_manifest
 from masq_fx.eval.sqnr import layer_outputs, sqnr_db
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import VOCAB, tiny_model
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.recipes import preset
-from masq_fx.token_positions import with_positions
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 

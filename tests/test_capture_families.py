@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from masq_fx.capture import LAYER_KEY, MODULE_KEY, PLACEHOLDERS, CapturedDecoder, capture
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, PLACEHOLDERS, CapturedDecoder, capture
 from masq_fx.modality import Modality
 from masq_fx.models import ModelAdapter, UnsupportedModelError, adapter_for, supported_families
 from masq_fx.models.tiny import TINY_FAMILIES, TINY_TOKENS, TinyModel, tiny_model

@@ -24,8 +24,8 @@ from torch import nn
 
 from masq_fx import checkpoint
 from masq_fx.backends import lower_to_torchao
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.checkpoint import (
     CheckpointError,
     linear_bytes,
@@ -38,8 +38,8 @@ from masq_fx.checkpoint import (
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import TINY_TOKENS, tiny_model
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.recipes import MASLearningConfig, Recipe, preset, recipe_steps
 from masq_fx.transforms import SmoothingConfig, quant_linears

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from masq_fx.cli import main
+from masq_fx.app.cli import main
 
 TINY = "tiny:qwen2.5-omni-thinker"
 
@@ -45,7 +45,7 @@ def test_every_option_is_documented(capsys):
 
 
 def test_media_files_are_checked_with_a_fix(tmp_path):
-    from masq_fx.sources import read_image, read_wav
+    from masq_fx.data.media import read_image, read_wav
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_image(tmp_path / "missing.png", 56, 112)
@@ -66,7 +66,7 @@ def test_media_files_are_checked_with_a_fix(tmp_path):
 
 @pytest.fixture(scope="module")
 def trimodal(one_thread):
-    from masq_fx.trimodal import load_trimodal
+    from masq_fx.builtin.trimodal import load_trimodal
 
     return load_trimodal()
 
@@ -78,12 +78,12 @@ def test_quantize_on_a_calibration_file_and_eval_refuses_its_samples(trimodal, t
     import numpy as np
     from PIL import Image
 
-    import masq_fx.trimodal
+    import masq_fx.builtin.trimodal
+    from masq_fx.builtin.trimodal import load_set
     from masq_fx.checkpoint import read_manifest
     from masq_fx.data.samples import read_samples
-    from masq_fx.trimodal import load_set
 
-    monkeypatch.setattr(masq_fx.trimodal, "load_trimodal", lambda: trimodal)
+    monkeypatch.setattr(masq_fx.builtin.trimodal, "load_trimodal", lambda: trimodal)
     evaluation = load_set("evaluation")
 
     def write(name: str, indices: range) -> str:

@@ -17,19 +17,18 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from helpers import graph_of
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import graph_of
-
-from masq_fx.calibration import observe
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration import ModalityStats
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
-from masq_fx.observers import ModalityStats
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, fake_quant_act, fake_quant_weight
 from masq_fx.recipes import Recipe, preset, recipe_steps
 from masq_fx.transforms import quant_linears
@@ -439,7 +438,7 @@ def test_recipe_projects_the_scales_before_gptq_solves_the_weights(omni):
     assert steps.index("ProjectScales") < steps.index("GPTQWeights") < steps.index("CrossModalCompensation")
     context = mas_init(omni, recipe, stats)
     checked = 0
-    for module, modality, row, left, right in branches(context):
+    for module, _modality, row, left, right in branches(context):
         scales = module.scales.detach()
         text = scales[int(module.row_of_modality[TEXT])]
         assert module.has_solved_weights and int((scales[row] != text).sum()) <= 2
@@ -527,7 +526,7 @@ def test_undamped_cmc_on_the_tiny_model_is_finite(omni):
     context = mas_init(omni)
     simulation = logits(context, omni.inputs)
     run_cmc(context, CMCConfig(rank_ratio=0.2, damping=0.0))
-    for module, modality, row, left, right in branches(context):
+    for module, modality, _row, left, right in branches(context):
         assert torch.isfinite(left).all() and torch.isfinite(right).all(), (module.name, modality)
     out = logits(context, omni.inputs)
     assert torch.isfinite(out).all()

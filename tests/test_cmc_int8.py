@@ -26,6 +26,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
@@ -35,14 +36,12 @@ from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao, u
 from masq_fx.backends.torchao_int8 import _INT8_HIDDEN
 from masq_fx.checkpoint import linear_bytes, load, read_manifest, save
 from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.nn.quant_linear import BRANCH_ACT, QuantLinear, fake_quant_hidden
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import BRANCH_ACT, QuantLinear, fake_quant_hidden
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act, quantize_weight
 from masq_fx.recipes import Recipe, preset
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
-
-from helpers import CalibratedTiny, calibrated_tiny, record_quant_linear_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

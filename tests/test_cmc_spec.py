@@ -23,19 +23,18 @@ import copy
 
 import pytest
 import torch
+from helpers import graph_of
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from helpers import graph_of
-
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration import ModalityStats
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
-from masq_fx.observers import ModalityStats
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, fake_quant_act, fake_quant_weight
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import quant_linears

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from masq_fx.backends import compile_graph, lower_to_torchao
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
+from masq_fx.capture.positions import POSITION_INPUTS, position_placeholders
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset, recipe_steps
-from masq_fx.token_positions import POSITION_INPUTS, position_placeholders
 from masq_fx.transforms.cmc import CMCConfig
 
 NEW_TOKENS = 5

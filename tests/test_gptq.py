@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masq_fx.capture import annotate, capture, iter_linears
-from masq_fx.graph import SmoothingGroup, input_node, smoothing_groups, to_networkx
+from masq_fx.capture.dataflow import SmoothingGroup, input_node, smoothing_groups, to_networkx
+from masq_fx.capture.decoder import annotate, capture, iter_linears
 
 _TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)  # fmt: skip

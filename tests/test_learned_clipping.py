@@ -7,17 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import CalibratedTiny, calibrated_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import WeightQuantConfig, fake_quant_weight, quantize_weight
 from masq_fx.recipes import MASLearningConfig, preset
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights, gptq_codes
-
-from helpers import CalibratedTiny, calibrated_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import CalibratedTiny, calibrated_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,8 +23,6 @@ from masq_fx.recipes import Recipe, preset, recipe_steps
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig, ProjectScales
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig, _TiedRows
-
-from helpers import CalibratedTiny, calibrated_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from masq_fx.api import PRESETS, calibration_inputs
-from masq_fx.calibration import observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import observe
+from masq_fx.capture.decoder import capture
 from masq_fx.memory import (
     CalibrationMemoryError,
     available_memory,
@@ -72,7 +72,7 @@ def test_available_memory_reads_meminfo(tmp_path):
 
 def test_quantize_checks_memory_before_calibrating(omni, monkeypatch, capsys, tmp_path):
     from masq_fx import api
-    from masq_fx.cli import main
+    from masq_fx.app.cli import main
 
     model, batch, _ = omni
     monkeypatch.setattr(api, "available_memory", lambda: 1000)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 from torch import fx, nn
 
+from masq_fx.calibration import ModalityObserver, ModalityStats
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.observers import ModalityObserver, ModalityStats
 
 ALL = tuple(Modality)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import fx
 
-from masq_fx.calibration import Calibrate, InsertObservers, observer_nodes, observe
-from masq_fx.capture import capture
+from masq_fx.calibration.calibrate import Calibrate, InsertObservers, observe, observer_nodes
+from masq_fx.capture.decoder import capture
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masq_fx.cli import main
+from masq_fx.app.cli import main
+from masq_fx.app.inspect import activation_report, format_report
+from masq_fx.calibration import ModalityStats
 from masq_fx.modality import Modality
-from masq_fx.observers import ModalityStats
-from masq_fx.report import activation_report, format_report
 
 
 def _stats() -> ModalityStats:

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from masq_fx.api import quantize
+from masq_fx.app.run_report import PLOT_FILE, REPORT_FILE, RunReport, build
 from masq_fx.modality import Modality
 from masq_fx.models.tiny import tiny_model
 from masq_fx.pipeline import StepRecord
 from masq_fx.recipes import Recipe, preset
-from masq_fx.run_report import PLOT_FILE, REPORT_FILE, RunReport, build
 from masq_fx.transforms.cmc import BranchReport, CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
 from masq_fx.transforms.quantize import ModuleFilter

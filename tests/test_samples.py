@@ -227,7 +227,7 @@ def test_balance_stays_in_budget_and_shares_equally(items, budget):
 
 @pytest.fixture(scope="module")
 def trimodal(one_thread):
-    from masq_fx.trimodal import load_trimodal
+    from masq_fx.builtin.trimodal import load_trimodal
 
     return load_trimodal()
 
@@ -235,8 +235,8 @@ def trimodal(one_thread):
 @pytest.fixture
 def default_source(trimodal, monkeypatch):
     """``load_source("default", ...)`` with the module's already loaded tri-modal model."""
-    from masq_fx import sources
-    from masq_fx import trimodal as package
+    from masq_fx.app import sources
+    from masq_fx.builtin import trimodal as package
 
     monkeypatch.setattr(package, "load_trimodal", lambda: trimodal)
 
@@ -249,7 +249,7 @@ def default_source(trimodal, monkeypatch):
 
 def shipped_files(folder: Path, count: int) -> list[dict]:
     """The first ``count`` shipped evaluation images written as PNG files, with their answers."""
-    from masq_fx.trimodal import load_set
+    from masq_fx.builtin.trimodal import load_set
 
     evaluation = load_set("evaluation")
     records = []
@@ -280,7 +280,7 @@ def test_token_budget_balances_the_calibration_samples(default_source, tmp_path)
     for i in range(4):
         write_png(tmp_path / f"{i}.png", seed=i)
     write_jsonl(tmp_path / "c.jsonl", records)
-    from masq_fx.sources import Sizes, calibration_selection
+    from masq_fx.app.sources import Sizes, calibration_selection
 
     source = default_source(calibration=tmp_path / "c.jsonl", calibration_tokens=200)
     selection = calibration_selection(source.process, tmp_path / "c.jsonl", Sizes(calibration_tokens=200))
@@ -291,9 +291,10 @@ def test_token_budget_balances_the_calibration_samples(default_source, tmp_path)
 
 
 def test_file_exact_match_agrees_with_the_trimodal_accuracy_helper(default_source, trimodal, tmp_path):
+    from masq_fx.app.sources import exact_match_per_kind as exact_match
+    from masq_fx.builtin.trimodal import accuracy, load_set
+    from masq_fx.eval.accuracy import eager_decoder
     from masq_fx.models import adapter_for
-    from masq_fx.sources import exact_match
-    from masq_fx.trimodal import accuracy, eager_decoder, load_set
 
     model, processor = trimodal
     write_jsonl(tmp_path / "eval.jsonl", shipped_files(tmp_path, 3))
@@ -308,7 +309,7 @@ def test_file_exact_match_agrees_with_the_trimodal_accuracy_helper(default_sourc
 def test_text_models_take_text_samples_only(trimodal, tmp_path, jsonl):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from masq_fx.sources import Sizes, load_source
+    from masq_fx.app.sources import Sizes, load_source
 
     _, processor = trimodal
     folder = tmp_path / "tiny-llm"
@@ -325,7 +326,7 @@ def test_text_models_take_text_samples_only(trimodal, tmp_path, jsonl):
 
 
 def test_budget_without_a_file_and_files_for_a_tiny_model_are_refused(jsonl):
-    from masq_fx.sources import Sizes, load_source
+    from masq_fx.app.sources import Sizes, load_source
 
     with pytest.raises(ValueError, match=r"balances calibration files: give one \(--calib PATH\) too"):
         load_source("tiny:llama", Sizes(calibration_tokens=100))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masq_fx.capture import PLACEHOLDERS
+from masq_fx.capture.decoder import PLACEHOLDERS
 from masq_fx.data.text import token_windows
 from masq_fx.models import adapter_for
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from masq_fx.backends import lower_to_torchao
-from masq_fx.calibration import observe
+from masq_fx.calibration.calibrate import observe
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, generate, transplant

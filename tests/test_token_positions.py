@@ -1,4 +1,4 @@
-"""Indexed CMC branches: per-modality token positions as graph inputs (``masq_fx.token_positions``).
+"""Indexed CMC branches: per-modality token positions as graph inputs (``masq_fx.capture.positions``).
 
 The indexed layout computes a branch on its modality's tokens only (gather, low-rank product,
 ``index_add``); the masked layout computes every branch for every token and keeps each token's own.
@@ -14,18 +14,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import CalibratedTiny, calibrated_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masq_fx.backends import Int8QuantLinear, LowerToTorchao, compile_graph, lower_to_torchao
+from masq_fx.capture.positions import POSITION_INPUTS, POSITION_MODALITIES, position_placeholders, token_positions, with_positions
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.quant_linear import QuantLinear
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.recipes import preset
-from masq_fx.token_positions import POSITION_INPUTS, POSITION_MODALITIES, position_placeholders, token_positions, with_positions
 from masq_fx.transforms.cmc import CMCConfig
-
-from helpers import CalibratedTiny, calibrated_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
-from masq_fx.calibration import Calibrate, InsertObservers
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import Calibrate, InsertObservers
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import (
     ActQuantConfig,
     WeightQuantConfig,

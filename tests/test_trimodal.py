@@ -1,7 +1,7 @@
 """The built-in trimodal model: shipped splits, preprocessing, SmolLM2 equality, capture, and FP accuracy.
 
 Loading needs no network and no espeak-ng (the towers and the calibration/evaluation sets ship in
-``masq_fx/trimodal/assets``). Nothing here trains.
+``masq_fx/builtin/trimodal/assets``). Nothing here trains.
 """
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from trimodal_data import AUDIO_VOICES
 
-from masq_fx.capture import capture
-from masq_fx.modality import Modality
-from masq_fx.models import adapter_for
-from masq_fx.trimodal import accuracy, eager_decoder, greedy_decode, load_set, load_trimodal
-from masq_fx.trimodal.data import (
-    AUDIO_VOICES,
+from masq_fx.builtin.trimodal import accuracy, load_set, load_trimodal
+from masq_fx.builtin.trimodal.data import (
     MAX_ITEMS_PER_SPLIT,
     SPLIT_SEED_BASE,
     VISION_EVAL_NUMBERS,
@@ -24,7 +21,11 @@ from masq_fx.trimodal.data import (
     number_words,
     text_item,
 )
-from masq_fx.trimodal.processing import SPECIAL_TOKENS, AudioSpec, ImageSpec, image_patches, log_mel
+from masq_fx.builtin.trimodal.processing import IM_END, SPECIAL_TOKENS, AudioSpec, ImageSpec, image_patches, log_mel
+from masq_fx.capture.decoder import capture
+from masq_fx.eval.accuracy import eager_decoder, greedy_decode
+from masq_fx.modality import Modality
+from masq_fx.models import adapter_for
 
 ACCURACY_ITEMS = 64  # per modality, the first items of the shipped evaluation split
 
@@ -181,7 +182,7 @@ def test_adapter_and_capture_work_on_the_shipped_model(trimodal, shipped):
     # greedy decoding on the captured graph equals HF generate() with its KV cache
     prompt_len = batch["input_ids"].shape[1]
     reference = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, prompt_len:]
-    ours = greedy_decode(captured, adapter, inputs, max_new_tokens=3)
+    ours = greedy_decode(captured, adapter, inputs, max_new_tokens=3, stop_id=IM_END)
     assert [processor.decode_answer(r) for r in ours.tolist()] == [processor.decode_answer(r) for r in reference.tolist()]
 @slow
 @pytest.mark.parametrize("modality", ["vision", "audio"])

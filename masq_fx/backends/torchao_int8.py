@@ -1,6 +1,6 @@
 """Lower a transformed graph's QuantLinears to torchao int8 kernels (W8A8 and W4A8, dynamic per-token activations).
 
-:func:`lower_to_torchao` swaps every :class:`~masq_fx.quant_linear.QuantLinear` whose weights are
+:func:`lower_to_torchao` swaps every :class:`~masq_fx.nn.quant_linear.QuantLinear` whose weights are
 symmetric per output channel (2 to 8 bits) and whose activations are 8-bit symmetric dynamic per token (full
 int8 grid) for an :class:`Int8QuantLinear` with the same call signature ``(x, modality_ids)``. It
 computes what the reference computes, with the integer GEMM done by torchao:
@@ -19,7 +19,7 @@ computes what the reference computes, with the integer GEMM done by torchao:
   two layouts (``branch_layout``), bias added last:
 
   - ``"indexed"`` (default): the graph takes each modality's token positions as inputs
-    (:mod:`masq_fx.token_positions`; computed from ``modality_ids`` when the caller passes only the
+    (:mod:`masq_fx.capture.positions`; computed from ``modality_ids`` when the caller passes only the
     usual inputs), and each branch is computed on its modality's tokens alone and added back with
     ``index_add``. A module called without them computes its branches masked;
   - ``"masked"``: the branches stacked into one GEMM pair for every token, each token keeping only its
@@ -36,7 +36,7 @@ CMC branches with float factors run as two float32 GEMMs. Branches with integer 
   (it fuses an int8 GEMM only when its quantized activation has no other consumer);
 * ``h·R``: ``h`` masked per token (or each branch's columns of its own tokens' ``h``, indexed), then
   ``F.linear`` with an ``Int8Tensor`` of the stacked (or the branch's) ``Rᵀ`` codes and unit scales (torchao quantizes ``h`` per token with ``SYMMETRIC_NO_CLIPPING_ERR``, as the
-  reference's :func:`~masq_fx.quant_linear.fake_quant_hidden`); each token's output is multiplied by
+  reference's :func:`~masq_fx.nn.quant_linear.fake_quant_hidden`); each token's output is multiplied by
   its own branch's per-channel scales (a ``[rows, out]`` table gathered per token), so every branch
   keeps its own scales of ``R``. ``h`` is a float product here and in the reference, rounded
   differently, so now and then one of its codes differs by one step between the two (measured: 1
@@ -73,12 +73,12 @@ from torchao.quantization import Int8Tensor, PerRow
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
-from masq_fx.capture import CapturedDecoder
+from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.capture.positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.modality import Modality
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
-from masq_fx.token_positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
@@ -106,7 +106,7 @@ LOWERED = "lowered_torchao_int8"
 INDUCTOR_OPTIONS: dict[str, object] = {"freezing": True}
 
 _INT8_ACT = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
-#: the CMC hidden's quantization (:func:`masq_fx.quant_linear.fake_quant_hidden`)
+#: the CMC hidden's quantization (:func:`masq_fx.nn.quant_linear.fake_quant_hidden`)
 _INT8_HIDDEN = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
 
 
@@ -210,7 +210,7 @@ class _Int8Branches:
     owner: Tensor
 
     @classmethod
-    def stack(cls, codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]], rows: int) -> "_Int8Branches":
+    def stack(cls, codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]], rows: int) -> _Int8Branches:
         order = sorted(codes)
         lefts, rights = [codes[r][0] for r in order], [codes[r][1] for r in order]
         out_features = rights[0].qdata.shape[0]
@@ -237,7 +237,7 @@ class _Int8Branches:
 class Int8QuantLinear(nn.Module):
     """W8A8/W4A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids, *positions) -> y``.
 
-    ``positions``: the token positions of each of :data:`~masq_fx.token_positions.POSITION_MODALITIES`
+    ``positions``: the token positions of each of :data:`~masq_fx.capture.positions.POSITION_MODALITIES`
     (graph inputs added by :func:`lower_to_torchao` with ``branch_layout="indexed"``); without them
     (or ``None``) the CMC branches are computed masked. Built by :meth:`from_quant_linear`; holds no
     reference to the float weight.
@@ -298,7 +298,7 @@ class Int8QuantLinear(nn.Module):
         self.branch_input = branch_input
 
     @classmethod
-    def from_quant_linear(cls, module: QuantLinear) -> "Int8QuantLinear":
+    def from_quant_linear(cls, module: QuantLinear) -> Int8QuantLinear:
         reason = unsupported_reason(module)
         if reason is not None:
             raise ValueError(f"{module.name} cannot be lowered to int8 kernels: {reason}")
@@ -389,7 +389,7 @@ def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: Br
     """Replace (in place) every lowerable QuantLinear of a transformed graph by an :class:`Int8QuantLinear`.
 
     With ``branch_layout="indexed"`` and CMC branches, the graph gains the per-modality positions
-    inputs (:mod:`masq_fx.token_positions`; a call with the usual inputs computes them). The float weights (shared with
+    inputs (:mod:`masq_fx.capture.positions`; a call with the usual inputs computes them). The float weights (shared with
     the HF model) are not modified. Warns if some QuantLinears stay on the reference path; the report
     names them with the reason.
     """

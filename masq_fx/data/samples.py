@@ -12,7 +12,7 @@ evaluation). A folder holds one sample per file, sorted by name: every ``*.png``
 an image, every ``*.wav`` a clip, every ``*.txt`` a text prompt (its stripped content); hidden files
 are skipped.
 
-Reading is model-independent: a :class:`masq_fx.sources.ModelSource` turns samples into its
+Reading is model-independent: a :class:`masq_fx.app.sources.ModelSource` turns samples into its
 model's batches. Each sample carries a sha256 of its content (prompt text and media file bytes;
 not its path nor its answer), so a checkpoint can record what it was calibrated on and evaluation
 can refuse those samples.

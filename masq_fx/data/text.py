@@ -8,10 +8,10 @@ no document is ever used for both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pydoc_data.topics import topics
 from typing import Literal
 
 import torch
-from pydoc_data.topics import topics
 from transformers import PreTrainedTokenizerBase
 
 Split = Literal["calibration", "evaluation"]

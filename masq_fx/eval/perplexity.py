@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from masq_fx.capture import CapturedDecoder
+from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.models import ModelAdapter
 
 

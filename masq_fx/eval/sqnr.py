@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from masq_fx.capture import LAYER_KEY, CapturedDecoder
+from masq_fx.capture.decoder import LAYER_KEY, CapturedDecoder
+from masq_fx.capture.positions import with_positions
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
-from masq_fx.token_positions import with_positions
 
 
 def layer_output_nodes(gm: fx.GraphModule) -> dict[int, fx.Node]:

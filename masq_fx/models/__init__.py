@@ -1,8 +1,8 @@
 """Model adapters, one module per architecture family. Importing this package registers them all."""
 
+from masq_fx.models import llama, llava, qwen_audio, qwen_omni, qwen_vl  # noqa: F401  (registration)
 from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, supported_families
-from masq_fx.models import llama, llava, qwen_audio, qwen_omni, qwen_vl  # noqa: F401  (registration)
 
 __all__ = [
     "DecoderInputs",

@@ -42,7 +42,7 @@ class DecoderInputs:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "DecoderInputs":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> DecoderInputs:
         """Cast the embeddings to ``dtype`` and move everything to ``device``."""
         return replace(
             self,

@@ -29,7 +29,7 @@ channel's own scale.
 
 ``factor_bits=b`` stores ``L`` and ``R`` as b-bit codes (per rank column of ``L``, per output channel
 of ``R``) and computes the branch as torchao's int8 kernels do: the branch input and the masked
-hidden ``x̃·L`` quantized dynamically per token to 8 bits (see :mod:`masq_fx.quant_linear`). The
+hidden ``x̃·L`` quantized dynamically per token to 8 bits (see :mod:`masq_fx.nn.quant_linear`). The
 lowered module then runs ``x̃·L`` inside the main int8 GEMM and ``h·R`` as a second int8 GEMM,
 instead of two float32 GEMMs. The reported errors are those of the quantized factors.
 """
@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, fx
 
 from masq_fx.modality import Modality
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 from masq_fx.transforms.smoothing import SCALES
@@ -119,7 +119,7 @@ class Whitening:
     t_inv: Tensor
 
     @classmethod
-    def from_moment(cls, moment: Tensor, scale: Tensor, damping: float) -> "Whitening":
+    def from_moment(cls, moment: Tensor, scale: Tensor, damping: float) -> Whitening:
         inv = 1.0 / scale.double()
         c = moment.double() * inv[:, None] * inv[None, :]
         c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype)
@@ -132,7 +132,7 @@ class Whitening:
         return cls(t=eigenvalues.sqrt()[:, None] * u.T, t_inv=u * eigenvalues.rsqrt()[None, :])
 
     @classmethod
-    def identity(cls, channels: int) -> "Whitening":
+    def identity(cls, channels: int) -> Whitening:
         eye = torch.eye(channels, dtype=torch.float64)
         return cls(t=eye, t_inv=eye)
 

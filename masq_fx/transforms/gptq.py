@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from masq_fx.calibration import STATS
+from masq_fx.calibration.calibrate import STATS
 from masq_fx.modality import Modality
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import (
     QuantizedWeight,
     WeightQuantConfig,

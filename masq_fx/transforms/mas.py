@@ -48,10 +48,10 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
-from masq_fx.capture import LAYER_KEY
+from masq_fx.capture.decoder import LAYER_KEY
 from masq_fx.modality import NUM_MODALITIES, Modality
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import CALIBRATION_DATA, Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import calibrate_static_scale
 from masq_fx.transforms.cmc import (
     CMCConfig,
@@ -205,7 +205,7 @@ class _TiedRows:
     masks: dict[int, Tensor]
 
     @classmethod
-    def of(cls, module: nn.Module, table: nn.Parameter, cmc: CMCConfig, stats: dict) -> "_TiedRows | None":
+    def of(cls, module: nn.Module, table: nn.Parameter, cmc: CMCConfig, stats: dict) -> _TiedRows | None:
         sharing = [m for m in compensated(module) if m.scales is table]
         if not sharing:
             return None

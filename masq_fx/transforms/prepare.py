@@ -1,4 +1,4 @@
-"""Replace every decoder ``aten.linear`` node by a :class:`~masq_fx.quant_linear.QuantLinear` node.
+"""Replace every decoder ``aten.linear`` node by a :class:`~masq_fx.nn.quant_linear.QuantLinear` node.
 
 The new module sits at the linear's own module path (``decoder.layers.0.self_attn.q_proj``), takes
 ``(x, modality_ids)`` and starts as the identity rewrite (no scales, no quantizers), so the graph
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from masq_fx.capture import LAYER_KEY, MODULE_KEY, is_linear
-from masq_fx.graph import smoothing_groups
+from masq_fx.capture.dataflow import smoothing_groups
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import GRAPH, Context
-from masq_fx.quant_linear import QuantLinear
 
 QUANT_LINEARS = "quant_linears"
 _DECODER = "decoder."

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, calibrate_static_scale
 from masq_fx.transforms.prepare import QUANT_LINEARS, quant_linears
 

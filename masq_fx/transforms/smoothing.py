@@ -29,13 +29,13 @@ from typing import Literal
 import torch
 from torch import Tensor, fx, nn
 
-from masq_fx.calibration import STATS
-from masq_fx.capture import LAYER_KEY, MODULE_KEY
-from masq_fx.graph import SmoothingGroup
+from masq_fx.calibration.calibrate import STATS
+from masq_fx.calibration.stats import ModalityStats
+from masq_fx.capture.dataflow import SmoothingGroup
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.observers import ModalityStats
+from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context
-from masq_fx.quant_linear import QuantLinear
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
 SCALES = "scales"

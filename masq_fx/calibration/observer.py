@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from masq_fx.calibration.stats import ModalityStats
 from masq_fx.modality import Modality
-from masq_fx.observers.stats import ModalityStats
 
 
 class ModalityObserver(nn.Module):

@@ -16,21 +16,18 @@ The task: "What number is in the image?" / "What number was said?" (numbers 0-99
 text interleaved) for ``adapter.decoder_inputs``.
 """
 
-from masq_fx.trimodal.data import ShippedSet, calibration_batches, load_set
-from masq_fx.trimodal.eval import Accuracy, accuracy, eager_decoder, greedy_decode, text_perplexity
-from masq_fx.trimodal.model import TrimodalConfig, load_trimodal
-from masq_fx.trimodal.processing import Sample, TrimodalProcessor
+from masq_fx.builtin.trimodal.data import ShippedSet, calibration_batches, load_set
+from masq_fx.builtin.trimodal.eval import accuracy, text_perplexity
+from masq_fx.builtin.trimodal.model import TrimodalConfig, load_trimodal
+from masq_fx.builtin.trimodal.processing import Sample, TrimodalProcessor
 
 __all__ = [
-    "Accuracy",
     "Sample",
     "ShippedSet",
     "TrimodalConfig",
     "TrimodalProcessor",
     "accuracy",
     "calibration_batches",
-    "eager_decoder",
-    "greedy_decode",
     "load_set",
     "load_trimodal",
     "text_perplexity",

@@ -1,4 +1,4 @@
-"""The per-modality activation report: where each modality's outlier channels are, per linear input.
+"""``masq-fx inspect``: the per-modality activation report: where each modality's outlier channels are, per linear input.
 
 For every observed site (a linear input; q/k/v share one) and every modality present it lists the
 token count, the largest channel abs-max, the median channel abs-max, and the top outlier
@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from masq_fx.calibration import ModalityStats, observe
+from masq_fx.capture import capture
 from masq_fx.modality import Modality
-from masq_fx.observers import ModalityStats
+from masq_fx.models import DecoderInputs
+from masq_fx.pipeline import Context
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,11 @@ def format_report(rows: Sequence[SiteModalitySummary], title: str) -> str:
             f"{label:<44} {row.modality.name.lower():<8} {row.tokens:>7} {row.absmax:>9.4g} {row.median:>8.3g}  {top:<40} {overlap:>5} {ratio:>7}"
         )
     return "\n".join(lines)
+
+
+def inspect_model(
+    model: nn.Module, samples: Sequence[DecoderInputs], title: str, top_k: int = 4, progress: bool = True
+) -> str:
+    """Capture, observe ``samples`` and format the per-modality activation report."""
+    context = observe(Context(capture(model), samples), progress=progress)
+    return format_report(activation_report(context.stats, top_k=top_k), title)

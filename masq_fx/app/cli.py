@@ -26,7 +26,7 @@ MODEL_HELP = (
 
 
 def _sizes(args: argparse.Namespace):
-    from masq_fx.sources import Sizes
+    from masq_fx.app.sources import Sizes
 
     return Sizes(calibration=args.calib_samples, evaluation=args.eval_items, seq_len=args.seq_len)
 
@@ -42,9 +42,9 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 
 def _quantize(args: argparse.Namespace) -> int:
     from masq_fx.api import quantize, resolve_recipe
-    from masq_fx.capture import capture
-    from masq_fx.run_report import build as build_report
-    from masq_fx.sources import load_source
+    from masq_fx.app.run_report import build as build_report
+    from masq_fx.app.sources import load_source
+    from masq_fx.capture.decoder import capture
 
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
@@ -75,8 +75,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from masq_fx.api import load
-    from masq_fx.capture import capture
-    from masq_fx.sources import load_source
+    from masq_fx.app.sources import load_source
+    from masq_fx.capture.decoder import capture
 
     if args.data is not None:
         return _eval_data(args)
@@ -91,10 +91,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_data(args: argparse.Namespace) -> int:
     """Exact match per modality on the samples of ``args.data`` that have an answer, never on calibration samples."""
     from masq_fx.api import load
+    from masq_fx.app.sources import exact_match_per_kind, load_source
     from masq_fx.checkpoint import calibration_hashes
     from masq_fx.data.samples import read_samples, require_unseen
-    from masq_fx.sources import exact_match, load_source
-    from masq_fx.trimodal.eval import eager_decoder
+    from masq_fx.eval.accuracy import eager_decoder
 
     samples = [s for s in read_samples(args.data) if s.answer is not None]
     if not samples:
@@ -104,7 +104,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     quantized = load(args.directory, source.model)
     decoders = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
     rows = {
-        name: {f"{kind} exact match": score.value for kind, score in exact_match(source, decoder, samples).items()}
+        name: {f"{kind} exact match": score.value for kind, score in exact_match_per_kind(source, decoder, samples).items()}
         for name, decoder in decoders.items()
     }
     print(f"{source.model.__class__.__name__} ({args.model}), {len(samples)} samples with answers from {args.data}")
@@ -114,7 +114,7 @@ def _eval_data(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from masq_fx.api import load
-    from masq_fx.sources import load_source
+    from masq_fx.app.sources import load_source
 
     source = load_source(args.model)
     batch = source.prompt(args.prompt, args.image, args.audio)
@@ -130,9 +130,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from masq_fx.inspection import inspect_model
+    from masq_fx.app.inspect import inspect_model
+    from masq_fx.app.sources import load_source
     from masq_fx.models import adapter_for
-    from masq_fx.sources import load_source
 
     source = load_source(args.model, _sizes(args))
     adapter = adapter_for(source.model)
@@ -143,8 +143,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from masq_fx.api import load
-    from masq_fx.bench import BenchConfig, bench, format_table
-    from masq_fx.sources import Sizes, load_source
+    from masq_fx.app.bench import BenchConfig, bench, format_table
+    from masq_fx.app.sources import Sizes, load_source
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, runs=args.runs, threads=args.threads)
     source = load_source(args.model, Sizes(calibration=1, evaluation=1, eval_windows=1))

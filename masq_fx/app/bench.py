@@ -36,7 +36,7 @@ from masq_fx.backends import CompiledGraph, Int8QuantLinear, LoweringReport, com
 from masq_fx.generation import CachedDecoder, capture_cached, full_attention_mask
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter
-from masq_fx.quant_linear import QuantLinear
+from masq_fx.nn.quant_linear import QuantLinear
 
 #: inductor's count of int8 GEMMs it rewrote into oneDNN qlinear with a prepacked weight
 _QLINEAR_COUNTER = "qlinear_weight_prepack_matcher_count"

@@ -1,29 +1,25 @@
-"""Accuracy of the trimodal thinker per modality, and its text perplexity, for FP and quantized decoders alike.
+"""Exact-match accuracy of a decoder by greedy decoding, for FP and quantized decoders alike.
 
 Everything here drives a *decoder function*: ``DecoderInputs -> logits``. A
-:class:`masq_fx.capture.CapturedDecoder` (float or transformed) is one; :func:`eager_decoder` makes one
-from the HF model. The towers always run eagerly through :meth:`ModelAdapter.decoder_inputs`, once
-per batch; greedy decoding then re-runs the whole prefix for every new token (no KV cache: slow but
-exact, and it works for any captured graph). Answers are a few tokens long, so this stays cheap.
-
-Exact match: the reply up to ``<|im_end|>``, stripped, equals the number's digits.
+:class:`~masq_fx.capture.CapturedDecoder` (float or transformed) is one; :func:`eager_decoder` makes
+one from the HF model. The towers run eagerly through :meth:`ModelAdapter.decoder_inputs`, once per
+batch; :func:`greedy_decode` then re-runs the whole prefix for every new token (no KV cache: slow but
+exact, and it works for any captured graph; :mod:`masq_fx.generation` is the cached path). Answers
+are a few tokens long, so this stays cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from masq_fx.capture import CapturedDecoder
-from masq_fx.data.text import token_windows
-from masq_fx.eval.perplexity import perplexity
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
-from masq_fx.trimodal.processing import IM_END, Sample, TrimodalProcessor
 
 DecoderFn = Callable[[DecoderInputs], torch.Tensor]
 
@@ -60,21 +56,29 @@ def extend(inputs: DecoderInputs, tokens: torch.Tensor, adapter: ModelAdapter) -
 
 
 @torch.no_grad()
-def greedy_decode(decoder: DecoderFn, adapter: ModelAdapter, prompt: DecoderInputs, max_new_tokens: int, stop_id: int = IM_END) -> torch.Tensor:
+def greedy_decode(
+    decoder: DecoderFn, adapter: ModelAdapter, prompt: DecoderInputs, max_new_tokens: int, stop_id: int | None
+) -> torch.Tensor:
     """Greedy continuation ``[batch, <= max_new_tokens]`` of left-padded ``prompt``, re-running the full prefix each step.
 
-    Stops early once every row has produced ``stop_id``.
+    Stops early once every row has produced ``stop_id`` (``None``: never).
     """
     inputs, out = prompt, []
     done = torch.zeros(prompt.attention_mask.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
         token = decoder(inputs)[:, -1].argmax(-1)
         out.append(token)
-        done |= token == stop_id
-        if bool(done.all()):
-            break
+        if stop_id is not None:
+            done |= token == stop_id
+            if bool(done.all()):
+                break
         inputs = extend(inputs, token, adapter)
     return torch.stack(out, dim=1)
+
+
+def reply_tokens(ids: list[int], stop_id: int | None) -> list[int]:
+    """A generated row up to (not including) its first ``stop_id``."""
+    return ids[: ids.index(stop_id)] if stop_id is not None and stop_id in ids else ids
 
 
 @dataclass
@@ -102,29 +106,32 @@ class Accuracy:
             self.misses.append((expected, reply))
 
 
-def accuracy(
+def exact_match(
     decoder: DecoderFn,
     adapter: ModelAdapter,
-    processor: TrimodalProcessor,
-    samples: Sequence[Sample],
+    samples: Sequence[Any],
+    process: Callable[[Sequence[Any]], Mapping[str, torch.Tensor]],
+    decode: Callable[[list[int]], str],
+    stop_id: int | None,
     batch_size: int = 16,
-    max_new_tokens: int = 4,
+    max_new_tokens: int = 16,
     progress: bool = False,
 ) -> Accuracy:
-    """Greedy exact-match accuracy of ``decoder`` on ``samples`` (all with answers)."""
+    """Greedy exact-match accuracy of ``decoder`` on ``samples`` (each with an ``answer``).
+
+    ``process`` turns a chunk of samples into a processed batch of the model's processor; a reply is
+    its tokens up to ``stop_id``, decoded and stripped.
+    """
+    missing = [s for s in samples if getattr(s, "answer", None) is None]
+    if missing:
+        raise ValueError(f"{getattr(missing[0], 'where', missing[0])!s} has no 'answer': exact match needs one on every sample")
     result = Accuracy()
-    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    for chunk in tqdm(batches, desc="accuracy", unit="batch", disable=not progress):
-        if any(s.answer is None for s in chunk):
-            raise ValueError("accuracy needs samples with answers")
-        prompt = adapter.decoder_inputs(processor(chunk))
-        replies = greedy_decode(decoder, adapter, prompt, max_new_tokens)
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="exact match", unit="batch", disable=not progress):
+        chunk = samples[start : start + batch_size]
+        with torch.no_grad():
+            prompt = adapter.decoder_inputs(process(chunk))
+        replies = greedy_decode(decoder, adapter, prompt, max_new_tokens, stop_id=stop_id)
         for sample, ids in zip(chunk, replies.tolist()):
-            result.record(sample.answer, processor.decode_answer(ids))
+            result.record(sample.answer, decode(reply_tokens(ids, stop_id)).strip())
     return result
-
-
-def text_perplexity(captured: CapturedDecoder, adapter: ModelAdapter, processor: TrimodalProcessor, window: int = 512, count: int = 8) -> float:
-    """Perplexity on ``count`` windows of the evaluation split of the Python reference (``masq_fx.data.text``)."""
-    windows = token_windows(processor.tokenizer, "evaluation", window=window, count=count)
-    return perplexity(captured, adapter, windows)

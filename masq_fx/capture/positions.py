@@ -59,7 +59,7 @@ class CompletePositions:
     modality_ids: int
 
     @classmethod
-    def of(cls, gm: fx.GraphModule) -> "CompletePositions | None":
+    def of(cls, gm: fx.GraphModule) -> CompletePositions | None:
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
         if POSITION_INPUTS[0] not in names:
             return None

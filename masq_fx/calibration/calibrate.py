@@ -1,6 +1,6 @@
 """Observer insertion and the calibration runner: the first two transforms of every pipeline.
 
-:class:`InsertObservers` adds one :class:`~masq_fx.observers.ModalityObserver` node per distinct
+:class:`InsertObservers` adds one :class:`~masq_fx.calibration.ModalityObserver` node per distinct
 linear input (q/k/v share one, gate/up share one); each takes ``(x, modality_ids,
 attention_mask)`` from the graph's own placeholders. :class:`Calibrate` feeds the calibration
 samples through the graph, collects the statistics into ``context.stats`` (keyed by the module
@@ -18,10 +18,10 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from masq_fx.capture import LAYER_KEY, MODULE_KEY
-from masq_fx.graph import input_node
+from masq_fx.calibration.observer import ModalityObserver
+from masq_fx.capture.dataflow import input_node
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY
 from masq_fx.modality import Modality
-from masq_fx.observers import ModalityObserver
 from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Context
 
 OBSERVERS = "observers"

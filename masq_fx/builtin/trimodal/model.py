@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
+from masq_fx.builtin.smollm2 import load_smollm2
+from masq_fx.builtin.trimodal.data import ASSETS
+from masq_fx.builtin.trimodal.processing import SPECIAL_TOKENS, AudioSpec, ImageSpec, TrimodalProcessor
 from masq_fx.models.qwen_omni import thinker_token_fields
-from masq_fx.pretrained import load_smollm2
-from masq_fx.trimodal.data import ASSETS
-from masq_fx.trimodal.processing import SPECIAL_TOKENS, AudioSpec, ImageSpec, TrimodalProcessor
 
 ENCODERS_FILE = "encoders.safetensors"
 CONFIG_FILE = "config.json"
@@ -71,7 +71,7 @@ class TrimodalConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrimodalConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrimodalConfig:
         return cls(
             vision=VisionTowerConfig(**data["vision"]),
             audio=AudioTowerConfig(**data["audio"]),

@@ -29,7 +29,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from masq_fx.capture import LAYER_KEY, MODULE_KEY, is_linear, iter_linears
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear, iter_linears
 
 aten = torch.ops.aten
 

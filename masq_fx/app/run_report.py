@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from masq_fx.api import QuantizedModel
-from masq_fx.calibration import calibration_tokens
-from masq_fx.capture import CapturedDecoder, capture
+from masq_fx.calibration.calibrate import calibration_tokens
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs

@@ -9,30 +9,25 @@ perplexity). Calibration and evaluation use disjoint splits.
 Instead of the built-in calibration split, a source can calibrate on the user's samples (a JSONL
 file or a folder, :mod:`masq_fx.data.samples`), processed by the model's own processor
 (:attr:`ModelSource.process`), optionally balanced across modalities within a token budget; their
-content hashes go into the checkpoint. :func:`exact_match` scores a decoder on samples with answers.
+content hashes go into the checkpoint. :func:`exact_match_per_kind` scores a decoder on samples with answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-import wave
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
+from masq_fx.data.media import read_image, read_wav
 from masq_fx.data.samples import FileSample, Kind, Selection, balance, first_per_kind, read_samples, selection_of
 from masq_fx.data.text import token_windows
+from masq_fx.eval.accuracy import Accuracy, exact_match
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.eval.sqnr import sqnr_db
 from masq_fx.models import DecoderInputs, adapter_for
-
-if TYPE_CHECKING:
-    from masq_fx.trimodal.eval import Accuracy
 
 TINY_PREFIX = "tiny:"
 #: samples per processed batch of file calibration data
@@ -157,35 +152,9 @@ def _left_padded(rows: Sequence[Tensor], pad_id: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def read_image(path: Path, height: int, width: int) -> np.ndarray:
-    """An image file as ``uint8 [height, width, 3]`` RGB (resized)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB").resize((width, height)))
-    except OSError as error:
-        raise ValueError(f"{path} is not a readable image ({error}); give a PNG or JPEG file") from None
-
-
-def read_wav(path: Path, sample_rate: int) -> np.ndarray:
-    """A 16-bit PCM WAV file at ``sample_rate`` as float32 mono in [-1, 1]."""
-    if not path.is_file():
-        raise FileNotFoundError(f"audio {path} does not exist")
-    try:
-        with wave.open(str(path)) as w:
-            rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16 if width == 2 else np.uint8)
-    except (wave.Error, EOFError) as error:
-        raise ValueError(f"{path} is not a readable WAV file ({error}); give 16-bit PCM WAV") from None
-    if width != 2 or rate != sample_rate:
-        raise ValueError(f"{path} is {8 * width}-bit at {rate} Hz; convert it to 16-bit PCM at {sample_rate} Hz (e.g. ffmpeg -ar {sample_rate})")
-    return (pcm.reshape(-1, channels).mean(1) / 32768.0).astype(np.float32)
-
-
 def _trimodal_source(sizes: Sizes, calibration: Path | None) -> ModelSource:
-    from masq_fx.trimodal import accuracy, calibration_batches, load_set, load_trimodal
-    from masq_fx.trimodal.processing import IM_END
+    from masq_fx.builtin.trimodal import accuracy, calibration_batches, load_set, load_trimodal
+    from masq_fx.builtin.trimodal.processing import IM_END
 
     model, processor = load_trimodal()
     adapter = adapter_for(model)
@@ -235,7 +204,7 @@ def _trimodal_sample(processor, text: str | None, image: Path | None, audio: Pat
 
 
 def _trimodal_file_sample(processor, sample: FileSample):
-    from masq_fx.trimodal.processing import QUESTIONS
+    from masq_fx.builtin.trimodal.processing import QUESTIONS
 
     if sample.kind != "text" and sample.text not in (None, QUESTIONS[sample.kind]):
         raise ValueError(
@@ -296,7 +265,7 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
     if name == "default":
         return _trimodal_source(sizes, calibration)
     if name == "smollm2":
-        from masq_fx.pretrained import load_smollm2
+        from masq_fx.builtin.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2()
         return _text_source(name, "SmolLM2-135M-Instruct (real weights)", model, tokenizer, sizes, calibration)
@@ -311,30 +280,15 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
     return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes, calibration)
 
 
-def exact_match(
+def exact_match_per_kind(
     source: ModelSource, decoder: Decoder, samples: Sequence[FileSample], batch_size: int = 16, max_new_tokens: int = 16
 ) -> dict[Kind, Accuracy]:
-    """Greedy exact-match accuracy of ``decoder`` per modality on ``samples`` (each with an answer).
-
-    A reply is its tokens up to ``source.stop_id``, decoded and stripped, as
-    :func:`masq_fx.trimodal.accuracy` scores the built-in model. Returns ``{kind: Accuracy}`` for
-    the kinds present.
-    """
-    from masq_fx.trimodal.eval import Accuracy, greedy_decode
-
-    missing = [s for s in samples if s.answer is None]
-    if missing:
-        raise ValueError(f"{missing[0].where} has no 'answer': exact match needs one on every sample")
+    """Greedy exact-match accuracy of ``decoder`` per modality on ``samples`` (each with an answer), scored
+    as :func:`masq_fx.eval.accuracy.exact_match` with the source's processor; ``{kind: Accuracy}`` of the kinds present."""
     adapter = adapter_for(source.model)
-    scores: dict[Kind, Accuracy] = {}
-    for kind in dict.fromkeys(s.kind for s in samples):
-        group = [s for s in samples if s.kind == kind]
-        result = scores[kind] = Accuracy()
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            with torch.no_grad():
-                prompt = adapter.decoder_inputs(source.process(chunk))
-            replies = greedy_decode(decoder, adapter, prompt, max_new_tokens, stop_id=source.stop_id)
-            for sample, ids in zip(chunk, replies.tolist()):
-                result.record(sample.answer, source.decode(ids[: ids.index(source.stop_id)] if source.stop_id in ids else ids).strip())
-    return scores
+    return {
+        kind: exact_match(
+            decoder, adapter, [s for s in samples if s.kind == kind], source.process, source.decode, source.stop_id, batch_size, max_new_tokens
+        )
+        for kind in dict.fromkeys(s.kind for s in samples)
+    }

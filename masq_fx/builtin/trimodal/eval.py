@@ -1,0 +1,45 @@
+"""The tri-modal thinker's scores: exact match per modality and text perplexity, for FP and quantized decoders alike.
+
+Exact match: the reply up to ``<|im_end|>``, stripped, equals the number's digits
+(:func:`masq_fx.eval.accuracy.exact_match` with the thinker's processor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from masq_fx.builtin.trimodal.processing import IM_END, Sample, TrimodalProcessor
+from masq_fx.capture import CapturedDecoder
+from masq_fx.data.text import token_windows
+from masq_fx.eval.accuracy import Accuracy, DecoderFn, exact_match
+from masq_fx.eval.perplexity import perplexity
+from masq_fx.models import ModelAdapter
+
+
+def accuracy(
+    decoder: DecoderFn,
+    adapter: ModelAdapter,
+    processor: TrimodalProcessor,
+    samples: Sequence[Sample],
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    progress: bool = False,
+) -> Accuracy:
+    """Greedy exact-match accuracy of ``decoder`` on ``samples`` (all with answers)."""
+    return exact_match(
+        decoder,
+        adapter,
+        samples,
+        processor,
+        lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True),
+        stop_id=IM_END,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
+
+
+def text_perplexity(captured: CapturedDecoder, adapter: ModelAdapter, processor: TrimodalProcessor, window: int = 512, count: int = 8) -> float:
+    """Perplexity on ``count`` windows of the evaluation split of the Python reference (``masq_fx.data.text``)."""
+    windows = token_windows(processor.tokenizer, "evaluation", window=window, count=count)
+    return perplexity(captured, adapter, windows)
