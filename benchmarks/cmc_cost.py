@@ -20,7 +20,6 @@ Run: ``.venv/bin/python benchmarks/cmc_cost.py [--factor-bits 8]`` (5-10 minutes
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from dataclasses import replace
@@ -29,14 +28,13 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
+from masq_fx.api import apply, calibrate
 from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao
 from masq_fx.builtin.trimodal import calibration_batches, load_trimodal
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs, adapter_for
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import preset, recipe_steps
+from masq_fx.models import DecoderInputs
+from masq_fx.recipes import preset
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 
@@ -70,7 +68,7 @@ def mixed_prompt(samples: list[DecoderInputs], tokens: int, media: float) -> Dec
 
 def without_branches(captured: CapturedDecoder) -> CapturedDecoder:
     """A copy of a quantized (not yet lowered) graph with every CMC branch removed (the cost baseline)."""
-    stripped = copy.deepcopy(captured)
+    stripped = captured.copy()
     for module in quant_linears(stripped.graph_module):
         module.branches, module.branch_codes = {}, {}
     return stripped
@@ -90,14 +88,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, processor = load_trimodal()
-    adapter = adapter_for(model)
-    samples = [adapter.decoder_inputs(b) for b in calibration_batches(processor, per_modality=8, batch_size=8)]
-    fp = capture(model)
-    stats = observe(Context(fp, samples), moment_modalities=(Modality.VISION, Modality.AUDIO), progress=False).stats
-    quantized = copy.deepcopy(fp)
     recipe = replace(preset("mas-init", 4, 8), cmc=CMCConfig(rank_ratio=args.ratio, factor_bits=args.factor_bits))
-    Pipeline(recipe_steps(recipe, progress=False)).run(Context(quantized, samples, stats=stats, provided={"stats"}), progress=False)
-    baseline, masked = without_branches(quantized), copy.deepcopy(quantized)
+    calibrated = calibrate(model, calibration_batches(processor, per_modality=8, batch_size=8), [recipe], progress=False)
+    fp, samples = calibrated.captured, calibrated.samples
+    quantized = apply(calibrated, recipe, progress=False).decoder
+    baseline, masked = without_branches(quantized), quantized.copy()  # lower_to_torchao rewrites a graph in place
     for graph in (baseline, quantized):
         lower_to_torchao(graph)
     lower_to_torchao(masked, branch_layout="masked")

@@ -22,21 +22,18 @@ Run: ``.venv/bin/python benchmarks/smollm2_methods.py`` (about 15-20 minutes on 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from dataclasses import replace
 
 import torch
 
+from masq_fx.api import apply, calibrate
 from masq_fx.builtin.smollm2 import load_smollm2
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import capture
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import preset, recipe_steps
+from masq_fx.recipes import preset
 from masq_fx.transforms import quant_linears
 from masq_fx.transforms.gptq import GPTQConfig
 
@@ -69,22 +66,20 @@ def main() -> None:
     adapter = adapter_for(model)
     evaluation = token_windows(tokenizer, "evaluation", window=512, count=args.eval_windows)
     calibration = token_windows(tokenizer, "calibration", window=256, count=args.calib_samples)
-    samples = [adapter.decoder_inputs({"input_ids": r[None], "attention_mask": torch.ones_like(r[None])}) for r in calibration]
+    batches = [{"input_ids": r[None], "attention_mask": torch.ones_like(r[None])} for r in calibration]
 
     methods = [METHODS[name] for name in args.methods.split(",")]
     needs_moments = any("gptq" in extra for *_, extra in methods)
-    base = capture(model)
     start = time.perf_counter()
     moments = tuple(Modality) if needs_moments else ()
-    stats = observe(Context(base, samples), moment_modalities=moments, progress=True).stats
+    calibrated = calibrate(model, batches, moment_modalities=moments, progress=True)
+    base = calibrated.captured
     calib_s = time.perf_counter() - start
     fp = perplexity(base, adapter, evaluation, progress=True)
     rows = [("FP32", "-", fp, 0.0, 0, False)]
     for bits in args.bits.split(","):
         wbits, abits = (int(b) for b in bits.split("/"))
         for label, method, variant, extra in methods:
-            captured = copy.deepcopy(base)
-            context = Context(captured, samples, stats=stats, provided={"stats"})
             recipe = preset(method, wbits, abits, variant)
             if extra.get("clip_search"):
                 recipe = replace(recipe, weight=replace(recipe.weight, clip_search=True))
@@ -93,7 +88,7 @@ def main() -> None:
             if "gptq" in extra:
                 recipe = replace(recipe, gptq=extra["gptq"])
             start = time.perf_counter()
-            Pipeline(recipe_steps(recipe)).run(context, progress=False)
+            captured = apply(calibrated, recipe).decoder
             seconds = time.perf_counter() - start
             quantized = [m.name for m in quant_linears(captured.graph_module) if m.weight_quant is not None]
             head = "lm_head" in quantized

@@ -26,7 +26,6 @@ Run: ``.venv/bin/python benchmarks/smollm2_speed.py`` (15-30 minutes on 2 cores,
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -34,18 +33,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from masq_fx.api import apply, calibrate
 from masq_fx.app.bench import BenchConfig, latency_table, measure, resident_linear_bytes
 from masq_fx.backends import INDUCTOR_OPTIONS, lower_to_torchao
 from masq_fx.builtin.smollm2 import load_smollm2
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import CapturedDecoder, capture
-from masq_fx.checkpoint import LinearBytes, linear_bytes, save
+from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.checkpoint import LinearBytes, linear_bytes
 from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, generate, transplant
 from masq_fx.models import adapter_for
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import preset, recipe_steps
+from masq_fx.recipes import preset
 
 PROMPTS = (
     "What is the capital of France?",
@@ -75,9 +73,9 @@ def main() -> None:
     adapter = adapter_for(model)
     calibration = token_windows(tokenizer, "calibration", 256, 4)
     evaluation = token_windows(tokenizer, "evaluation", args.tokens, 2)
-    samples = [adapter.decoder_inputs({"input_ids": r[None], "attention_mask": torch.ones_like(r[None])}) for r in calibration]
-    fp = capture(model)
-    stats = observe(Context(fp, samples), progress=False).stats
+    batches = [{"input_ids": r[None], "attention_mask": torch.ones_like(r[None])} for r in calibration]
+    calibrated = calibrate(model, batches, progress=False)
+    fp = calibrated.captured
 
     prefill_graphs: dict[str, CapturedDecoder] = {"fp32": fp}
     ppl = {"fp32": perplexity(fp, adapter, evaluation)}
@@ -85,16 +83,14 @@ def main() -> None:
     stored: dict[str, LinearBytes] = {}
     for bits in (8, 4):
         name = f"w{bits}a8"
-        reference = copy.deepcopy(fp)
         recipe = preset(args.recipe, bits, 8)
         if args.recipe != "rtn":  # down_proj too: without it padded prompts derail (tests/test_smollm2_quantize.py)
             recipe = replace(recipe, smoothing=replace(recipe.smoothing, kinds=("norm", "attention", "activation")))
-        context = Pipeline(recipe_steps(recipe, progress=False)).run(
-            Context(reference, samples, stats=stats, provided={"stats"}), progress=False
-        )
+        quantized = apply(calibrated, recipe, progress=False)
+        reference = quantized.decoder
         with tempfile.TemporaryDirectory() as folder:
-            stored[name] = linear_bytes(save(context, Path(folder) / name, model=model, recipe=recipe), bits)
-        lowered = copy.deepcopy(reference)
+            stored[name] = linear_bytes(quantized.save(Path(folder) / name), bits)
+        lowered = reference.copy()  # lower_to_torchao rewrites a graph in place: the reference stays for perplexity
         report = lower_to_torchao(lowered)
         ppl[f"{name} reference"] = perplexity(reference, adapter, evaluation)
         ppl[f"{name} lowered"] = perplexity(lowered, adapter, evaluation)

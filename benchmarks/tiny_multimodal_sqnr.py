@@ -13,20 +13,17 @@ Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py``
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import replace
 
 import torch
 
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import capture
+from masq_fx.api import apply, calibrate
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import preset, recipe_steps
+from masq_fx.recipes import preset
 from masq_fx.transforms.cmc import CMCConfig
 
 FAMILIES = ("qwen2.5-vl", "qwen2.5-omni-thinker")
@@ -54,10 +51,14 @@ def main() -> None:
         model, calib_batches = _batches(family, range(1, 5))
         _, eval_batches = _batches(family, range(100, 102))
         adapter = adapter_for(model)
-        calib = [adapter.decoder_inputs(b) for b in calib_batches]
         evaluation = [adapter.decoder_inputs(b) for b in eval_batches]
-        base = capture(model)
-        stats = observe(Context(base, calib), progress=False).stats
+        recipes = {
+            (label, wbits, abits): replace(preset(method, wbits, abits), cmc=cmc)
+            for wbits, abits in ((8, 8), (4, 8))
+            for label, method, cmc in METHODS
+        }
+        calibrated = calibrate(model, calib_batches, recipes=recipes.values(), progress=False)
+        base = calibrated.captured
         modalities = [m for m in Modality if any((s.modality_ids == int(m)).any() for s in evaluation)]
         print(f"\n{family} (tiny, random weights): per-layer output SQNR in dB vs FP, eval tokens per modality")
         header = f"{'method':<13} {'bits':<5} " + " ".join(
@@ -65,11 +66,8 @@ def main() -> None:
         )
         print(header)
         for wbits, abits in ((8, 8), (4, 8)):
-            for label, method, cmc in METHODS:
-                captured = copy.deepcopy(base)
-                context = Context(captured, calib, stats=stats, provided={"stats"})
-                recipe = replace(preset(method, wbits, abits), cmc=cmc)
-                Pipeline(recipe_steps(recipe, progress=False)).run(context, progress=False)
+            for label, _, _ in METHODS:
+                captured = apply(calibrated, recipes[label, wbits, abits], progress=False).decoder
                 sqnr = per_modality_layer_sqnr(base, captured, evaluation)
                 cells = " ".join(
                     f"{sqnr[(layer, m)]:>13.2f}" for layer in range(base.num_layers) for m in modalities

@@ -43,14 +43,12 @@ from dataclasses import replace
 
 import torch
 
+from masq_fx.api import apply, calibrate
 from masq_fx.app.sources import Sizes, load_source
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import capture
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
-from masq_fx.models import adapter_for
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import preset, recipe_steps
+from masq_fx.pipeline import Pipeline
+from masq_fx.recipes import preset
 from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectScales
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 
@@ -80,16 +78,13 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     source = load_source("default", Sizes(calibration=args.calib_samples, evaluation=args.items, eval_windows=args.windows))
-    adapter = adapter_for(source.model)
-    with torch.no_grad():
-        samples = [adapter.decoder_inputs(batch) for batch in source.calibration]
-    base = capture(source.model)
     start = time.perf_counter()
     settings = args.settings.split(",")
     moments = tuple(Modality) if any(s.endswith("+gptq") for s in settings) else (Modality.VISION, Modality.AUDIO)
-    stats = observe(Context(base, samples), moment_modalities=moments, progress=True).stats
+    calibrated = calibrate(source.model, source.calibration, moment_modalities=moments, progress=True)
+    base = calibrated.captured
     print(f"calibration pass {time.perf_counter() - start:.0f} s")
-    probe = samples[:4]
+    probe = calibrated.samples[:4]
 
     def score(label: str, bits: str, captured, seconds: float) -> None:
         metrics = source.evaluate(captured)
@@ -120,9 +115,8 @@ def main() -> None:
             if method != "mas" and gptq:
                 recipe = replace(recipe, gptq=GPTQConfig())
             # MAS is learned once for all its rows; GPTQ (after CMC's scale projection, if any) runs per row
-            context = Context(copy.deepcopy(base), samples, stats=stats, provided={"stats"})
             start = time.perf_counter()
-            Pipeline(recipe_steps(recipe)).run(context, progress=method in ("mas", "mas-tied"))
+            context = apply(calibrated, recipe, progress=method in ("mas", "mas-tied")).context
             seconds = time.perf_counter() - start
             solve = [GPTQWeights(GPTQConfig(), progress=False)] if gptq and method == "mas" else []
             variants: list[tuple[str, CMCConfig | None]] = [(label, None)]
@@ -134,6 +128,7 @@ def main() -> None:
             for name, cmc in variants:
                 project = [ProjectScales(cmc)] if cmc is not None and cmc.own_channels is not None else []
                 steps = [*project, *solve, *([] if cmc is None else [CrossModalCompensation(cmc)])]
+                # a real deep copy: ProjectScales rewrites the scale tables in place, which CapturedDecoder.copy() shares
                 variant = copy.deepcopy(context) if steps else context
                 start = time.perf_counter()
                 Pipeline(steps).run(variant, progress=False)

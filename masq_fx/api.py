@@ -1,90 +1,46 @@
-"""The one-call API: ``quantize(model, recipe, calibration) -> QuantizedModel``, ``save``, ``load``, ``generate``.
+"""The API: ``calibrate`` once, ``apply`` many recipes (``quantize`` is both), then ``save``, ``load``, ``generate``.
 
->>> from masq_fx import quantize, load
->>> qm = quantize(model, "masquant-w4a8", calibration_batches)   # batches as the model's processor returns them
+>>> from masq_fx import apply, calibrate, quantize, load
+>>> calibrated = calibrate(model, calibration_batches, recipes=["masquant-w4a8", "smoothquant-w4a8-gptq"])
+>>> qm = apply(calibrated, "masquant-w4a8")                        # one capture, one calibration for all recipes
+>>> qm = quantize(model, "masquant-w4a8", calibration_batches)   # the same for one recipe
 >>> qm.lower()                                                     # W8A8 / W4A8 onto torchao int8 kernels
 >>> tokens = qm.generate(processor_batch, max_new_tokens=16)       # KV-cache graph, mixed-modality prefill
 >>> qm.save("out/")                                                # safetensors + manifest, atomic
 >>> qm = load("out/", model)                                       # refuses another model
 
 A :class:`QuantizedModel` holds the float HF model (its towers and embedding run eagerly and are never
-modified), the transformed decoder graph and the recipe. The lower-level pieces (``capture``,
-``Pipeline``, the transforms) compose the same way for custom pipelines.
+modified), the transformed decoder graph and the recipe. A :class:`Calibrated` holds the float capture
+(the FP reference), the decoder inputs of the calibration batches and their statistics, collected for
+the union of the recipes' needs; :func:`apply` transforms a copy of its graph (parameters shared), so it
+can be applied any number of times. The lower-level pieces (``capture``, ``Pipeline``, the transforms)
+compose the same way for custom pipelines.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
-from masq_fx.calibration.calibrate import observe
+from masq_fx.calibration import ModalityStats, observe
+from masq_fx.calibration.calibrate import STATS
 from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.errors import InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
+from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.recipes import Recipe, preset, recipe_steps
-from masq_fx.transforms.cmc import CMCConfig
-from masq_fx.transforms.gptq import GPTQConfig
+from masq_fx.pipeline import Context, Pipeline, StepRecord, Transform
+from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
 
 Batch = Mapping[str, Tensor]
-
-#: W4 compensation measured on the built-in tri-modal model: a modality's own scale kept on the rank's
-#: channels only (``own_channels="rank"``), since full-channel scale mismatches are out of a low-rank
-#: branch's reach (the spec's CMC there: vision and audio exact match 0%)
-_W4_CMC = CMCConfig(rank_ratio=0.05, own_channels="rank")
-
-
-def _masquant_w4(abits: int) -> Recipe:
-    """MAS with learned weight clipping, learned under CMC's constraint (each modality's own scale on the
-    rank's channels only), GPTQ, and that CMC."""
-    recipe = preset("mas", 4, abits)
-    learning = replace(recipe.learning, learn_clipping=True, own_channels_in_loop=True)
-    return replace(recipe, learning=learning, gptq=GPTQConfig(), cmc=_W4_CMC)
-
-
-#: named recipes. ``masquant-*`` learn per-modality scales; at 4 bits they also learn weight clipping,
-#: solve the weights with GPTQ and keep one stored weight plus CMC branches (each measured to help on
-#: the tri-modal model and SmolLM2; README "Measured"). ``masquant-w4a8-paper`` is the paper's method
-#: as specified (MAS + CMC, ρ = 0.2, every channel's own scale), for reproduction.
-#: W8A8 and W4A8 run on torchao int8 kernels after ``lower()``; W4A6 and W4A16 are reference numerics.
-PRESETS: dict[str, Recipe] = {
-    "rtn-w8a8": preset("rtn", 8, 8),
-    "smoothquant-w8a8": preset("smoothquant", 8, 8),
-    "smoothquant-w4a8": preset("smoothquant", 4, 8),
-    "smoothquant-w4a8-gptq": replace(preset("smoothquant", 4, 8), gptq=GPTQConfig()),
-    "masquant-w8a8": preset("mas", 8, 8),
-    "masquant-w4a8": _masquant_w4(8),
-    "masquant-w4a6": _masquant_w4(6),
-    "masquant-w4a16": _masquant_w4(16),
-    "masquant-w4a8-paper": replace(preset("mas", 4, 8), cmc=CMCConfig()),
-}
-
-
-def resolve_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
-    """A :class:`Recipe`, a preset name, or a JSON/YAML file of :meth:`Recipe.to_dict` fields (missing ones default)."""
-    if isinstance(recipe, Recipe):
-        return recipe
-    if str(recipe) in PRESETS:
-        return PRESETS[str(recipe)]
-    path = Path(recipe)
-    if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-        text = path.read_text()
-        return Recipe.from_dict(json.loads(text) if path.suffix == ".json" else yaml.safe_load(text))
-    raise ValueError(
-        f"unknown recipe {str(recipe)!r}: use one of {', '.join(PRESETS)} or a .json/.yaml file of Recipe fields "
-        "(Recipe.to_dict(); missing fields take their defaults)"
-    )
-
 
 @dataclass
 class QuantizedModel:
@@ -136,6 +92,9 @@ class QuantizedModel:
         """Greedy new tokens ``[batch, <= max_new_tokens]`` for a processed, left-padded ``batch``."""
         prompt = self.decoder_inputs(batch)
         rows, length = prompt.attention_mask.shape
+        self.adapter.check_length(
+            length + max_new_tokens, f"the prompt ({length}) plus {max_new_tokens} new tokens", "shorten the prompt or ask for fewer new tokens"
+        )
         key = (rows, length + max_new_tokens)
         graph = self.generation_graph(*key)
         if compiled and key not in self._compiled:  # compiled once per generation graph, reused by later calls
@@ -146,9 +105,9 @@ class QuantizedModel:
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a checkpoint (see :mod:`masq_fx.checkpoint`); needs the quantization context (not a loaded model)."""
         if self.context is None:
-            raise ValueError("this model was loaded from a checkpoint; copy that folder instead of saving it again")
+            raise InputError("this model was loaded from a checkpoint; copy that folder instead of saving it again")
         if self.lowering is not None:
-            raise ValueError("save before lower(): checkpoints store the reference state, which load() replays")
+            raise InputError("save before lower(): checkpoints store the reference state, which load() replays")
         return checkpoint.save(
             self.context, directory, model=self.model, recipe=self.recipe, overwrite=overwrite, data_hashes=self.data_hashes
         )
@@ -158,9 +117,83 @@ def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[Decod
     adapter = adapter_for(model)
     with torch.no_grad():
         inputs = [adapter.decoder_inputs(batch) for batch in batches]
+    for index, sample in enumerate(inputs):
+        adapter.check_length(sample.attention_mask.shape[1], f"calibration batch {index}", "use shorter calibration samples (--seq-len)")
     if not inputs:
-        raise ValueError("no calibration batches: pass at least one processed batch (a few hundred tokens per modality)")
+        raise InputError("no calibration batches: pass at least one processed batch (a few hundred tokens per modality)")
     return inputs
+
+
+@dataclass
+class Calibrated:
+    """A model's float capture, the decoder inputs of its calibration batches and their statistics.
+
+    What every recipe starts from: :func:`apply` transforms a copy of ``captured``, which itself stays
+    the float graph (the FP reference of evaluations and reports).
+    """
+
+    model: nn.Module
+    captured: CapturedDecoder
+    samples: list[DecoderInputs]
+    #: module name of a linear → statistics of its input (linears sharing an input share the object)
+    stats: dict[str, ModalityStats]
+    #: modalities whose second moments ``stats`` hold (the union of the recipes' needs)
+    moment_modalities: tuple[Modality, ...]
+    #: content sha256 of each calibration sample (recorded in the checkpoint manifest)
+    data_hashes: tuple[str, ...] = ()
+    #: the calibration steps and their times (the start of every applied recipe's history)
+    history: tuple[StepRecord, ...] = ()
+
+    def context(self) -> Context:
+        """A fresh pipeline context on a copy of the float graph, with the statistics already collected."""
+        return Context(self.captured.copy(), self.samples, stats=self.stats, provided={STATS}, history=list(self.history))
+
+
+def calibrate(
+    model: nn.Module,
+    calibration: Iterable[Batch],
+    recipes: Iterable[Recipe | str | os.PathLike] = (),
+    progress: bool = True,
+    data_hashes: Sequence[str] = (),
+    moment_modalities: Iterable[Modality] = (),
+) -> Calibrated:
+    """Capture ``model``'s decoder once and collect the statistics every recipe of ``recipes`` needs.
+
+    ``calibration`` are processed batches of the model's processor; ``moment_modalities`` adds second
+    moments to those the recipes need (for custom pipelines). The memory calibration and the
+    recipes need is estimated first, and a clear error raised
+    (:class:`~masq_fx.memory.CalibrationMemoryError`) when it exceeds what is available. ``data_hashes``
+    (content hashes of the calibration samples) are recorded by :meth:`QuantizedModel.save`.
+    """
+    resolved = [resolve_recipe(r) for r in recipes]
+    wanted = set(moment_modalities).union(*(r.moment_modalities for r in resolved))
+    moments = tuple(m for m in Modality if m in wanted)
+    batches = list(calibration)
+    captured = capture(model)
+    require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
+    samples = calibration_inputs(model, batches)
+    observed = observe(Context(captured.copy(), samples), moment_modalities=moments, progress=progress)
+    return Calibrated(model, captured, samples, observed.stats, moments, tuple(data_hashes), tuple(observed.history))
+
+
+def apply(
+    calibrated: Calibrated, recipe: Recipe | str | os.PathLike, progress: bool = True, extra_steps: Sequence[Transform] = ()
+) -> QuantizedModel:
+    """Apply ``recipe`` (then ``extra_steps``) to a copy of ``calibrated``'s graph; ``calibrated`` is left as it was.
+
+    ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON/YAML file.
+    """
+    recipe = resolve_recipe(recipe)
+    missing = [m.name.lower() for m in recipe.moment_modalities if m not in calibrated.moment_modalities]
+    if missing:
+        raise InputError(
+            f"recipe {recipe.label!r} needs second moments of {', '.join(missing)}, which this calibration did not "
+            "collect: pass the recipe to calibrate(..., recipes=[...]) so the statistics cover it"
+        )
+    if recipe.method != "fp":
+        recipe.modules.require_match(calibrated.captured.decoder_linears())
+    context = Pipeline([*recipe_steps(recipe, progress=progress), *extra_steps]).run(calibrated.context(), progress=progress)
+    return QuantizedModel(calibrated.model, context.captured, recipe, context, data_hashes=calibrated.data_hashes)
 
 
 def quantize(
@@ -170,21 +203,10 @@ def quantize(
     progress: bool = True,
     data_hashes: Sequence[str] = (),
 ) -> QuantizedModel:
-    """Capture ``model``'s decoder, calibrate on ``calibration`` (processed batches) and apply ``recipe``.
-
-    ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON file. The HF model is
-    not modified. The memory calibration and the recipe need is estimated first, and a clear error
-    raised (:class:`~masq_fx.memory.CalibrationMemoryError`) when it exceeds what is available.
-    ``data_hashes`` (content hashes of the calibration samples) are recorded by :meth:`QuantizedModel.save`.
-    """
+    """:func:`calibrate` for ``recipe`` and :func:`apply` it: capture ``model``'s decoder, calibrate on
+    ``calibration`` (processed batches) and transform. The HF model is not modified."""
     recipe = resolve_recipe(recipe)
-    batches = list(calibration)
-    captured = capture(model)
-    require_memory(estimate_calibration_memory(model, captured, recipe, batches), available_memory())
-    samples = calibration_inputs(model, batches)
-    context = observe(Context(captured, samples), moment_modalities=recipe.moment_modalities, progress=progress)
-    Pipeline(recipe_steps(recipe, progress=progress)).run(context, progress=progress)
-    return QuantizedModel(model, context.captured, recipe, context, data_hashes=tuple(data_hashes))
+    return apply(calibrate(model, calibration, [recipe], progress=progress, data_hashes=data_hashes), recipe, progress=progress)
 
 
 def load(directory: str | os.PathLike, model: nn.Module) -> QuantizedModel:
@@ -192,3 +214,6 @@ def load(directory: str | os.PathLike, model: nn.Module) -> QuantizedModel:
     decoder = checkpoint.load(directory, model)
     recipe = Recipe.from_dict(checkpoint.read_manifest(directory)["recipe"])
     return QuantizedModel(model, decoder, recipe)
+
+
+__all__ = ["PRESETS", "Calibrated", "QuantizedModel", "apply", "calibrate", "calibration_inputs", "load", "quantize", "resolve_recipe"]

@@ -4,14 +4,14 @@
 :func:`load` captures a float model afresh and replays the stored results onto it. Nothing is
 pickled: tensors are safetensors, everything else JSON.
 
-What is stored is read from the transformed graph itself, keyed by module name: each
-QuantLinear's state (scales, row map, quantizer configs, integer weights, CMC factors, flags), the
+The results live in the transformed graph's modules, keyed by module name, and are read from there
+(:func:`masq_fx.replay.graph_edits`): each QuantLinear's :class:`~masq_fx.nn.quant_linear.QuantLinearState`,
+scale table, row map, integer weights and CMC factors (a :class:`~masq_fx.replay.LinearRecord`), the
 router nodes of tied per-modality smoothing, and graph parameters that differ from the HF model's
-(norm weights a smoothing was folded into). ``Context.results`` holds only part of that (no
-quantizer settings, solved weights or folded norms), so the graph is the source. Replay runs
-``PrepareQuantLinears`` on the fresh capture, installs each linear's state by name, re-inserts the
-routers with shared tables (:func:`~masq_fx.transforms.smoothing.insert_routers`) and gives the
-graph its own copies of the replaced parameters.
+(norm weights a smoothing was folded into). :func:`load` turns the files back into those edits and
+replays them onto a fresh capture (:func:`masq_fx.replay.replay`): each float linear becomes a
+QuantLinear with the recorded state, the routers share their tables, and the graph gets its own
+copies of the replaced parameters.
 
 ``quantized.safetensors`` (keys by module name, relative to the decoder)::
 
@@ -22,7 +22,6 @@ graph its own copies of the replaced parameters.
                                             [out, ⌈in/2⌉] with two codes per byte (low nibble first)
     linear/<name>/weight/<row>/scale        float32 [out, groups]
     linear/<name>/weight/<row>/zero_point   int8 [out, groups] (asymmetric weights only)
-    linear/<name>/act_static_scale          float32 [] (static per-tensor activations only)
     linear/<name>/cmc/<row>/left, right     float32 CMC factors [in, r], [r, out]
     linear/<name>/cmc/<row>/left/codes, …/left/scale, …/right/codes, …/right/scale
                                             integer CMC factors (``branch_bits`` in the manifest):
@@ -40,8 +39,15 @@ after CMC; every row in the MAS per-row simulation); codes of GPTQ-solved weight
 ``model`` (family, HF class, the decoder's dtype, sha256 of the config and of the float weights); ``modality_tokens``;
 ``calibration`` (sample count, tokens per modality, sha256 of the input tensors, ``sample_sha256``:
 the content hashes of the calibration samples when known, see :mod:`masq_fx.data.samples`); ``tensors``
-(file name, byte count, sha256); ``graph``: per linear its quantizer configs and flags, the
-routers, the replaced graph attributes. The same inputs and seed give the same bytes.
+(file name, byte count, sha256); ``graph``: per linear its shape, ``state``
+(:meth:`QuantLinearState.to_dict <masq_fx.nn.quant_linear.QuantLinearState.to_dict>`: quantizer
+configs, static activation scale, stored weight rows, flags), table key, stored and branch rows and
+``branch_bits``; the routers; the replaced graph attributes. The same inputs and seed give the same bytes.
+
+Format versions: 2 (this one). Version 1 (per-linear flags and configs at the record's top level,
+static activation scales as tensors, ``quantizers_enabled``; ``sample_sha256``, the model's ``dtype``
+and ``branch_bits`` possibly absent) is migrated on reading (:func:`read_manifest`); a newer version
+is refused.
 """
 
 from __future__ import annotations
@@ -56,21 +62,22 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 from torch import Tensor, fx, nn
 
 from masq_fx.calibration.calibrate import calibration_tokens
-from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
 from masq_fx.models import DecoderInputs, adapter_for
-from masq_fx.nn.quant_linear import QuantLinear, branch_factor_config
-from masq_fx.pipeline import Context, Pipeline
-from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig
+from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
+from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
-from masq_fx.transforms.prepare import PrepareQuantLinears, quant_linears
-from masq_fx.transforms.smoothing import ModalityScale, insert_routers
+from masq_fx.replay import GraphEdits, LinearRecord, Router, check_float_weights, graph_edits, replay
+
+if TYPE_CHECKING:
+    from masq_fx.pipeline import Context
 
 __all__ = [
     "FORMAT_VERSION",
@@ -88,7 +95,7 @@ __all__ = [
 ]
 
 FORMAT = "masq_fx.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"
 _LIBRARIES = ("torch", "torchao", "transformers", "safetensors", "masq_fx")
@@ -207,132 +214,62 @@ def _store_weight(tensors: dict[str, Tensor], prefix: str, weight: QuantizedWeig
         tensors[f"{prefix}/zero_point"] = weight.zero_point.to(torch.int8).clone()
 
 
-def _linear(module: QuantLinear, tables: _Tables, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """Store one QuantLinear's tensors; returns its manifest record."""
-    prefix = f"linear/{module.name}"
+def _store_linear(name: str, linear: LinearRecord, tables: _Tables, tensors: dict[str, Tensor], shape: tuple[int, int]) -> dict[str, Any]:
+    """Store one linear's tensors; returns its manifest record (``shape``: out, in features)."""
+    prefix = f"linear/{name}"
+    codes = next(iter(linear.branch_codes.values()), None)
     record: dict[str, Any] = {
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "weight_quant": None if module.weight_quant is None else asdict(module.weight_quant),
-        "act_quant": None if module.act_quant is None else asdict(module.act_quant),
-        "quantizers_enabled": module.quantizers_enabled,
-        "divide_input": module.divide_input,
-        "scales_folded": module.scales_folded,
-        "weight_rows": module.weight_rows,
-        "branch_input": module.branch_input,
-        "scales": None if module.scales is None else tables.key(module.scales, module.name),
-        "stored_rows": [],
-        "branch_rows": list(module.branches),
-        "branch_bits": module.branch_bits,
+        "in_features": shape[1],
+        "out_features": shape[0],
+        "state": linear.state.to_dict(),
+        "scales": None if linear.scales is None else tables.key(linear.scales, name),
+        "stored_rows": [] if linear.weights is None else list(linear.weights),
+        "branch_rows": list(linear.branch_codes or linear.branches),
+        "branch_bits": None if codes is None else codes[0].config.bits,
     }
-    if module.scales is not None:
-        tensors[f"{prefix}/row_of_modality"] = module.row_of_modality.long().clone()
-    if module.weight_quant is not None:
-        record["stored_rows"] = module.stored_rows()
-        weights = {row: module.weight_codes(row) for row in record["stored_rows"]}
-        _check_frozen(module, weights)
-        for row, weight in weights.items():
-            _store_weight(tensors, f"{prefix}/weight/{row}", weight)
-    if module.act_static_scale is not None:
-        tensors[f"{prefix}/act_static_scale"] = module.act_static_scale.detach().float().clone()
-    for row, (left, right) in module.branches.items():
-        cmc = f"{prefix}/cmc/{row}"
-        if module.branch_codes:
-            left_t, right_t = module.branch_codes[row]
-            _store_weight(tensors, f"{cmc}/left", left_t)
-            _store_weight(tensors, f"{cmc}/right", right_t)
-        else:
-            tensors[f"{cmc}/left"] = left.clone()
-            tensors[f"{cmc}/right"] = right.clone()
+    if linear.scales is not None:
+        tensors[f"{prefix}/row_of_modality"] = linear.row_of_modality.long().clone()
+    for row, weight in (linear.weights or {}).items():
+        _store_weight(tensors, f"{prefix}/weight/{row}", weight)
+    for row, (left_t, right_t) in linear.branch_codes.items():
+        _store_weight(tensors, f"{prefix}/cmc/{row}/left", left_t)
+        _store_weight(tensors, f"{prefix}/cmc/{row}/right", right_t)
+    for row, (left, right) in linear.branches.items():
+        tensors[f"{prefix}/cmc/{row}/left"] = left.clone()
+        tensors[f"{prefix}/cmc/{row}/right"] = right.clone()
     return record
 
 
-def _check_frozen(module: QuantLinear, weights: dict[int, QuantizedWeight]) -> None:
-    """The integer weights must reproduce what the graph computes with (its cached weights)."""
-    frozen = module.cached_weights
-    if frozen is None or not module.quantizers_enabled:
-        return
-    stored = torch.stack([w.dequantize() for w in weights.values()])
-    if not torch.equal(frozen, stored):
-        raise CheckpointError(
-            f"{module.name}: its cached quantized weights differ from those of its current scales "
-            "(scales changed after freezing?); call freeze() on it, or rerun the transform, then save"
-        )
-
-
-def _router_records(gm: fx.GraphModule, tables: _Tables, tensors: dict[str, Tensor]) -> list[dict[str, Any]]:
-    """Each router node: the linears reading it (graph order) and its table; its row map is stored."""
-    order = {n.meta[MODULE_KEY]: i for i, n in enumerate(gm.graph.nodes) if MODULE_KEY in n.meta}
-    records = []
-    for node in gm.graph.find_nodes(op="call_module"):
-        router = gm.get_submodule(str(node.target))
-        if not isinstance(router, ModalityScale):
-            continue
-        linears = sorted((u.meta[MODULE_KEY] for u in node.users if MODULE_KEY in u.meta), key=order.__getitem__)
-        records.append({"linears": linears, "scales": tables.key(router.scales, linears[0])})
-        tensors[f"router/{linears[0]}/row_of_modality"] = router.row_of_modality.long().clone()
-    return records
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
-
-
-def _model_tensor(owners: dict[str, nn.Module], path: str) -> Tensor | None:
-    """The HF model's tensor behind a captured graph attribute (``decoder.…`` or ``lm_head.…``)."""
-    owner_name, _, rest = path.partition(".")
-    module_path, _, attr = rest.rpartition(".")
-    try:
-        return getattr(owners[owner_name].get_submodule(module_path), attr, None)
-    except (KeyError, AttributeError):
-        return None
-
-
-def _replaced_attributes(gm: fx.GraphModule, owners: dict[str, nn.Module]) -> list[str]:
-    """Graph parameters and buffers (outside QuantLinears and routers) that differ from the model's."""
-    skip = tuple(f"{name}." for name, m in gm.named_modules() if isinstance(m, (QuantLinear, ModalityScale)))
-    replaced = []
-    for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
-        if path.startswith(skip):
-            continue
-        original = _model_tensor(owners, path)
-        if original is None or not (original is tensor or torch.equal(original, tensor)):
-            replaced.append(path)
-    return sorted(replaced)
-
-
 def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
-    lowered = [
-        n.meta[MODULE_KEY]
-        for n in gm.graph.find_nodes(op="call_module")
-        if MODULE_KEY in n.meta and not isinstance(gm.get_submodule(str(n.target)), QuantLinear)
-    ]
+    edits = graph_edits(gm, adapter_for(model))
+    lowered = [name for name, module in edits.linears.items() if not isinstance(module, QuantLinear)]
     if lowered:
         raise CheckpointError(
             f"the graph's {lowered[0]} is no QuantLinear (lowered to a backend?): save the reference "
             "graph, before lower_to_torchao, and lower the loaded one"
         )
-    modules = list(quant_linears(gm))
-    if not modules:
+    if not edits.linears:
         raise CheckpointError("the graph has no QuantLinears: nothing to save (run a quantization recipe first)")
-    adapter = adapter_for(model)
-    owners = {"decoder": adapter.language_model(), _HEAD: adapter.lm_head()}
-    for module in modules:
-        path = module.name if module.name == _HEAD else f"decoder.{module.name}"
-        original = _model_tensor(owners, f"{path}.weight")
-        if original is None or not (original is module.weight or torch.equal(original, module.weight)):
-            raise CheckpointError(
-                f"{module.name}'s float weight is not the given model's: pass the model the graph was captured from"
-            )
+    try:
+        check_float_weights(gm, adapter_for(model))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    off = [name for name, module in edits.linears.items() if not module.quantizers_enabled]
+    if off:
+        raise CheckpointError(f"{off[0]} has its quantizers off: save outside quantizers_off()")
     tensors: dict[str, Tensor] = {}
     tables = _Tables(tensors)
-    linears = {m.name: _linear(m, tables, tensors) for m in modules}
-    routers = _router_records(gm, tables, tensors)
-    replaced = _replaced_attributes(gm, owners)
-    for path in replaced:
-        tensors[f"graph/{path}"] = _attribute(gm, path).detach().clone()
-    graph = {"include_head": _HEAD in linears, "linears": linears, "routers": routers, "replaced": replaced}
+    linears = {
+        name: _store_linear(name, LinearRecord.of(m), tables, tensors, (m.out_features, m.in_features))
+        for name, m in edits.linears.items()
+    }
+    routers = []
+    for router in edits.routers:
+        routers.append({"linears": list(router.linears), "scales": tables.key(router.scales, router.linears[0])})
+        tensors[f"router/{router.linears[0]}/row_of_modality"] = router.row_of_modality.long().clone()
+    for path, tensor in edits.attributes.items():
+        tensors[f"graph/{path}"] = tensor.detach().clone()
+    graph = {"include_head": _HEAD in linears, "linears": linears, "routers": routers, "replaced": list(edits.attributes)}
     return _Collected(tensors, graph)
 
 
@@ -437,7 +374,8 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a checkpoint, after checking that this masq_fx can read its format."""
+    """The manifest of a checkpoint in the current format, after checking that this masq_fx can read its
+    version (an older one is migrated, see :func:`_migrate_v1`)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CheckpointError(
@@ -460,12 +398,50 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"{importlib.metadata.version('masq_fx')} reads (up to {FORMAT_VERSION}); it was written by "
             f"masq_fx {writer}: upgrade masq_fx to load it"
         )
+    if version == 1:
+        manifest = _migrate_v1(manifest, Path(directory))
+    return manifest
+
+
+#: the v1 per-linear record fields that became its ``state``
+_V1_STATE = ("weight_quant", "act_quant", "weight_rows", "branch_input", "divide_input", "scales_folded")
+
+
+def _migrate_v1(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """A format 1 manifest as format 2: the fields early v1 writers left out get their meaning then
+    (no calibration sample hashes, a float32 model, float CMC factors), and each linear's flags and
+    configs become its ``state``, with the static activation scale read from its v1 tensor. A linear
+    saved with its quantizers off is refused (version 2 cannot record it)."""
+    manifest["calibration"].setdefault("sample_sha256", [])
+    manifest["model"].setdefault("dtype", "float32")  # written before bfloat16 models were supported
+    static: dict[str, float] = {}
+    for name, record in manifest["graph"]["linears"].items():
+        if not record.pop("quantizers_enabled"):
+            raise CheckpointError(
+                f"{directory} (format version 1) was saved with the quantizers of {name} off, which format "
+                f"{FORMAT_VERSION} cannot record: quantize the model again and save it"
+            )
+        record.setdefault("branch_bits", None)
+        record["state"] = {key: record.pop(key) for key in _V1_STATE}
+        act = record["state"]["act_quant"]
+        if act is not None and act["granularity"] == "per_tensor":
+            static[name] = 0.0
+    if static:
+        path = directory / manifest["tensors"]["file"]
+        try:
+            with safetensors.safe_open(path, "pt") as f:
+                static = {name: float(f.get_tensor(f"linear/{name}/act_static_scale")) for name in static}
+        except Exception as error:
+            raise CheckpointError(f"{path} lacks the static activation scales of format version 1 ({error}); save the checkpoint again") from None
+    for name, record in manifest["graph"]["linears"].items():
+        record["state"]["act_static_scale"] = static.get(name)
+    manifest["format_version"] = FORMAT_VERSION
     return manifest
 
 
 def calibration_hashes(directory: str | os.PathLike) -> tuple[str, ...]:
-    """Content sha256 of the samples a checkpoint was calibrated on (empty when unknown: older checkpoints)."""
-    return tuple(read_manifest(directory)["calibration"].get("sample_sha256", ()))
+    """Content sha256 of the samples a checkpoint was calibrated on (empty when unknown)."""
+    return tuple(read_manifest(directory)["calibration"]["sample_sha256"])
 
 
 def _check_model(expected: dict[str, str], model: nn.Module) -> None:
@@ -476,7 +452,7 @@ def _check_model(expected: dict[str, str], model: nn.Module) -> None:
             f"the checkpoint was made from a {expected['hf_class']} ({expected['family']}), "
             f"not a {actual['hf_class']}: {fix}"
         )
-    if expected.get("dtype", actual["dtype"]) != actual["dtype"]:  # older checkpoints record none
+    if expected["dtype"] != actual["dtype"]:
         raise CheckpointError(
             f"the checkpoint was quantized from a {expected['dtype']} model, not a {actual['dtype']} one: "
             f"convert the model with model.to(torch.{expected['dtype']}) first"
@@ -521,36 +497,35 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     _check_model(manifest["model"], model)
     tensors = _read_tensors(directory, manifest["tensors"])
     graph = manifest["graph"]
-    context = Context(capture(model))
-    Pipeline([PrepareQuantLinears(include_head=graph["include_head"])]).run(context, progress=False)
-    try:
-        _replay(context.graph_module, graph, tensors)
-    except KeyError as error:
-        raise CheckpointError(f"{directory} is inconsistent (no entry {error}); save the checkpoint again") from None
-    return context.captured
-
-
-def _replay(gm: fx.GraphModule, graph: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    nodes = {
-        node.meta[MODULE_KEY]: node
-        for node in gm.graph.find_nodes(op="call_module")
-        if isinstance(gm.get_submodule(str(node.target)), QuantLinear)
-    }
-    if set(nodes) != set(graph["linears"]):
+    captured = capture(model)
+    expected = {n.meta[MODULE_KEY] for n in captured.graph_module.graph.nodes if MODULE_KEY in n.meta and is_linear(n)}
+    if not graph["include_head"]:
+        expected.discard(_HEAD)
+    if expected != set(graph["linears"]):
         raise CheckpointError(
-            f"the captured graph's linears ({len(nodes)}) do not match the checkpoint's ({len(graph['linears'])}): "
+            f"the captured graph's linears ({len(expected)}) do not match the checkpoint's ({len(graph['linears'])}): "
             "load it with the masq_fx and transformers versions in its manifest"
         )
+    try:
+        replay(captured.graph_module, _graph_edits(graph, tensors))
+    except KeyError as error:
+        raise CheckpointError(f"{directory} is inconsistent (no entry {error}); save the checkpoint again") from None
+    except ValueError as error:
+        raise CheckpointError(f"{directory} does not replay onto this model ({error})") from None
+    return captured
+
+
+def _graph_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdits:
+    """The manifest's graph record and the tensors as the edits :func:`~masq_fx.replay.replay` installs."""
     tables = _scale_tables(tensors)
-    for name, record in graph["linears"].items():
-        _apply_linear(gm.get_submodule(str(nodes[name].target)), record, tables, tensors)
-    for record in graph["routers"]:
-        rows = tensors[f"router/{record['linears'][0]}/row_of_modality"]
-        insert_routers(gm, [nodes[name] for name in record["linears"]], tables[record["scales"]], rows)
-    for path in graph["replaced"]:
-        _replace_attribute(gm, path, tensors[f"graph/{path}"])
-    gm.graph.lint()
-    gm.recompile()
+    return GraphEdits(
+        linears={name: _read_linear(name, record, tables, tensors) for name, record in graph["linears"].items()},
+        routers=[
+            Router(tuple(r["linears"]), tables[r["scales"]], tensors[f"router/{r['linears'][0]}/row_of_modality"])
+            for r in graph["routers"]
+        ],
+        attributes={path: tensors[f"graph/{path}"] for path in graph["replaced"]},
+    )
 
 
 def _scale_tables(tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:
@@ -558,32 +533,34 @@ def _scale_tables(tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:
     return {key.removeprefix("scales/"): nn.Parameter(value, requires_grad=False) for key, value in tensors.items() if key.startswith("scales/")}
 
 
-def _apply_linear(module: QuantLinear, record: dict[str, Any], tables: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:
-    prefix = f"linear/{module.name}"
-    if record["scales"] is not None:
-        module.set_scales(tables[record["scales"]], tensors[f"{prefix}/row_of_modality"])
-    module.divide_input = record["divide_input"]
-    module.scales_folded = record["scales_folded"]
-    module.weight_rows = record["weight_rows"]
-    module.branch_input = record["branch_input"]
-    module.quantizers_enabled = record["quantizers_enabled"]
-    module.act_quant = None if record["act_quant"] is None else ActQuantConfig(**record["act_quant"])
-    module.act_static_scale = tensors.get(f"{prefix}/act_static_scale")
-    if record["weight_quant"] is not None:
-        config = WeightQuantConfig(**record["weight_quant"])
-        module.weight_quant = config
-        module.set_solved({row: _weight(tensors, f"{prefix}/weight/{row}", config, module.in_features) for row in record["stored_rows"]})
-    bits = record.get("branch_bits")  # absent from older checkpoints: float factors
+def _read_linear(name: str, record: dict[str, Any], tables: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> LinearRecord:
+    """Inverse of :func:`_store_linear`."""
+    prefix = f"linear/{name}"
+    state = QuantLinearState.from_dict(record["state"])
+    scales = None if record["scales"] is None else tables[record["scales"]]
+    weights = None
+    if state.weight_quant is not None:
+        weights = {row: _weight(tensors, f"{prefix}/weight/{row}", state.weight_quant, record["in_features"]) for row in record["stored_rows"]}
+    branches, branch_codes = {}, {}
     for row in record["branch_rows"]:
         cmc = f"{prefix}/cmc/{row}"
-        if bits is None:
-            module.set_branch(row, tensors[f"{cmc}/left"], tensors[f"{cmc}/right"])
+        if record["branch_bits"] is None:
+            branches[row] = (tensors[f"{cmc}/left"], tensors[f"{cmc}/right"])
             continue
-        config = branch_factor_config(bits)
+        config = branch_factor_config(record["branch_bits"])
         rank = tensors[f"{cmc}/left/scale"].shape[0]
-        module.set_branch_codes(
-            row, _weight(tensors, f"{cmc}/left", config, module.in_features), _weight(tensors, f"{cmc}/right", config, rank)
+        branch_codes[row] = (
+            _weight(tensors, f"{cmc}/left", config, record["in_features"]),
+            _weight(tensors, f"{cmc}/right", config, rank),
         )
+    return LinearRecord(
+        state=state,
+        scales=scales,
+        row_of_modality=None if scales is None else tensors[f"{prefix}/row_of_modality"],
+        weights=weights,
+        branches=branches,
+        branch_codes=branch_codes,
+    )
 
 
 def _weight(tensors: dict[str, Tensor], prefix: str, config: WeightQuantConfig, columns: int) -> QuantizedWeight:
@@ -594,19 +571,6 @@ def _weight(tensors: dict[str, Tensor], prefix: str, config: WeightQuantConfig, 
         zero_point=tensors.get(f"{prefix}/zero_point"),
         config=config,
     )
-
-
-def _replace_attribute(gm: fx.GraphModule, path: str, value: Tensor) -> None:
-    """Give the graph its own ``value`` at ``path`` (the HF model's tensor stays as it is)."""
-    owner_path, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(owner_path)
-    old = getattr(owner, attr, None)
-    if not isinstance(old, Tensor) or old.shape != value.shape or old.dtype != value.dtype:
-        raise CheckpointError(f"the captured graph's {path} does not match the checkpoint's tensor: capture changed?")
-    if attr in owner._parameters:
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
-    else:
-        setattr(owner, attr, value)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -622,7 +586,7 @@ class LinearBytes:
     fp32_bytes: int
     #: integer codes, weight scales and zero points of every stored weight row
     weight_bytes: int
-    #: smoothing tables (a shared table once), row maps and static activation scales
+    #: smoothing tables (a shared table once), row maps and static activation scales (4 bytes each, in the manifest)
     smoothing_bytes: int
     #: CMC low-rank factors
     branch_bytes: int
@@ -653,7 +617,7 @@ def linear_bytes(directory: str | os.PathLike, bits: int = 4) -> LinearBytes:
     chosen = {
         name: record
         for name, record in manifest["graph"]["linears"].items()
-        if name != _HEAD and record["weight_quant"] is not None and record["weight_quant"]["bits"] == bits
+        if name != _HEAD and (weight := record["state"]["weight_quant"]) is not None and weight["bits"] == bits
     }
     if not chosen:
         raise CheckpointError(f"{directory} has no decoder linears with {bits}-bit weights")
@@ -669,6 +633,7 @@ def linear_bytes(directory: str | os.PathLike, bits: int = 4) -> LinearBytes:
         fp32_bytes=sum(4 * r["in_features"] * r["out_features"] for r in chosen.values()),
         weight_bytes=total(f"linear/{name}/weight/" for name in chosen),
         smoothing_bytes=sum(sizes[key] for key in tables)
-        + total(f"linear/{name}/{leaf}" for name in chosen for leaf in ("row_of_modality", "act_static_scale")),
+        + total(f"linear/{name}/row_of_modality" for name in chosen)
+        + 4 * sum(r["state"]["act_static_scale"] is not None for r in chosen.values()),  # a float32 each
         branch_bytes=total(f"linear/{name}/cmc/" for name in chosen),
     )

@@ -8,10 +8,11 @@ input token); ``attention_mask`` spans the whole cache (``[batch, max_cache_len]
 padding mask, ones after it). The batch size and cache length are fixed at capture, the number of
 input tokens is dynamic. Linear nodes carry the same module-name tags as the prefill capture.
 
-:func:`transplant` replays a transformed prefill graph onto such a graph by module name: each
-tagged linear becomes the same (shared) QuantLinear or lowered module, per-modality routers are
-re-inserted (sharing their tables) before the linears that read them, and parameters the transforms replaced (norm
-weights with folded scales) are carried over. :func:`generate` is the greedy loop.
+:func:`transplant` replays a transformed prefill graph onto such a graph by module name
+(:mod:`masq_fx.replay`): each tagged linear becomes the same (shared) QuantLinear or lowered module,
+per-modality routers are re-inserted (sharing their tables) before the linears that read them, and
+parameters the transforms replaced (norm weights with folded scales) are carried over.
+:func:`generate` is the greedy loop.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import Tensor, fx, nn
 from torch.export import Dim
 from transformers import StaticCache
 
-from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, annotate, drop_unused_attributes, model_modalities
+from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_unused_attributes, model_modalities, module_nodes
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
-from masq_fx.transforms.smoothing import ModalityScale, insert_routers
+from masq_fx.replay import graph_edits, replay
 
 CACHE_START = "cache_start"
 
@@ -135,69 +136,19 @@ def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits
     )
 
 
-def _modules_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Module name → its call_module node in a transformed graph."""
-    return {node.meta[MODULE_KEY]: node for node in gm.graph.find_nodes(op="call_module") if MODULE_KEY in node.meta}
-
-
-def _routers(gm: fx.GraphModule) -> list[tuple[ModalityScale, list[str]]]:
-    """Each per-modality router of a transformed graph and the module names of the linears reading it."""
-    found = []
-    for node in gm.graph.find_nodes(op="call_module"):
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, ModalityScale):
-            found.append((module, [user.meta[MODULE_KEY] for user in node.users if MODULE_KEY in user.meta]))
-    return found
-
-
-def _carry_parameters(source: fx.GraphModule, target: fx.GraphModule) -> None:
-    """Give ``target`` the tensors ``source`` replaced (folded norm weights), by attribute path."""
-    for node in source.graph.find_nodes(op="get_attr"):
-        path = str(node.target)
-        owner, name = path.rsplit(".", 1)
-        try:
-            holder = target.get_submodule(owner)
-        except AttributeError:
-            continue
-        if hasattr(holder, name) and getattr(holder, name) is not getattr(source.get_submodule(owner), name):
-            setattr(holder, name, getattr(source.get_submodule(owner), name))
-
-
 def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDecoder) -> int:
     """Replay a transformed prefill graph's module edits onto ``cached`` (in place); returns the linears replaced.
 
     The modules are shared, not copied: both graphs then compute with the same quantized state.
     """
     source = transformed.graph_module if isinstance(transformed, CapturedDecoder) else transformed
-    gm = cached.graph_module
-    modules = _modules_by_name(source)
-    if not modules:
+    edits = graph_edits(source, cached.adapter)
+    if not edits.linears:
         raise ValueError("the transformed graph has no module-level edits (QuantLinears): nothing to transplant")
-    _carry_parameters(source, gm)
-    modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
-    installed: dict[str, fx.Node] = {}
-    for node in list(gm.graph.nodes):
-        name = node.meta.get(MODULE_KEY)
-        if name not in modules or node.op != "call_function":
-            continue
-        target = str(modules[name].target)
-        gm.add_submodule(target, source.get_submodule(target))
-        with gm.graph.inserting_after(node):
-            installed[name] = gm.graph.call_module(target, (node.args[0], modality_ids))
-        installed[name].meta.update(node.meta)
-        node.replace_all_uses_with(installed[name])
-        params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
-        gm.graph.erase_node(node)
-        for param in params:  # the float weight and bias, now held by the module
-            if not param.users:
-                gm.graph.erase_node(param)
-    missing = set(modules) - set(installed)
-    if missing:
-        raise ValueError(f"the cached graph has no linear for {sorted(missing)[:5]}: capture it from the same model")
-    for router, readers in _routers(source):
-        insert_routers(gm, [installed[name] for name in readers], router.scales, router.row_of_modality)
+    gm = cached.graph_module
+    installed = replay(gm, edits)
     positions = set(position_placeholders(source))
-    add_position_inputs(gm, [installed[name] for name, node in modules.items() if positions & set(node.args)])
+    add_position_inputs(gm, [installed[name] for name, node in module_nodes(source).items() if positions & set(node.args)])
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return len(installed)

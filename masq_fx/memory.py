@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from masq_fx.capture.dataflow import input_node
 from masq_fx.capture.decoder import LAYER_KEY, CapturedDecoder
+from masq_fx.errors import CalibrationMemoryError
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import adapter_for
 from masq_fx.recipes import Recipe
@@ -33,10 +34,6 @@ _FLOAT32 = 4
 _INT64 = 8
 _FLOAT64 = 8
 _GIB = 1024**3
-
-
-class CalibrationMemoryError(ValueError):
-    """Calibration and the recipe would need more memory than is available."""
 
 
 @dataclass(frozen=True)
@@ -88,20 +85,21 @@ def observed_channels(captured: CapturedDecoder) -> list[int]:
 
 
 def estimate_calibration_memory(
-    model: nn.Module, captured: CapturedDecoder, recipe: Recipe, batches: Sequence[Mapping[str, Tensor]]
+    model: nn.Module, captured: CapturedDecoder, recipes: Recipe | Sequence[Recipe], batches: Sequence[Mapping[str, Tensor]]
 ) -> MemoryEstimate:
     """Resident bytes calibrating ``captured`` (the decoder of ``model``) on ``batches`` (processed, with
-    ``input_ids``) and running ``recipe``."""
+    ``input_ids``) for ``recipes`` (statistics for all of them) and running the most demanding one."""
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     shapes = [tuple(batch["input_ids"].shape) for batch in batches]
     tokens = sum(rows * seq for rows, seq in shapes)
     hidden = captured.hidden_size
     width = max(w.element_size() for w in captured.weights.values()) if captured.weights else _FLOAT32
     per_token = hidden * width + (captured.position_rows + 2) * _INT64
     channels = observed_channels(captured)
-    moments = recipe.moment_modalities
+    moments = tuple(m for m in Modality if any(m in r.moment_modalities for r in recipes))
     tables = NUM_MODALITIES * _INT64  # token counts
     statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 + len(moments) * c * c * _FLOAT64 for c in channels)
-    learning = 3 * tokens * hidden * _FLOAT32 if recipe.method == "mas" else 0
+    learning = 3 * tokens * hidden * _FLOAT32 if any(r.method == "mas" for r in recipes) else 0
     heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
     widest = max(channels, default=hidden)
     activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
@@ -136,8 +134,7 @@ def require_memory(estimate: MemoryEstimate, available: int | None) -> None:
         return
     raise CalibrationMemoryError(
         f"calibration and the recipe need about {_gib(estimate.total)} ({estimate.parts()}), but only "
-        f"{_gib(available)} of memory is available: use fewer or shorter calibration samples (command line: "
-        "lower --calib-samples, --calib-tokens or --seq-len)"
+        f"{_gib(available)} of memory is available: use fewer or shorter calibration samples"
         + (", or a recipe without CMC/GPTQ (no second moments)" if estimate.moment_sites else "")
     )
 

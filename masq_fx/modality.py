@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from masq_fx.errors import InputError
+
 
 class Modality(enum.IntEnum):
     """Code stored in ``modality_ids``. The order is the row order of every per-modality table."""
@@ -31,7 +33,7 @@ class Modality(enum.IntEnum):
             return cls[value.upper()]
         except KeyError:
             names = ", ".join(m.name.lower() for m in cls)
-            raise ValueError(f"unknown modality {value!r}; expected one of: {names}") from None
+            raise InputError(f"unknown modality {value!r}; expected one of: {names}") from None
 
 
 NUM_MODALITIES = len(Modality)
@@ -71,7 +73,7 @@ def modality_ids(
     Padding positions (``attention_mask == 0``) are text.
     """
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     ids = torch.full_like(input_ids, int(Modality.TEXT), dtype=torch.long)
     for token, modality in ((tokens.image, Modality.VISION), (tokens.video, policy.video_as), (tokens.audio, Modality.AUDIO)):
         if token is not None:
@@ -94,7 +96,7 @@ def modality_ids_from_token_types(
         table[token_type] = int(modality)
     table[2] = int(policy.video_as)
     if mm_token_type_ids.min() < 0 or mm_token_type_ids.max() > 3:
-        raise ValueError("mm_token_type_ids must hold values in 0..3 (text, image, video, audio)")
+        raise InputError("mm_token_type_ids must hold values in 0..3 (text, image, video, audio)")
     return table[mm_token_type_ids.long()]
 
 

@@ -1,36 +1,63 @@
 """Composable graph transforms and the pipeline that orders and runs them.
 
-A transform is a small step ``(graph_module, context) -> graph_module`` that declares what it
-``requires`` and what it ``provides`` (capability names such as ``"observers"`` or ``"stats"``).
-A :class:`Pipeline` runs the steps in the order the user gives, after checking with a
-requires/provides graph (networkx) that every requirement is met by the context or by an
-earlier step; otherwise it fails before doing any work, naming the step to add or move.
+A transform is a small step ``(graph_module, context) -> graph_module`` that declares the
+:class:`Capability` values it ``requires`` and ``provides``, and optionally those it ``invalidates``
+(results it makes stale, e.g. new scales drop solved weights) and ``consumes`` (scaffolding it
+removes, e.g. calibration removes the observers). A :class:`Pipeline` checks the whole order before
+any step runs: every requirement must be met by the context or an earlier step, and no step may
+invalidate what an earlier step provided unless a later step provides it again; otherwise it fails
+naming the step to add or move.
 
-Results of transforms live in the :class:`Context` as data keyed by module name
-(``context.results["layers.0.self_attn.q_proj"]["smooth_scale"]``), so they can be replayed
-onto a fresh capture of the same model.
+The results of the steps live in the transformed graph's modules (quantized linears, routers,
+replaced norm parameters); :mod:`masq_fx.replay` installs them onto a fresh capture by module name.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import networkx as nx
-import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from masq_fx.calibration.stats import ModalityStats
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.errors import InputError
 from masq_fx.models import DecoderInputs
 
+if TYPE_CHECKING:
+    from masq_fx.calibration.stats import ModalityStats
+
+
+class Capability(StrEnum):
+    """What a context holds: steps require, provide, invalidate and consume these."""
+
+    #: the captured float graph (every context has it)
+    GRAPH = "graph"
+    #: decoder inputs of calibration samples
+    CALIBRATION_DATA = "calibration_data"
+    OBSERVERS = "observers"
+    #: per-modality input statistics of every decoder linear
+    STATS = "stats"
+    QUANT_LINEARS = "quant_linears"
+    WEIGHT_QUANT = "weight_quant"
+    ACT_QUANT = "act_quant"
+    SCALES = "scales"
+    LEARNED_SCALES = "learned_scales"
+    #: the scales projected onto CMC's own-channel constraint
+    SCALES_PROJECTED = "cmc_scales_projected"
+    #: integer weights solved for the current scales (GPTQ)
+    SOLVED_WEIGHTS = "solved_weights"
+    #: cross-modal compensation branches for the current scales and weights
+    CMC = "cmc"
+
+
 #: capabilities a context can hold before any step runs
-GRAPH = "graph"
-CALIBRATION_DATA = "calibration_data"
+GRAPH = Capability.GRAPH
+CALIBRATION_DATA = Capability.CALIBRATION_DATA
 
 
 @runtime_checkable
@@ -38,8 +65,8 @@ class Transform(Protocol):
     """One pipeline step."""
 
     name: str
-    requires: tuple[str, ...]
-    provides: tuple[str, ...]
+    requires: tuple[Capability, ...]
+    provides: tuple[Capability, ...]
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule: ...
 
@@ -60,9 +87,7 @@ class Context:
     stats: dict[str, ModalityStats] = field(default_factory=dict)
     #: smoothing groups of the float graph (filled by the step that first needs them)
     groups: list[SmoothingGroup] = field(default_factory=list)
-    #: module name → named result tensors of transforms (scales, tables, quantized weights, factors)
-    results: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    provided: set[str] = field(default_factory=set)
+    provided: set[Capability] = field(default_factory=set)
     history: list[StepRecord] = field(default_factory=list)
     #: step name → the diagnostics it records (CrossModalCompensation: its ``BranchReport`` list)
     diagnostics: dict[str, list[Any]] = field(default_factory=dict)
@@ -76,12 +101,8 @@ class Context:
     def graph_module(self) -> fx.GraphModule:
         return self.captured.graph_module
 
-    def result(self, module: str) -> dict[str, torch.Tensor]:
-        """The (mutable) result record of ``module``, created empty on first use."""
-        return self.results.setdefault(module, {})
 
-
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """The steps cannot run in the given order."""
 
 
@@ -97,44 +118,43 @@ class Pipeline:
                 )
         self.steps = list(steps)
 
-    def dependency_graph(self) -> nx.DiGraph:
-        """Bipartite graph: step → capability it provides, capability → step that requires it."""
-        graph = nx.DiGraph()
+    def validate(self, available: Iterable[str] = (GRAPH, CALIBRATION_DATA)) -> None:
+        """Raise :class:`PipelineError` unless every step's requirements are met in order and nothing an
+        earlier step provided is invalidated without being provided again later."""
+        have: set[str] = set(available)
+        provider: dict[str, int] = {}  # capability → the step that provided it last
         for index, step in enumerate(self.steps):
-            node = ("step", index)
-            graph.add_node(node, name=step.name)
-            for cap in step.provides:
-                graph.add_edge(node, ("cap", cap))
-            for cap in step.requires:
-                graph.add_edge(("cap", cap), node)
-        return graph
-
-    def validate(self, available: set[str] | frozenset[str] = frozenset({GRAPH, CALIBRATION_DATA})) -> None:
-        """Raise :class:`PipelineError` unless each requirement is available or provided earlier."""
-        graph = self.dependency_graph()
-        for index, step in enumerate(self.steps):
-            for cap in step.requires:
-                if cap in available:
-                    continue
-                providers = sorted(i for _, i in graph.predecessors(("cap", cap)) if i != index)
-                earlier = [i for i in providers if i < index]
-                if earlier:
-                    continue
-                if providers:
-                    later = self.steps[providers[0]].name
+            for needed in step.requires:
+                if needed not in have:
+                    raise PipelineError(self._missing(index, needed, have))
+            for cap in _invalidates(step):
+                if cap in provider and not any(cap in later.provides for later in self.steps[index + 1 :]):
+                    earlier = self.steps[provider[cap]].name
                     raise PipelineError(
-                        f"step {index} {step.name!r} requires {cap!r}, which step {providers[0]} {later!r} "
-                        f"provides only later: move {later!r} before {step.name!r}"
+                        f"step {index} {step.name!r} invalidates {str(cap)!r}, which step {provider[cap]} {earlier!r} "
+                        f"provided and no later step provides again: move {step.name!r} before {earlier!r}"
                     )
-                have = ", ".join(sorted(available)) or "nothing"
-                raise PipelineError(
-                    f"step {index} {step.name!r} requires {cap!r}, which no earlier step provides "
-                    f"(the context has: {have}); add a step that provides {cap!r} before it"
-                )
+            for dropped in (*_invalidates(step), *_consumes(step)):
+                have.discard(dropped)
+                provider.pop(dropped, None)
+            have.update(step.provides)
+            provider.update((cap, index) for cap in step.provides)
+
+    def _missing(self, index: int, cap: str, have: set[str]) -> str:
+        step = self.steps[index]
+        later = next((i for i in range(index + 1, len(self.steps)) if cap in self.steps[i].provides), None)
+        if later is not None:
+            name = self.steps[later].name
+            return f"step {index} {step.name!r} requires {str(cap)!r}, which step {later} {name!r} provides only later: move {name!r} before {step.name!r}"
+        held = ", ".join(sorted(map(str, have))) or "nothing"
+        return (
+            f"step {index} {step.name!r} requires {str(cap)!r}, which no earlier step provides "
+            f"(at that point the context has: {held}); add a step that provides {str(cap)!r} before it"
+        )
 
     def run(self, context: Context, progress: bool = True) -> Context:
         """Run every step on ``context.graph_module`` in order; returns the updated context."""
-        self.validate(frozenset(context.provided))
+        self.validate(context.provided)
         bar = tqdm(self.steps, desc="pipeline", unit="step", disable=not progress)
         for step in bar:
             bar.set_postfix_str(step.name)
@@ -143,6 +163,15 @@ class Pipeline:
             gm.graph.lint()
             gm.recompile()
             context.captured.graph_module = gm
+            context.provided.difference_update((*_invalidates(step), *_consumes(step)))
             context.provided.update(step.provides)
             context.history.append(StepRecord(step.name, time.perf_counter() - start))
         return context
+
+
+def _invalidates(step: Transform) -> tuple[str, ...]:
+    return tuple(getattr(step, "invalidates", ()))
+
+
+def _consumes(step: Transform) -> tuple[str, ...]:
+    return tuple(getattr(step, "consumes", ()))

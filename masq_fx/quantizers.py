@@ -50,6 +50,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from masq_fx.errors import InputError
+
 __all__ = [
     "ActQuantConfig",
     "QuantizedWeight",
@@ -69,12 +71,12 @@ _GRANULARITIES = ("per_token", "per_tensor")
 
 def _check_int(name: str, value: object, lo: int, hi: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}; {fix}")
+        raise InputError(f"{name} must be an int in [{lo}, {hi}], got {value!r}; {fix}")
 
 
 def _check_grid(owner: str, grid: object) -> None:
     if grid not in _GRIDS:
-        raise ValueError(f"{owner}.grid must be 'full' or 'restricted', got {grid!r}")
+        raise InputError(f"{owner}.grid must be 'full' or 'restricted', got {grid!r}")
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,15 @@ class WeightQuantConfig:
         _check_int("WeightQuantConfig.bits", self.bits, 2, 8, "codes are stored as int8, use 2..8 bits")
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise ValueError(f"WeightQuantConfig.group_size must be a positive int or None (per channel), got {g!r}")
+            raise InputError(f"WeightQuantConfig.group_size must be a positive int or None (per channel), got {g!r}")
         _check_grid("WeightQuantConfig", self.grid)
         if self.grid == "restricted" and not self.symmetric:
-            raise ValueError(
+            raise InputError(
                 "WeightQuantConfig: grid='restricted' is a symmetric grid and cannot be used with "
                 "symmetric=False; set symmetric=True or grid='full'"
             )
         if not 0.0 < float(self.clip_min) <= 1.0:
-            raise ValueError(f"WeightQuantConfig.clip_min must be in (0, 1], got {self.clip_min!r}")
+            raise InputError(f"WeightQuantConfig.clip_min must be in (0, 1], got {self.clip_min!r}")
         _check_int("WeightQuantConfig.clip_steps", self.clip_steps, 1, 10_000, "use e.g. 20")
 
     @property
@@ -129,7 +131,7 @@ class ActQuantConfig:
 
     def __post_init__(self) -> None:
         if self.granularity not in _GRANULARITIES:
-            raise ValueError(
+            raise InputError(
                 f"ActQuantConfig.granularity must be 'per_token' or 'per_tensor', got {self.granularity!r}"
             )
         if self.granularity == "per_token":
@@ -196,13 +198,13 @@ def _dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
 def _grouped(w: Tensor, config: WeightQuantConfig) -> Tensor:
     """float32 view ``[out, n_groups, group]`` of a weight ``[out, in]``."""
     if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+        raise InputError(f"weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
     out_features, in_features = w.shape
     g = in_features if config.group_size is None else config.group_size
     if in_features % g:
         divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
         near = sorted(sorted(divisors, key=lambda d: (abs(d - g), d))[:4])
-        raise ValueError(
+        raise InputError(
             f"group_size={g} does not divide in_features={in_features}; "
             f"use a divisor of {in_features} (e.g. {near}) or group_size=None for per-channel"
         )
@@ -237,7 +239,7 @@ def _clip_ratio(wg: Tensor, config: WeightQuantConfig, ratio: Tensor | None) -> 
     """``[out, n_groups, 1]`` clipping ratios: the given (learned) ones, else the configured search's, else 1."""
     if ratio is not None:
         if ratio.shape != wg.shape[:-1]:
-            raise ValueError(
+            raise InputError(
                 f"clip ratio must be [out_features, n_groups] = {list(wg.shape[:-1])}, got {list(ratio.shape)}"
             )
         return ratio.float().unsqueeze(-1)
@@ -329,7 +331,7 @@ def calibrate_static_scale(absmax: Tensor | float, config: ActQuantConfig) -> Te
     """Static per-tensor scale (float32) from an observed abs-max."""
     absmax = torch.as_tensor(absmax, dtype=torch.float32)
     if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
-        raise ValueError(f"absmax must be finite and >= 0, got {absmax}")
+        raise InputError(f"absmax must be finite and >= 0, got {absmax}")
     return _symmetric_scale(absmax, config.qmin, config.qmax)
 
 
@@ -344,13 +346,13 @@ def act_scale(x: Tensor, config: ActQuantConfig) -> Tensor:
 def fake_quant_act(x: Tensor, config: ActQuantConfig, static_scale: Tensor | None = None) -> Tensor:
     """Quantize-dequantize activations (STE). ``per_tensor`` needs the calibrated ``static_scale``."""
     if config.granularity == "per_token" and static_scale is not None:
-        raise ValueError(
+        raise InputError(
             "fake_quant_act: static_scale is only used with granularity='per_tensor'; "
             "drop it for dynamic per-token quantization or use ActQuantConfig(granularity='per_tensor')"
         )
     if config.granularity == "per_tensor":
         if static_scale is None:
-            raise ValueError(
+            raise InputError(
                 "fake_quant_act: granularity='per_tensor' needs static_scale; "
                 "compute it with calibrate_static_scale(observed_absmax, config)"
             )

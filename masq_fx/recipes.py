@@ -2,15 +2,22 @@
 
 A :class:`Recipe` is one typed config; :func:`recipe_steps` turns it into pipeline steps that
 run after calibration statistics exist (``context.stats``), so several methods can be ablated
-on one calibrated capture.
+on one calibrated capture. :data:`PRESETS` are the named recipes; :func:`resolve_recipe` reads a
+name or a JSON/YAML file. A serialised recipe carries ``version`` (:data:`RECIPE_VERSION`): a file
+without one is read as the current version, a newer one is refused.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
+from masq_fx.errors import InputError, MissingFileError
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Transform
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
@@ -27,6 +34,8 @@ from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 from masq_fx.transforms.quantize import ModuleFilter
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
+#: version of :meth:`Recipe.to_dict`'s layout; bumped whenever a field is renamed, removed or changes meaning
+RECIPE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -71,24 +80,32 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
-            raise ValueError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
+            raise InputError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
         if self.gptq is not None and self.method == "fp":
-            raise ValueError("GPTQ needs quantized weights: pick a method other than 'fp'")
+            raise InputError("GPTQ needs quantized weights: pick a method other than 'fp'")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
-            raise ValueError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
+            raise InputError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
         if self.method == "mas" and self.learning.own_channels_in_loop and (self.cmc is None or self.cmc.own_channels is None):
-            raise ValueError(
+            raise InputError(
                 "learning.own_channels_in_loop learns under the CMC's own_channels constraint: set cmc.own_channels "
                 "(e.g. 'rank'), or turn own_channels_in_loop off"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: nested configs as dicts, tuples as lists, paths as strings."""
-        return _plain(asdict(self))
+        """JSON-ready form: ``version``, then nested configs as dicts, tuples as lists, paths as strings."""
+        return {"version": RECIPE_VERSION} | _plain(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Inverse of :meth:`to_dict`; missing sections and fields take their defaults."""
+        """Inverse of :meth:`to_dict`; missing sections and fields take their defaults, a missing ``version`` is the current one."""
+        if isinstance(data, dict) and "version" in data:
+            data = dict(data)
+            version = data.pop("version")
+            if not isinstance(version, int) or not 1 <= version <= RECIPE_VERSION:
+                raise InputError(
+                    f"recipe version {version!r} is not one this masq_fx reads (1..{RECIPE_VERSION}): "
+                    "upgrade masq_fx, or drop 'version' to read the fields as the current version"
+                )
         _check_keys(cls, data, "recipe")
         learning = _config(MASLearningConfig, data.get("learning", {}), "recipe learning")
         if learning.checkpoint is not None:
@@ -122,11 +139,11 @@ def _plain(value: Any) -> Any:
 
 def _check_keys(cls: type, data: Any, where: str) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of field names to values, got {type(data).__name__}")
+        raise InputError(f"{where}: expected a mapping of field names to values, got {type(data).__name__}")
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         known = ", ".join(f.name for f in fields(cls))
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; the fields are {known}")
+        raise InputError(f"{where}: unknown field(s) {', '.join(unknown)}; the fields are {known}")
 
 
 def _config(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -169,3 +186,76 @@ def recipe_steps(recipe: Recipe, progress: bool = True) -> list[Transform]:
     if recipe.cmc is not None:
         steps.append(CrossModalCompensation(recipe.cmc))
     return steps
+
+
+#: W4 compensation measured on the built-in tri-modal model: a modality's own scale kept on the rank's
+#: channels only (``own_channels="rank"``), since full-channel scale mismatches are out of a low-rank
+#: branch's reach (the spec's CMC there: vision and audio exact match 0%)
+_W4_CMC = CMCConfig(rank_ratio=0.05, own_channels="rank")
+
+
+def _paper_w4a8() -> Recipe:
+    """MAS + CMC (ρ = 0.2, every channel's own scale) with the official code's numerics: symmetric grids that
+    stop at ±(2^(b−1)−1) (weights −7…7, activations −127…127) and a rank floor of 32.
+
+    One difference is kept: the whitening covariance is damped by 0.01·mean(diag C). The official code
+    adds none and clamps the factors to ±65500 instead; without damping a covariance of fewer tokens
+    than channels is singular, its inverse square root overflows, and the clamp hides the damage.
+    """
+    recipe = preset("mas", 4, 8)
+    weight = replace(recipe.weight, grid="restricted")
+    activation = ActQuantConfig(bits=8, grid="restricted")
+    return replace(recipe, weight=weight, activation=activation, cmc=CMCConfig(rank_floor=32))
+
+
+def _masquant_w4(abits: int) -> Recipe:
+    """MAS with learned weight clipping, learned under CMC's constraint (each modality's own scale on the
+    rank's channels only), GPTQ, and that CMC."""
+    recipe = preset("mas", 4, abits)
+    learning = replace(recipe.learning, learn_clipping=True, own_channels_in_loop=True)
+    return replace(recipe, learning=learning, gptq=GPTQConfig(), cmc=_W4_CMC)
+
+
+#: named recipes. ``masquant-*`` learn per-modality scales; at 4 bits they also learn weight clipping,
+#: solve the weights with GPTQ and keep one stored weight plus CMC branches (each measured to help on
+#: the tri-modal model and SmolLM2; README "Measured"). ``masquant-w4a8-paper`` is the paper's method as
+#: the official code runs it (:func:`_paper_w4a8`), for reproduction.
+#: W8A8 and W4A8 run on torchao int8 kernels after ``lower()``; W4A6 and W4A16 are reference numerics.
+PRESETS: dict[str, Recipe] = {
+    "rtn-w8a8": preset("rtn", 8, 8),
+    "smoothquant-w8a8": preset("smoothquant", 8, 8),
+    "smoothquant-w4a8": preset("smoothquant", 4, 8),
+    "smoothquant-w4a8-gptq": replace(preset("smoothquant", 4, 8), gptq=GPTQConfig()),
+    "masquant-w8a8": preset("mas", 8, 8),
+    "masquant-w4a8": _masquant_w4(8),
+    "masquant-w4a6": _masquant_w4(6),
+    "masquant-w4a16": _masquant_w4(16),
+    "masquant-w4a8-paper": _paper_w4a8(),
+}
+RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike) -> Recipe:
+    """A :class:`Recipe`, a preset name, or a JSON/YAML file of :meth:`Recipe.to_dict` fields (missing ones default)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if str(recipe) in PRESETS:
+        return PRESETS[str(recipe)]
+    path = Path(recipe)
+    if path.suffix.lower() not in RECIPE_SUFFIXES:
+        raise InputError(
+            f"unknown recipe {str(recipe)!r}: use one of {', '.join(PRESETS)} or a .json/.yaml file of Recipe fields "
+            "(Recipe.to_dict(); missing fields take their defaults)"
+        )
+    if not path.is_file():
+        raise MissingFileError(f"recipe file {path} does not exist: check the path, or use a preset ({', '.join(PRESETS)})")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(f"{path}: invalid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    return Recipe.from_dict(data)

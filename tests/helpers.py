@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import fx, nn
 
-from masq_fx.calibration.calibrate import observe
-from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.api import Calibrated, calibrate
+from masq_fx.capture import CapturedDecoder
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models import DecoderInputs
 from masq_fx.models.tiny import tiny_model
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
@@ -67,26 +66,34 @@ def record_quant_linear_calls(gm: fx.GraphModule, inputs) -> dict[str, tuple[tor
 
 @dataclass
 class CalibratedTiny:
-    """A tiny model, its pristine capture, one calibrated batch and the float logits."""
+    """A tiny model calibrated once on its example batch (second moments of every modality), and the float logits."""
 
     model: nn.Module
-    captured: CapturedDecoder  # pristine: tests transform deep copies
-    inputs: DecoderInputs
-    stats: dict
+    calibrated: Calibrated
     fp: torch.Tensor
 
+    @property
+    def captured(self) -> CapturedDecoder:
+        """The pristine float capture (tests transform copies)."""
+        return self.calibrated.captured
+
+    @property
+    def inputs(self) -> DecoderInputs:
+        return self.calibrated.samples[0]
+
+    @property
+    def stats(self) -> dict:
+        return self.calibrated.stats
+
     def transformed(self, recipe: Recipe, extra: tuple = ()) -> Context:
-        """A deep copy of the capture, transformed by ``recipe`` (then ``extra`` steps)."""
-        context = Context(copy.deepcopy(self.captured), [self.inputs], stats=self.stats, provided={"stats"})
-        return Pipeline([*recipe_steps(recipe, progress=False), *extra]).run(context, progress=False)
+        """A copy of the capture, transformed by ``recipe`` (then ``extra`` steps)."""
+        return Pipeline([*recipe_steps(recipe, progress=False), *extra]).run(self.calibrated.context(), progress=False)
 
 
 def calibrated_tiny(family: str) -> CalibratedTiny:
-    """:class:`CalibratedTiny` of ``family`` with statistics (second moments included) of its example batch."""
+    """:class:`CalibratedTiny` of ``family``."""
     tiny = tiny_model(family, seed=0, batch_size=2)
-    inputs = adapter_for(tiny.model).decoder_inputs(tiny.batch)
-    captured = capture(tiny.model)
-    stats = observe(Context(captured, [inputs]), moment_modalities=tuple(Modality), progress=False).stats
+    calibrated = calibrate(tiny.model, [tiny.batch], progress=False, moment_modalities=tuple(Modality))
     with torch.no_grad():
-        fp = captured(inputs)
-    return CalibratedTiny(tiny.model, captured, inputs, stats, fp)
+        fp = calibrated.captured(calibrated.samples[0])
+    return CalibratedTiny(tiny.model, calibrated, fp)

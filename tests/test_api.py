@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from masq_fx import PRESETS, QuantizedModel, load, quantize
-from masq_fx.api import resolve_recipe
+from masq_fx import PRESETS, QuantizedModel, apply, calibrate, load, quantize
+from masq_fx.errors import InputError, MissingFileError
 from masq_fx.models.tiny import tiny_model
-from masq_fx.recipes import Recipe, preset
+from masq_fx.recipes import RECIPE_VERSION, Recipe, preset, resolve_recipe
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,51 @@ def test_excluded_modules_stay_float_and_survive_save_and_load(omni, tmp_path, o
     loaded = load(tmp_path / "partial", model)
     assert loaded.recipe.modules == recipe.modules
     assert torch.equal(loaded.logits(batch), qm.logits(batch))
+
+
+def test_calibrate_once_apply_many_equals_quantize(omni, quantized, one_thread):
+    model, batch = omni
+    calibrated = calibrate(model, [batch], recipes=["masquant-w4a8", "smoothquant-w4a8-gptq"], progress=False)
+    inputs = calibrated.samples[0]
+    with torch.no_grad():
+        fp = calibrated.captured(inputs)
+    first = apply(calibrated, "masquant-w4a8", progress=False)
+    apply(calibrated, "smoothquant-w4a8-gptq", progress=False)
+    again = apply(calibrated, "masquant-w4a8", progress=False)
+    with torch.no_grad():
+        assert torch.equal(calibrated.captured(inputs), fp)  # the float graph is left as it was
+        assert torch.equal(first.logits(batch), quantized.logits(batch))  # same as the one-call path
+        assert torch.equal(again.logits(batch), first.logits(batch))
+    assert first.decoder.graph_module is not calibrated.captured.graph_module
+
+
+def test_apply_refuses_a_recipe_the_statistics_do_not_cover(omni):
+    model, batch = omni
+    calibrated = calibrate(model, [batch], recipes=["rtn-w8a8"], progress=False)
+    with pytest.raises(InputError, match=r"second moments of .*calibrate\(\.\.\., recipes="):
+        apply(calibrated, "masquant-w4a8", progress=False)
+
+
+def test_recipes_are_versioned_and_files_are_checked(tmp_path):
+    data = PRESETS["masquant-w4a8"].to_dict()
+    assert data["version"] == RECIPE_VERSION and Recipe.from_dict(data) == PRESETS["masquant-w4a8"]
+    with pytest.raises(InputError, match="upgrade masq_fx"):
+        Recipe.from_dict({**data, "version": RECIPE_VERSION + 1})
+    with pytest.raises(MissingFileError, match="does not exist"):
+        resolve_recipe(tmp_path / "absent.yaml")
+    upper = tmp_path / "recipe.YAML"
+    upper.write_text("method: rtn\n")
+    assert resolve_recipe(upper).method == "rtn"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: [rtn\nweight: {bits: 4}\n")
+    with pytest.raises(InputError, match=r"invalid YAML at line \d+, column \d+"):
+        resolve_recipe(broken)
+
+
+def test_the_package_exports_resolve_lazily():
+    import masq_fx
+
+    assert set(masq_fx.__all__) == set(masq_fx._HOME_OF)
+    assert all(getattr(masq_fx, name) is not None for name in masq_fx.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        masq_fx.nothing  # noqa: B018

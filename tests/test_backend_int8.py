@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 
-from masq_fx.backends import Int8QuantLinear, LowerToTorchao, compile_graph, lower_to_torchao, unsupported_reason
+from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao, unsupported_reason
 from masq_fx.backends.torchao_int8 import _INT8_ACT
 from masq_fx.calibration.calibrate import observe
 from masq_fx.capture.decoder import capture
@@ -118,7 +118,7 @@ def test_lowered_weights_are_the_reference_codes(config):
     scales = torch.rand(3, 32, generator=gen) + 0.25
     module = QuantLinear(weight, None, "lin")
     module.set_scales(scales, torch.tensor([0, 1, 2]))
-    module.weight_quant, module.act_quant = config, ActQuantConfig()
+    module.set_quantizers(weight=config, activation=ActQuantConfig())
     lowered = Int8QuantLinear.from_quant_linear(module)
     for row, int8 in enumerate(lowered.weights):
         ours = quantize_weight(weight * scales[row], config)
@@ -147,8 +147,11 @@ def test_lowered_linear_matches_the_reference_to_float_rounding(seed, rows, rout
     ids = torch.randint(0, NUM_MODALITIES, (2, 11), generator=gen)
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(torch.exp(torch.randn(rows, 48, generator=gen)), torch.tensor([r % rows for r in routing]))
-    module.weight_quant, module.act_quant = WeightQuantConfig(), ActQuantConfig()
-    module.divide_input, module.weight_rows, module.branch_input = divide_input, weight_rows, branch_input
+    module.set_quantizers(weight=WeightQuantConfig(), activation=ActQuantConfig())
+    if not divide_input:
+        module.divide_upstream()
+    if weight_rows == "text":  # the branch input matters only with branches, which read it
+        module.use_text_weight(branch_input)
     if weight_rows == "text":
         for row in range(1, rows):
             module.set_branch(row, torch.randn(48, 4, generator=gen) * 0.1, torch.randn(4, 40, generator=gen))
@@ -194,9 +197,8 @@ def test_w4a8_codes_run_on_the_int8_kernel(omni, cmc):
 def test_gptq_solved_weights_lower_within_two_ulp(omni):
     context = omni.transformed(replace(preset("mas-init", 8, 8), gptq=GPTQConfig()))
     reference = {m.name: m for m in quant_linears(context.graph_module)}
-    step = LowerToTorchao()
-    Pipeline([step]).run(context, progress=False)
-    assert len(step.report.lowered) == 14
+    report = lower_to_torchao(context.captured)
+    assert len(report.lowered) == 14
     for name, module in _int8_modules(context.graph_module).items():
         for row, int8 in enumerate(module.weights):
             target = reference[name].quantized_weight(row)
@@ -229,16 +231,16 @@ def test_report_lists_unlowered_modules_with_reasons(omni):
 def test_unsupported_settings_are_named():
     module = QuantLinear(torch.randn(4, 8), None, "lin")
     assert unsupported_reason(module) == "no weight quantizer"
-    module.weight_quant = WeightQuantConfig()
+    module.set_quantizers(weight=WeightQuantConfig())
     assert "weight-only" in unsupported_reason(module)
-    module.act_quant = ActQuantConfig(grid="restricted")
+    module.set_quantizers(activation=ActQuantConfig(grid="restricted"))
     assert "restricted" in unsupported_reason(module)
-    module.act_quant = ActQuantConfig()
+    module.set_quantizers(activation=ActQuantConfig())
     assert unsupported_reason(module) is None
-    module.quantizers_enabled = False
-    assert "disabled" in unsupported_reason(module)
-    with pytest.raises(ValueError, match="cannot be lowered"):
-        Int8QuantLinear.from_quant_linear(module)
+    with module.quantizers_off():
+        assert "disabled" in unsupported_reason(module)
+        with pytest.raises(ValueError, match="cannot be lowered"):
+            Int8QuantLinear.from_quant_linear(module)
 
 
 def test_a_graph_without_quant_linears_is_an_error(llama):

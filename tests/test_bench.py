@@ -91,8 +91,9 @@ def test_cli_bench_loads_the_checkpoint_and_prints_the_table(checkpoint, monkeyp
 
 
 def test_cli_bench_refuses_bad_options_and_documents_them(tmp_path, capsys):
-    assert main(["bench", str(tmp_path), "--model", TINY, "--runs", "0"]) == 1
-    assert "BenchConfig.runs must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused by the parser, before anything loads
+        main(["bench", str(tmp_path), "--model", TINY, "--runs", "0"])
+    assert refused.value.code == 2 and "--runs: must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -8,6 +8,7 @@ on the logits, and identical bytes when the loaded graph is saved again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pickle
 import shutil
@@ -39,13 +40,14 @@ from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import TINY_TOKENS, tiny_model
 from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.nn.routing import ModalityScale
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig
 from masq_fx.recipes import MASLearningConfig, Recipe, preset, recipe_steps
+from masq_fx.replay import LinearRecord
 from masq_fx.transforms import SmoothingConfig, quant_linears
 from masq_fx.transforms.cmc import CMCConfig
 from masq_fx.transforms.gptq import GPTQConfig
-from masq_fx.transforms.smoothing import ModalityScale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,23 +218,26 @@ def test_quant_linear_state_round_trips_through_the_file_format(
     weight, bias = torch.randn(12, 24, generator=gen), torch.randn(12, generator=gen)
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(torch.rand(rows, 24, generator=gen) + 0.1, torch.tensor([0, min(1, rows - 1), rows - 1]))
-    module.weight_quant = WeightQuantConfig(
-        bits=bits, symmetric=grid != "asymmetric", grid="full" if grid == "asymmetric" else grid,
-        group_size=group, clip_search=clip_search, clip_steps=4,
+    module.set_quantizers(
+        weight=WeightQuantConfig(
+            bits=bits, symmetric=grid != "asymmetric", grid="full" if grid == "asymmetric" else grid,
+            group_size=group, clip_search=clip_search, clip_steps=4,
+        ),
+        activation=ActQuantConfig(granularity="per_tensor" if static else "per_token"),
+        static_scale=0.03 if static else None,
     )  # fmt: skip
-    module.act_quant = ActQuantConfig(granularity="per_tensor" if static else "per_token")
-    module.act_static_scale = torch.tensor(0.03) if static else None
-    module.divide_input = divide_input
+    if not divide_input:
+        module.divide_upstream()
     if compensated:
-        module.weight_rows = "text"
+        module.use_text_weight()
         for row in range(1, rows):
             module.set_branch(row, torch.randn(24, 3, generator=gen), torch.randn(3, 12, generator=gen) * 0.1)
-    module.freeze()
     tensors: dict[str, torch.Tensor] = {}
-    record = json.loads(json.dumps(checkpoint._linear(module, checkpoint._Tables(tensors), tensors)))
+    stored = checkpoint._store_linear("lin", LinearRecord.of(module), checkpoint._Tables(tensors), tensors, (12, 24))
+    record = json.loads(json.dumps(stored))
     tensors = safetensors.torch.load(safetensors.torch.save(tensors))
-    fresh = QuantLinear(weight, bias, "lin")
-    checkpoint._apply_linear(fresh, record, checkpoint._scale_tables(tensors), tensors)
+    fresh = checkpoint._read_linear("lin", record, checkpoint._scale_tables(tensors), tensors).build(weight, bias, "lin")
+    assert fresh.state == module.state
     x, ids = torch.randn(2, 5, 24, generator=gen), torch.randint(0, len(Modality), (2, 5), generator=gen)
     with torch.no_grad():
         assert torch.equal(fresh(x, ids), module(x, ids))
@@ -367,8 +372,47 @@ def test_load_refuses_a_newer_format_version(omni, copied):
     manifest = json.loads(path.read_text())
     manifest["format_version"] = checkpoint.FORMAT_VERSION + 1
     path.write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="format version 2, newer than .*upgrade masq_fx"):
+    with pytest.raises(CheckpointError, match=f"format version {checkpoint.FORMAT_VERSION + 1}, newer than .*upgrade masq_fx"):
         load(copied, omni.model)
+
+
+def as_format_v1(directory: Path, *, quantizers_enabled: bool = True) -> None:
+    """Rewrite a saved checkpoint as format version 1 (with the fields early v1 writers left out dropped):
+    each linear's flags and configs at its record's top level, its static scale as a tensor."""
+    path = directory / checkpoint.MANIFEST
+    manifest = json.loads(path.read_text())
+    tensors = safetensors.torch.load_file(directory / checkpoint.TENSORS)
+    for name, record in manifest["graph"]["linears"].items():
+        state = record.pop("state")
+        static = state.pop("act_static_scale")
+        if static is not None:
+            tensors[f"linear/{name}/act_static_scale"] = torch.tensor(static, dtype=torch.float32)
+        record.update(state, quantizers_enabled=quantizers_enabled)
+        assert record.pop("branch_bits") is None  # float factors: what a v1 record without the field means
+    del manifest["calibration"]["sample_sha256"], manifest["model"]["dtype"]
+    data = safetensors.torch.save(tensors)
+    (directory / checkpoint.TENSORS).write_bytes(data)
+    manifest["tensors"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["format_version"] = 1
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("name", ["rtn-w4a8-asymmetric-g16-static", "mas-cmc-w4a8", "smoothquant-routed-w8a8"])
+def test_format_version_1_is_migrated(omni, round_trip, tmp_path, name):
+    trip = round_trip(name)
+    old = Path(shutil.copytree(trip.directory, tmp_path / "v1"))
+    as_format_v1(old)
+    manifest = read_manifest(old)
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION and manifest["calibration"]["sample_sha256"] == []
+    assert manifest["graph"] == read_manifest(trip.directory)["graph"]
+    _assert_same_outputs(trip.context.captured, load(old, omni.model), omni.probes())
+
+
+def test_format_version_1_with_quantizers_off_is_refused(omni, round_trip, tmp_path):
+    old = Path(shutil.copytree(round_trip("rtn-w8a8").directory, tmp_path / "v1"))
+    as_format_v1(old, quantizers_enabled=False)
+    with pytest.raises(CheckpointError, match="format version 1.* quantizers of .* off.*quantize the model again"):
+        load(old, omni.model)
 
 
 def test_load_never_unpickles(omni, copied, monkeypatch):

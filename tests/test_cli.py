@@ -123,3 +123,29 @@ def test_calibration_file_options_are_checked(tmp_path, capsys):
     assert "cannot read sample files" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "x"), "--model", TINY, "--data", str(tmp_path / "c.jsonl")]) == 1
     assert "has an 'answer': exact match needs" in capsys.readouterr().err
+
+
+def test_compare_captures_and_calibrates_once(tmp_path, capsys, monkeypatch, one_thread):
+    import torch
+
+    from masq_fx.calibration.calibrate import Calibrate
+
+    counts = {"export": 0, "calibrate": 0}
+    export, run = torch.export.export, Calibrate.__call__
+
+    def counted_export(*args, **kwargs):
+        counts["export"] += 1
+        return export(*args, **kwargs)
+
+    def counted_calibrate(self, gm, context):
+        counts["calibrate"] += 1
+        return run(self, gm, context)
+
+    monkeypatch.setattr(torch.export, "export", counted_export)
+    monkeypatch.setattr(Calibrate, "__call__", counted_calibrate)
+    out = tmp_path / "cmp"
+    argv = ["quantize", TINY, "--recipe", "masquant-w4a8", "--compare", "smoothquant-w4a8-gptq", "rtn-w8a8", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out.strip().splitlines()[-5:-1]
+    assert [row.split()[0] for row in table] == ["FP32", "masquant-w4a8", "smoothquant-w4a8-gptq", "rtn-w8a8"]
+    assert counts == {"export": 1, "calibrate": 1}

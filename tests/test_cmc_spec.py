@@ -96,8 +96,7 @@ def compensated_linear(weight, bias, scales, wq, x, ids, config):
     """A 3-row QuantLinear in its own graph, observed on (x, ids), after the CMC transform."""
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(scales, torch.tensor([0, 1, 2]))
-    module.weight_quant = wq
-    module.act_quant = ActQuantConfig(bits=8)
+    module.set_quantizers(weight=wq, activation=ActQuantConfig(bits=8))
     stats = ModalityStats.empty(weight.shape[1], (VISION, AUDIO))
     stats.update(x, ids)
     gm = graph_of(module)

@@ -72,7 +72,7 @@ def test_quant_linear_clip_table_feeds_its_weights_and_codes():
     linear = QuantLinear(torch.randn(6, 16, generator=gen), None, "lin")
     with pytest.raises(ValueError, match="no weight quantizer"):
         linear.learn_clipping()
-    linear.weight_quant = WeightQuantConfig(bits=4, group_size=8)
+    linear.set_quantizers(weight=WeightQuantConfig(bits=4, group_size=8))
     linear.set_scales(torch.rand(3, 16, generator=gen) + 0.5, torch.tensor([0, 1, 2]))
     ratios = linear.learn_clipping()
     assert ratios.shape == (3, 6, 2) and bool((ratios == 1).all()) and linear.learn_clipping() is ratios  # reused

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from masq_fx.api import PRESETS, calibration_inputs
+from masq_fx.api import calibration_inputs
 from masq_fx.calibration.calibrate import observe
 from masq_fx.capture.decoder import capture
 from masq_fx.memory import (
@@ -16,6 +16,7 @@ from masq_fx.memory import (
 )
 from masq_fx.models.tiny import tiny_model
 from masq_fx.pipeline import Context
+from masq_fx.recipes import PRESETS
 
 GIB = 1024**3
 
@@ -54,7 +55,8 @@ def test_too_little_memory_is_refused_with_what_to_lower(omni):
     message = str(error.value)
     assert f"need about {estimate.total / GIB:.2f} GiB" in message and "is available" in message
     assert "decoder inputs of 1 batches" in message and "float64 second moments of text, vision, audio at 8 sites" in message
-    assert "lower --calib-samples, --calib-tokens or --seq-len" in message and "without CMC/GPTQ" in message
+    assert "fewer or shorter calibration samples" in message and "without CMC/GPTQ" in message
+    assert "--calib" not in message  # the library names no command-line flag; the CLI adds them
     plain = estimate_calibration_memory(model, captured, PRESETS["rtn-w8a8"], [batch])
     with pytest.raises(CalibrationMemoryError) as error:
         require_memory(plain, 0)

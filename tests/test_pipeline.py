@@ -47,6 +47,35 @@ def test_validation_names_a_missing_capability():
         Pipeline([Step("quantize", requires=("scales",))]).validate()
 
 
+def test_an_order_that_discards_an_earlier_result_is_refused_before_running():
+    from masq_fx.pipeline import Capability
+    from masq_fx.recipes import PRESETS, recipe_steps
+    from masq_fx.transforms.cmc import ProjectScales
+
+    steps = recipe_steps(PRESETS["masquant-w4a8"], progress=False)
+    names = [step.name for step in steps]
+    assert names.index("project_scales") < names.index("gptq")
+    calibrated = ("graph", "calibration_data", "stats")
+    Pipeline(steps).validate(calibrated)
+    late = [s for s in steps if not isinstance(s, ProjectScales)] + [ProjectScales(PRESETS["masquant-w4a8"].cmc)]
+    with pytest.raises(PipelineError, match="invalidates 'solved_weights'.*move 'project_scales' before 'gptq'"):
+        Pipeline(late).validate(calibrated)
+    # re-providing the invalidated result later is a valid order
+    calls: list[str] = []
+    redo = [Step("solve", provides=(Capability.SOLVED_WEIGHTS,), calls=calls), Step("rescale", calls=calls), Step("solve", provides=(Capability.SOLVED_WEIGHTS,), calls=calls)]
+    redo[1].invalidates = (Capability.SOLVED_WEIGHTS,)
+    Pipeline(redo).validate()
+
+
+def test_consumed_capabilities_leave_the_context():
+    from masq_fx.pipeline import Capability
+
+    consume = Step("use", requires=(Capability.OBSERVERS,))
+    consume.consumes = (Capability.OBSERVERS,)
+    with pytest.raises(PipelineError, match="requires 'observers'"):
+        Pipeline([Step("add", provides=(Capability.OBSERVERS,)), consume, Step("again", requires=(Capability.OBSERVERS,))]).validate()
+
+
 def test_non_transform_is_rejected():
     with pytest.raises(TypeError, match="is not a transform"):
         Pipeline([lambda gm, ctx: gm])

@@ -18,7 +18,7 @@ from helpers import CalibratedTiny, calibrated_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masq_fx.backends import Int8QuantLinear, LowerToTorchao, compile_graph, lower_to_torchao
+from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao
 from masq_fx.capture.positions import POSITION_INPUTS, POSITION_MODALITIES, position_placeholders, token_positions, with_positions
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear
@@ -75,8 +75,8 @@ def test_indexed_branches_equal_masked_branches(seed, rows, text_row, rank, bits
     text_row %= rows
     routing = torch.tensor([text_row, *torch.randint(0, rows, (NUM_MODALITIES - 1,), generator=gen).tolist()])
     module.set_scales(torch.exp(torch.randn(rows, 48, generator=gen)), routing)
-    module.weight_quant, module.act_quant, module.weight_rows = WeightQuantConfig(), ActQuantConfig(), "text"
-    module.branch_input = branch_input if bits is None else "smoothed"
+    module.set_quantizers(weight=WeightQuantConfig(), activation=ActQuantConfig())
+    module.use_text_weight(branch_input if bits is None else "smoothed")
     for row in range(rows):
         if row != text_row:
             module.set_branch(row, torch.randn(48, rank, generator=gen) * 0.1, torch.randn(rank, 40, generator=gen), bits=bits)
@@ -98,7 +98,8 @@ def test_a_branch_on_texts_row_keeps_the_masked_layout():
     gen = torch.Generator().manual_seed(0)
     module = QuantLinear(torch.randn(8, 6, generator=gen), None, "lin")
     module.set_scales(torch.ones(2, 6), torch.tensor([1, 1, 0]))
-    module.weight_quant, module.act_quant, module.weight_rows = WeightQuantConfig(), ActQuantConfig(), "text"
+    module.set_quantizers(weight=WeightQuantConfig(), activation=ActQuantConfig())
+    module.use_text_weight()
     module.set_branch(1, torch.randn(6, 2, generator=gen), torch.randn(2, 8, generator=gen))
     lowered = Int8QuantLinear.from_quant_linear(module)
     assert not lowered.takes_positions
@@ -151,11 +152,10 @@ def test_compiled_indexed_graph_runs_media_and_text_only_prompts(omni):
     assert (out - eager).abs().max() <= 2e-2 * eager.abs().max()
 
 
-def test_pipeline_step_and_bad_layout(omni):
+def test_masked_layout_keeps_the_signature_and_bad_layouts_are_refused(omni):
     context = omni.transformed(FLOAT_CMC)
     gm = copy.deepcopy(context.captured.graph_module)
-    step = LowerToTorchao(branch_layout="masked")
-    step(gm, context)
-    assert step.report.lowered and not position_placeholders(gm)
+    report = lower_to_torchao(gm, branch_layout="masked")
+    assert report.lowered and not position_placeholders(gm)
     with pytest.raises(ValueError, match="'indexed' or 'masked'"):
         lower_to_torchao(copy.deepcopy(context.captured), branch_layout="gathered")

@@ -9,7 +9,9 @@ under test, from the observed statistics, the float weights and :mod:`masq_fx.qu
 from __future__ import annotations
 
 import copy
+import json
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import pytest
@@ -25,7 +27,8 @@ from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
-from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, quantizers_off
+from masq_fx.nn.routing import ModalityScale
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.quantizers import (
     ActQuantConfig,
@@ -43,7 +46,7 @@ from masq_fx.transforms import (
     quant_linears,
 )
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig, modality_weighted_mae
-from masq_fx.transforms.smoothing import ModalityScale, smoothquant_scales
+from masq_fx.transforms.smoothing import smoothquant_scales
 
 TEXT, VISION, AUDIO = Modality.TEXT, Modality.VISION, Modality.AUDIO
 W4 = WeightQuantConfig(bits=4)
@@ -131,11 +134,6 @@ def modules(context: Context) -> dict[str, QuantLinear]:
     return {m.name: m for m in quant_linears(context.graph_module)}
 
 
-def set_quantizers(context: Context, enabled: bool) -> None:
-    for module in quant_linears(context.graph_module):
-        module.quantizers_enabled = enabled
-
-
 def golden_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, floor: float = 1e-5) -> torch.Tensor:
     """SmoothQuant, written out in float64: clamp(a^α / w^(1-α), floor) with a, w clamped to floor first."""
     a = act_absmax.double().clamp_min(floor)
@@ -176,16 +174,16 @@ def test_quant_linear_with_any_positive_scales_and_no_quantizers_is_the_float_li
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(scales, route)
     if quantizers != "never_added":
-        module.weight_quant, module.act_quant = W4, ActQuantConfig(bits=4)
+        module.set_quantizers(weight=W4, activation=ActQuantConfig(bits=4))
         if quantizers == "disabled_frozen":
             module.freeze()
-        module.quantizers_enabled = False
     if upstream_divides:  # a router / folded norm already divided every token by its row
-        module.divide_input = False
+        module.divide_upstream()
         x_in = x / scales[route[ids]]
     else:
         x_in = x
-    y = module(x_in, ids)
+    with nullcontext() if quantizers == "never_added" else module.quantizers_off():
+        y = module(x_in, ids)
     expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     # float32 rounding bound of a dot product, relative to Σ|x||W|: rtol 1e-5 in the right norm
     bound = 1e-5 * (x.abs().double() @ weight.abs().double().T) + 1e-6
@@ -228,8 +226,8 @@ def test_smoothed_graph_without_quantizers_gives_the_float_logits(omni, config):
     Pipeline([QuantizeWeights(W4), QuantizeActivations(A8)]).run(context, progress=False)
     quantized = logits(context, omni.inputs)
     assert (quantized - omni.reference).abs().max() > 1e-3, "the W4A8 graph should differ from the float one"
-    set_quantizers(context, False)
-    torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
+    with quantizers_off(context.graph_module):
+        torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- 2. routed == masked sum
@@ -251,7 +249,7 @@ def test_routed_quant_linear_equals_the_masked_sum_of_per_modality_gemms(seed, r
     static = calibrate_static_scale((x / scales[route[ids]]).abs().max() * 0.8, aq) if granularity == "per_tensor" else None
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(scales, route)
-    module.weight_quant, module.act_quant, module.act_static_scale = wq, aq, static
+    module.set_quantizers(weight=wq, activation=aq, static_scale=static)
     if frozen:
         module.freeze()
     y = module(x, ids)
@@ -289,10 +287,44 @@ def test_unit_scales_with_quantizers_are_exactly_rtn(seed, rows, wbits, symmetri
     rtn, smooth = QuantLinear(weight, bias, "rtn"), QuantLinear(weight, bias, "ones")
     smooth.set_scales(torch.ones(rows, weight.shape[1]), torch.arange(NUM_MODALITIES) % rows)
     for module in (rtn, smooth):
-        module.weight_quant, module.act_quant, module.act_static_scale = wq, aq, static
+        module.set_quantizers(weight=wq, activation=aq, static_scale=static)
     assert torch.equal(smooth(x, ids), rtn(x, ids))
     smooth.freeze()
     assert torch.equal(smooth(x, ids), rtn(x, ids))
+
+
+def test_quant_linear_state_changes_only_through_methods_that_keep_the_cache_right():
+    weight, bias, x, ids, scales = linear_case(5, 3)
+    aq = ActQuantConfig(granularity="per_tensor")
+
+    def fresh(table: torch.Tensor) -> QuantLinear:
+        module = QuantLinear(weight, bias, "fresh")
+        module.set_scales(table, torch.tensor([0, 1, 2]))
+        module.set_quantizers(weight=W4, activation=aq, static_scale=0.05)
+        return module
+
+    module = fresh(scales)
+    y = module(x, ids)
+    assert module.cached_weights is not None and torch.equal(y, fresh(scales)(x, ids))
+    with pytest.raises(AttributeError):
+        module.weight_quant = None
+    with pytest.raises(ValueError, match="act_static_scale is needed exactly with per-tensor activations"):
+        module.set_quantizers(static_scale=None)
+    with torch.no_grad():  # an in-place update (an optimizer step, CMC's projection) rebuilds the cache
+        module.scales.mul_(1.5)
+    assert torch.equal(module(x, ids), fresh(module.scales.detach().clone())(x, ids))
+    assert not torch.equal(module(x, ids), y)
+    with module.quantizers_off():
+        assert module.cached_weights is None and not module.quantizers_enabled
+        module.freeze()  # the cache always holds the quantized weights
+    assert module.quantizers_enabled and torch.equal(module(x, ids), fresh(module.scales.detach().clone())(x, ids))
+    module.set_quantizers(weight=WeightQuantConfig(bits=8))  # a new quantizer: the cache follows
+    other = fresh(module.scales.detach().clone())
+    other.set_quantizers(weight=WeightQuantConfig(bits=8))
+    assert torch.equal(module(x, ids), other(x, ids))
+    module.use_text_weight()
+    assert module.cached_weights.shape[0] == 1 and module.state.weight_rows == "text"
+    assert QuantLinearState.from_dict(json.loads(json.dumps(module.state.to_dict()))) == module.state
 
 
 def test_text_weight_without_compensation_computes_x_diag_st_over_sm_w():
@@ -300,10 +332,11 @@ def test_text_weight_without_compensation_computes_x_diag_st_over_sm_w():
     weight, bias, x, ids, scales = linear_case(3, 3)
     module = QuantLinear(weight, bias, "lin")
     module.set_scales(scales, torch.tensor([0, 1, 2]))
-    module.weight_rows = "text"  # no quantizers installed: the text weight is W·diag(s_t) exactly
+    module.use_text_weight()  # no quantizers installed: the text weight is W·diag(s_t) exactly
     y = module(x, ids)
-    module.quantizers_enabled = False  # off means the smoothed float linear, whatever weight_rows says
-    torch.testing.assert_close(module(x, ids).double(), x.double() @ weight.double().T + bias.double(), rtol=1e-5, atol=1e-5)
+    with module.quantizers_off():  # off means the smoothed float linear, whatever weight_rows says
+        off = module(x, ids)
+    torch.testing.assert_close(off.double(), x.double() @ weight.double().T + bias.double(), rtol=1e-5, atol=1e-5)
     ratio = scales[0] / scales[ids]  # [2, 7, in]
     expected = torch.einsum("bti,oi->bto", x.double() * ratio.double(), weight.double()) + bias.double()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -434,7 +467,6 @@ def test_installed_scales_match_smoothquant_from_observed_stats(omni, alpha, var
         torch.testing.assert_close(module.scales.detach().double(), expected, rtol=1e-5, atol=0)
         expected_rows = torch.arange(3) if per_modality else torch.zeros(3, dtype=torch.long)
         assert torch.equal(module.row_of_modality, expected_rows)
-        assert torch.equal(context.results[name]["smooth_scales"], module.scales.detach())
         checked += 1
     assert checked == 12  # 2 layers × (q, k, v, o, gate, up)
     if variant == "tied":  # q/k/v share one table object, gate/up another
@@ -502,7 +534,6 @@ def test_mas_learning_reduces_the_loss_keeps_scales_positive_and_resumes(omni, t
     # scales moved, and stayed at or above min_scale
     assert any(not torch.equal(init_scales[n], learned_scales[n]) for n in init_scales)
     assert all(bool((s >= config.min_scale).all()) for s in learned_scales.values())
-    assert all(torch.equal(context.results[n]["smooth_scales"], s) for n, s in learned_scales.items())
     # the whole model is closer to the float one than MAS-init, in the learning's own metric
     valid = omni.inputs.attention_mask.bool()
     ids = omni.inputs.modality_ids
@@ -525,8 +556,8 @@ def test_mas_learning_reduces_the_loss_keeps_scales_positive_and_resumes(omni, t
     assert torch.equal(logits(again, omni.inputs), learned_logits)
     assert all(torch.equal(s, _scale_tables(again)[n]) for n, s in learned_scales.items())
     # learned scales keep the smoothing exact (the routers share the tables), HF weights untouched
-    set_quantizers(again, False)
-    torch.testing.assert_close(logits(again, omni.inputs), omni.reference, rtol=0, atol=1e-4)
+    with quantizers_off(again.graph_module):
+        torch.testing.assert_close(logits(again, omni.inputs), omni.reference, rtol=0, atol=1e-4)
     assert all(torch.equal(v, hf_state[k]) for k, v in omni.model.state_dict().items())
 
 
@@ -579,8 +610,8 @@ def test_mas_learning_clamps_to_min_scale_and_leaves_folded_scales_fixed(omni, m
             assert (learned[name] >= floor).all() and not torch.equal(learned[name], init[name])
         else:  # folded into the norm: fixed
             assert torch.equal(learned[name], init[name])
-    set_quantizers(context, False)
-    torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
+    with quantizers_off(context.graph_module):
+        torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- 9. modality-weighted MAE
@@ -651,18 +682,17 @@ def test_static_per_tensor_activation_scale_is_the_smoothed_calibration_absmax(o
         )
         for m in mods.values()
     ]
-    set_quantizers(context, False)
     try:
-        logits(context, omni.inputs)
+        with quantizers_off(context.graph_module):
+            logits(context, omni.inputs)
     finally:
         for h in hooks:
             h.remove()
-        set_quantizers(context, True)
 
     for name, module in mods.items():
-        assert module.act_static_scale is not None and module.act_static_scale.dim() == 0
-        assert torch.equal(module.act_static_scale, calibrate_static_scale(smoothed_absmax(context, module), aq)), name
-        torch.testing.assert_close(module.act_static_scale, calibrate_static_scale(seen[name], aq), rtol=1e-5, atol=0)
+        assert isinstance(module.act_static_scale, float)
+        assert module.act_static_scale == float(calibrate_static_scale(smoothed_absmax(context, module), aq)), name
+        torch.testing.assert_close(torch.tensor(module.act_static_scale), calibrate_static_scale(seen[name], aq), rtol=1e-5, atol=0)
 
     out = logits(context, omni.inputs)
     assert torch.isfinite(out).all() and (out - omni.reference).abs().max() > 1e-3
@@ -681,4 +711,4 @@ def test_static_activation_scales_follow_the_learned_smoothing_scales(omni):
     context = smoothed(omni, PER_LINEAR, W4, aq)
     Pipeline([LearnMAS(MASLearningConfig(epochs=1), progress=False)]).run(context, progress=False)
     for module in quant_linears(context.graph_module):
-        assert torch.equal(module.act_static_scale, calibrate_static_scale(smoothed_absmax(context, module), aq)), module.name
+        assert module.act_static_scale == float(calibrate_static_scale(smoothed_absmax(context, module), aq)), module.name

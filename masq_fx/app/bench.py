@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from masq_fx.api import QuantizedModel
 from masq_fx.backends import CompiledGraph, Int8QuantLinear, LoweringReport, compile_graph
+from masq_fx.errors import InputError
 from masq_fx.generation import CachedDecoder, capture_cached, full_attention_mask
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter
@@ -62,7 +63,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name, least in (("prompt_tokens", 1), ("decode_slots", 1), ("warmup", 0), ("runs", 1), ("threads", 1)):
             if getattr(self, name) < least:
-                raise ValueError(f"BenchConfig.{name} must be at least {least}, got {getattr(self, name)}")
+                raise InputError(f"BenchConfig.{name} must be at least {least}, got {getattr(self, name)}")
 
     @property
     def cache_len(self) -> int:
@@ -210,10 +211,10 @@ def measure(graphs: Mapping[str, CachedDecoder], prompt: DecoderInputs, config: 
     """
     rows, tokens = prompt.attention_mask.shape
     if rows != 1 or tokens != config.prompt_tokens:
-        raise ValueError(f"the prompt must be one row of {config.prompt_tokens} tokens (BenchConfig.prompt_tokens), got {rows} x {tokens}")
+        raise InputError(f"the prompt must be one row of {config.prompt_tokens} tokens (BenchConfig.prompt_tokens), got {rows} x {tokens}")
     for name, graph in graphs.items():
         if graph.batch_size != 1 or graph.max_cache_len != config.cache_len:
-            raise ValueError(
+            raise InputError(
                 f"graph {name!r} holds {graph.batch_size} rows and {graph.max_cache_len} cache slots: "
                 f"capture it with capture_cached(model, batch_size=1, max_cache_len={config.cache_len})"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -10,9 +11,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-# torchao logs missing CUDA-only extension libraries at import; they are irrelevant on CPU
+# before torch and torchao are imported: torchao logs the CUDA-only extension libraries it cannot load
+# on a CPU machine, and torch's pytree warns that torchao registers enums the old way; neither matters here
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from masq_fx.errors import CalibrationMemoryError, InputError, MasqFxError, OutputExistsError  # noqa: E402
 
 DEFAULT_RECIPE = "masquant-w4a8"
 DEFAULT_COMPARE = ("smoothquant-w4a8-gptq",)  # the same weight solver as the default recipe
@@ -23,6 +27,21 @@ MODEL_HELP = (
     "'smollm2' (SmolLM2-135M-Instruct, text), 'tiny:FAMILY' (a tiny random model of a supported family) "
     "or a local folder holding an HF causal LM and its tokenizer"
 )
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _print_rows(rows: dict[str, dict[str, float]], as_json: bool) -> None:
+    print(json.dumps(rows, indent=2, sort_keys=False) if as_json else _table(rows))
 
 
 def _sizes(args: argparse.Namespace):
@@ -41,34 +60,40 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from masq_fx.api import quantize, resolve_recipe
+    from masq_fx.api import apply, calibrate
     from masq_fx.app.run_report import build as build_report
     from masq_fx.app.sources import load_source
-    from masq_fx.capture.decoder import capture
+    from masq_fx.recipes import resolve_recipe
 
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), calibration=args.calib)
     print(f"{source.title}\nrecipe {args.recipe} → {out}")
-    reference = capture(source.model)  # the float graph: the FP32 row and the report's SQNR reference
+    # one capture and one calibration, with the statistics every recipe needs; the float graph is the
+    # FP32 row and the report's SQNR reference
+    calibrated = calibrate(
+        source.model, source.calibration, recipes.values(), progress=not args.quiet, data_hashes=source.calibration_hashes
+    )
     rows: dict[str, dict[str, float]] = {}
     if not args.no_eval:
-        rows["FP32"] = source.evaluate(reference)
+        rows["FP32"] = source.evaluate(calibrated.captured)
     for name, recipe in recipes.items():
         start = time.perf_counter()
-        quantized = quantize(source.model, recipe, source.calibration, progress=not args.quiet, data_hashes=source.calibration_hashes)
+        quantized = apply(calibrated, recipe, progress=not args.quiet)
         print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
         if name == args.recipe:
             quantized.save(out, overwrite=args.overwrite)
             print(f"saved {out}")
             # built now, so the saved model need not stay in memory while the compared recipes run
-            report = build_report(quantized, title=f"{source.title}: {name}", samples=quantized.context.calibration[:REPORT_SAMPLES], reference=reference)
+            report = build_report(
+                quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
+            )
         if not args.no_eval:
             rows[name] = source.evaluate(quantized.decoder)
     if rows:
-        print(_table(rows))
+        _print_rows(rows, args.json)
     print(f"report {replace(report, metrics=rows).write(out)}")
     return 0
 
@@ -84,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
     print(source.title)
-    print(_table(rows))
+    _print_rows(rows, args.json)
     return 0
 
 
@@ -98,7 +123,7 @@ def _eval_data(args: argparse.Namespace) -> int:
 
     samples = [s for s in read_samples(args.data) if s.answer is not None]
     if not samples:
-        raise ValueError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
+        raise InputError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
     require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
     source = load_source(args.model, _sizes(args))
     quantized = load(args.directory, source.model)
@@ -108,13 +133,14 @@ def _eval_data(args: argparse.Namespace) -> int:
         for name, decoder in decoders.items()
     }
     print(f"{source.model.__class__.__name__} ({args.model}), {len(samples)} samples with answers from {args.data}")
-    print(_table(rows))
+    _print_rows(rows, args.json)
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     from masq_fx.api import load
     from masq_fx.app.sources import load_source
+    from masq_fx.eval.accuracy import reply_tokens
 
     source = load_source(args.model)
     batch = source.prompt(args.prompt, args.image, args.audio)
@@ -123,9 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(quantized.lower())
     tokens = quantized.generate(batch, max_new_tokens=args.max_new_tokens, stop_id=source.stop_id)
     for row in tokens.tolist():
-        if source.stop_id in row:
-            row = row[: row.index(source.stop_id)]
-        print(source.decode(row))
+        print(source.decode(reply_tokens(row, source.stop_id)))
     return 0
 
 
@@ -154,10 +178,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    from masq_fx.models import supported_families
+    from masq_fx.models.tiny import TINY_FAMILIES
+    from masq_fx.recipes import PRESETS
+
+    print("presets:")
+    for name, recipe in PRESETS.items():
+        print(f"  {name:<24}{recipe.label}")
+    print("families (a local HF folder of one of these): " + ", ".join(supported_families()))
+    print("models by name: default (built-in tri-modal thinker), smollm2 (SmolLM2-135M-Instruct), " + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
+    return 0
+
+
 def _data_options(parser: argparse.ArgumentParser, calib: int) -> None:
-    parser.add_argument("--calib-samples", type=int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
-    parser.add_argument("--eval-items", type=int, default=64, help="evaluation questions per modality ('default')")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per text calibration window")
+    parser.add_argument("--calib-samples", type=_positive_int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
+    parser.add_argument("--eval-items", type=_positive_int, default=64, help="evaluation questions per modality ('default')")
+    parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per text calibration window")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    listing = commands.add_parser("list", help="list the presets, supported families and models known by name", formatter_class=formatter)
+    listing.set_defaults(func=_list)
 
     quantize = commands.add_parser(
         "quantize",
@@ -186,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     quantize.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    quantize.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     _data_options(quantize, calib=32)
     quantize.add_argument(
         "--calib", type=Path, default=None, help="calibration samples: a JSONL file or a folder (default: the model's built-in calibration split)"
@@ -207,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, default=None, help="evaluate exact match per modality on this JSONL file's samples with an 'answer' instead"
     )
     _data_options(evaluate, calib=1)
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     evaluate.set_defaults(func=_eval)
 
     generate = commands.add_parser(
@@ -223,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", default=None, help="a text prompt")
     generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default'")
     generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
-    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at most")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate at most")
     generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels")
     generate.set_defaults(func=_generate)
 
@@ -238,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     inspect.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
-    inspect.add_argument("--top-k", type=int, default=4, help="outlier channels listed per site and modality")
+    inspect.add_argument("--top-k", type=_positive_int, default=4, help="outlier channels listed per site and modality")
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     _data_options(inspect, calib=8)
     inspect.set_defaults(func=_inspect)
@@ -255,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
     speed.add_argument("--model", default="default", help=MODEL_HELP)
-    speed.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prefill, and cache filled before the decoded token")
-    speed.add_argument("--runs", type=int, default=20, help="timed runs of each graph (the table shows medians)")
-    speed.add_argument("--threads", type=int, default=2, help="torch intra-op threads while compiling and timing")
+    speed.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prompt length of the prefill, and cache filled before the decoded token")
+    speed.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each graph (the table shows medians)")
+    speed.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads while compiling and timing")
     speed.add_argument("--quiet", action="store_true", help="no progress bars")
     speed.set_defaults(func=_bench)
     return parser
@@ -269,11 +310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # model loading's bars too
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+    except CalibrationMemoryError as error:
+        print(f"masq-fx {args.command}: error: {error} (lower --calib-samples, --calib-tokens or --seq-len)", file=sys.stderr)
+        return 1
+    except MasqFxError as error:
         print(f"masq-fx {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"masq-fx {args.command}: interrupted; nothing partial was written (checkpoints and reports are published atomically)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

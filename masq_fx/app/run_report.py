@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from masq_fx.api import QuantizedModel
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.errors import InputError
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
@@ -248,13 +249,13 @@ def build(
     """
     context = quantized.context
     if context is None:
-        raise ValueError(
+        raise InputError(
             "this model was loaded from a checkpoint and has no quantization context (stage times, CMC "
             "diagnostics): build the report from the QuantizedModel that quantize() returned"
         )
     samples = list(context.calibration if samples is None else samples)
     if not samples:
-        raise ValueError(
+        raise InputError(
             "no samples to measure the SQNR on: pass at least one DecoderInputs (e.g. qm.decoder_inputs(batch))"
         )
     reference = capture(quantized.model) if reference is None else reference

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from masq_fx.data.media import read_image, read_wav
 from masq_fx.data.samples import FileSample, Kind, Selection, balance, first_per_kind, read_samples, selection_of
 from masq_fx.data.text import token_windows
+from masq_fx.errors import InputError, MissingFileError
 from masq_fx.eval.accuracy import Accuracy, exact_match
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.eval.sqnr import sqnr_db
@@ -99,6 +100,7 @@ def _calibration(
 
 def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Sizes, calibration: Path | None) -> ModelSource:
     adapter = adapter_for(model)
+    adapter.check_length(sizes.seq_len, "--seq-len", "lower --seq-len")
     evaluation = token_windows(tokenizer, "evaluation", window=512, count=sizes.eval_windows)
 
     def windows() -> list[Batch]:
@@ -126,7 +128,7 @@ def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Size
 
 def _chat_prompt(tokenizer, text: str | None, image: Path | None, audio: Path | None) -> Batch:
     if image is not None or audio is not None or text is None:
-        raise ValueError("this is a text-only model: give --prompt TEXT and no --image/--audio")
+        raise InputError("this is a text-only model: give --prompt TEXT and no --image/--audio")
     chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     return dict(tokenizer(chat, return_tensors="pt"))
 
@@ -136,7 +138,7 @@ def _chat_batch(tokenizer, title: str, samples: Sequence[FileSample]) -> Batch:
     rows = []
     for sample in samples:
         if sample.kind != "text":
-            raise ValueError(f"{sample.where} is a {sample.kind} sample, but {title} is a text-only model: give it text samples only")
+            raise InputError(f"{sample.where} is a {sample.kind} sample, but {title} is a text-only model: give it text samples only")
         rows.append(_chat_prompt(tokenizer, sample.text, None, None)["input_ids"][0])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return _left_padded(rows, pad)
@@ -195,7 +197,7 @@ def _trimodal_source(sizes: Sizes, calibration: Path | None) -> ModelSource:
 def _trimodal_sample(processor, text: str | None, image: Path | None, audio: Path | None):
     given = [name for name, value in (("--prompt", text), ("--image", image), ("--audio", audio)) if value is not None]
     if len(given) != 1:
-        raise ValueError(f"the built-in model answers one input at a time: give exactly one of --prompt, --image, --audio (got {given or 'none'})")
+        raise InputError(f"the built-in model answers one input at a time: give exactly one of --prompt, --image, --audio (got {given or 'none'})")
     if image is not None:
         return processor.sample(image=read_image(image, processor.image.height, processor.image.width))
     if audio is not None:
@@ -207,7 +209,7 @@ def _trimodal_file_sample(processor, sample: FileSample):
     from masq_fx.builtin.trimodal.processing import QUESTIONS
 
     if sample.kind != "text" and sample.text not in (None, QUESTIONS[sample.kind]):
-        raise ValueError(
+        raise InputError(
             f"{sample.where}: the built-in model asks {QUESTIONS[sample.kind]!r} about every "
             f"{'image' if sample.kind == 'vision' else 'clip'}; drop the 'text' or use that question"
         )
@@ -240,11 +242,11 @@ def _tiny_source(family: str, sizes: Sizes, calibration: Path | None) -> ModelSo
 
 
 def _no_input() -> Batch:
-    raise ValueError("a tiny random model has no tokenizer or processor: omit --prompt/--image/--audio to use its example batch")
+    raise InputError("a tiny random model has no tokenizer or processor: omit --prompt/--image/--audio to use its example batch")
 
 
 def _no_processor() -> Batch:
-    raise ValueError(
+    raise InputError(
         "a tiny random model has no tokenizer or processor, so it cannot read sample files: "
         "use 'default', 'smollm2' or a local model folder"
     )
@@ -258,9 +260,9 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
     ``sizes.calibration_tokens`` balances them across modalities.
     """
     if sizes.calibration < 1 or sizes.evaluation < 1:
-        raise ValueError(f"calibration and evaluation sizes must be at least 1, got {sizes.calibration} and {sizes.evaluation}")
+        raise InputError(f"calibration and evaluation sizes must be at least 1, got {sizes.calibration} and {sizes.evaluation}")
     if sizes.calibration_tokens is not None and calibration is None:
-        raise ValueError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
+        raise InputError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
     calibration = None if calibration is None else Path(calibration)
     if name == "default":
         return _trimodal_source(sizes, calibration)
@@ -273,7 +275,7 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
         return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration)
     folder = Path(name)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
+        raise MissingFileError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -77,15 +77,12 @@ from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import Context
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
-from masq_fx.transforms.prepare import QUANT_LINEARS
 
 __all__ = [
     "INDUCTOR_OPTIONS",
     "CompiledGraph",
     "Int8QuantLinear",
-    "LowerToTorchao",
     "LoweringReport",
     "compile_graph",
     "lower_to_torchao",
@@ -94,7 +91,6 @@ __all__ = [
 
 BranchLayout = Literal["indexed", "masked"]
 
-LOWERED = "lowered_torchao_int8"
 
 #: ``torch._inductor.config`` settings that :class:`CompiledGraph` applies (``config.patch``) while it
 #: runs: freezing makes the weights constants, so inductor folds weight-only work (transposes, the
@@ -112,7 +108,8 @@ _INT8_HIDDEN = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=Map
 
 def unsupported_reason(module: QuantLinear) -> str | None:
     """Why ``module`` cannot run on the int8 kernels (``None`` if it can)."""
-    w, a = module.weight_quant, module.act_quant
+    state = module.state
+    w, a = state.weight_quant, state.act_quant
     if not module.quantizers_enabled:
         return "quantizers disabled (float linear)"
     if w is None:
@@ -132,7 +129,7 @@ def unsupported_reason(module: QuantLinear) -> str | None:
         return f"{a.bits}-bit activations (kernels quantize activations to int8)"
     if a.grid != "full":
         return f"activation grid {a.grid!r} (torchao quantizes activations on the full int8 grid [-128, 127])"
-    if module.branch_codes and module.branch_input != "smoothed":
+    if module.branch_codes and state.branch_input != "smoothed":
         return (
             "integer CMC branches reading the quantized input (branch_input='quantized'): on the kernels the branch "
             "shares the main GEMM's smoothed input"
@@ -140,20 +137,11 @@ def unsupported_reason(module: QuantLinear) -> str | None:
     return None
 
 
-def _weight_rows(module: QuantLinear) -> list[int | None]:
-    """Scale rows of the stored weights, in the reference's order (``None``: unsmoothed)."""
-    if module.scales is None:
-        return [None]
-    if module.weight_rows == "text":
-        return [int(module.row_of_modality[Modality.TEXT])]
-    return list(range(module.scales.shape[0]))
-
-
 @torch.no_grad()
-def _int8_weight(module: QuantLinear, row: int | None) -> Int8Tensor:
+def _int8_weight(module: QuantLinear, row: int) -> Int8Tensor:
     """torchao int8 weight of ``module.quantized_weight(row)``: the reference's own integer codes and
     per-channel scales (rounded to nearest, clipped, or solved by GPTQ), checked to dequantize to it."""
-    config: WeightQuantConfig = module.weight_quant
+    config: WeightQuantConfig = module.state.weight_quant
     codes = module.weight_codes(row)
     target = module.quantized_weight(row).detach().float()
     restored = codes.qdata.float() * codes.scale.float()
@@ -304,13 +292,13 @@ class Int8QuantLinear(nn.Module):
             raise ValueError(f"{module.name} cannot be lowered to int8 kernels: {reason}")
         return cls(
             name=module.name,
-            weights=[_int8_weight(module, row) for row in _weight_rows(module)],
+            weights=[_int8_weight(module, row) for row in module.stored_rows()],
             bias=module.bias,
-            scales=module.scales if module.divide_input else None,
+            scales=module.scales if module.state.divide_input else None,
             row_of_modality=module.row_of_modality,
-            act_quant=module.act_quant,
+            act_quant=module.state.act_quant,
             branches=dict(module.branches),
-            branch_input=module.branch_input,
+            branch_input=module.state.branch_input,
             branch_codes=dict(module.branch_codes),
         )
 
@@ -418,21 +406,6 @@ def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: Br
     add_position_inputs(gm, indexed)
     gm.recompile()
     return report
-
-
-@dataclass
-class LowerToTorchao:
-    """Pipeline step wrapping :func:`lower_to_torchao`; the last report is kept in ``report``."""
-
-    name: str = "lower_to_torchao"
-    requires: tuple[str, ...] = (QUANT_LINEARS,)
-    provides: tuple[str, ...] = (LOWERED,)
-    branch_layout: BranchLayout = "indexed"
-    report: LoweringReport | None = field(default=None, init=False)
-
-    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        self.report = lower_to_torchao(gm, self.branch_layout)
-        return gm
 
 
 @functools.cache

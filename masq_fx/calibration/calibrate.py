@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from masq_fx.calibration.observer import ModalityObserver
 from masq_fx.capture.dataflow import input_node
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY
+from masq_fx.errors import InputError
 from masq_fx.modality import Modality
-from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Context
+from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Capability, Context
 
-OBSERVERS = "observers"
-STATS = "stats"
+OBSERVERS = Capability.OBSERVERS
+STATS = Capability.STATS
 OBSERVER_PREFIX = "masq_fx_observer_"
 _SITES_KEY = "masq_fx.observed_linears"
 
@@ -41,8 +42,8 @@ class InsertObservers:
     moment_modalities: tuple[Modality, ...] = (Modality.VISION, Modality.AUDIO)
     include_head: bool = False
     name: str = "insert_observers"
-    requires: tuple[str, ...] = (GRAPH,)
-    provides: tuple[str, ...] = (OBSERVERS,)
+    requires: tuple[Capability, ...] = (GRAPH,)
+    provides: tuple[Capability, ...] = (OBSERVERS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         graph = gm.graph
@@ -86,8 +87,9 @@ class Calibrate:
 
     progress: bool = True
     name: str = "calibrate"
-    requires: tuple[str, ...] = (OBSERVERS, CALIBRATION_DATA)
-    provides: tuple[str, ...] = (STATS,)
+    requires: tuple[Capability, ...] = (OBSERVERS, CALIBRATION_DATA)
+    provides: tuple[Capability, ...] = (STATS,)
+    consumes: tuple[Capability, ...] = (OBSERVERS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         nodes = observer_nodes(gm)
@@ -103,7 +105,7 @@ class Calibrate:
                 if stats is None:
                     continue
                 if not bool(torch.isfinite(stats.absmax).all()):
-                    raise ValueError(
+                    raise InputError(
                         f"NaN/Inf activations reach {', '.join(node.meta[_SITES_KEY])}: the float model already "
                         "overflows on the calibration data (check the inputs, and the dtype: use bfloat16 or "
                         "float32, not float16)"
@@ -112,7 +114,6 @@ class Calibrate:
                     context.stats[module] = stats
         finally:
             remove_observers(gm)
-        context.provided.discard(OBSERVERS)
         return gm
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from masq_fx.calibration.stats import ModalityStats
+from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 
 
@@ -28,7 +29,7 @@ class ModalityObserver(nn.Module):
     def forward(self, x: Tensor, modality_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """Record ``x`` ``[batch, seq, C]``; tokens where ``attention_mask`` ``[batch, seq]`` is 0 are skipped."""
         if x.dim() != 3:
-            raise ValueError(f"x must be [batch, seq, channels], got shape {tuple(x.shape)}")
+            raise InputError(f"x must be [batch, seq, channels], got shape {tuple(x.shape)}")
         with torch.no_grad():
             if self.stats is None:
                 self.stats = ModalityStats.empty(x.shape[-1], self.moment_modalities, device=x.device)

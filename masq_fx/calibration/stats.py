@@ -17,6 +17,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from masq_fx.errors import InputError
 from masq_fx.modality import NUM_MODALITIES, Modality
 
 _MOMENT_PREFIX = "moment."
@@ -55,19 +56,19 @@ class ModalityStats:
         for name in ("absmax", "min", "max"):
             table = getattr(self, name)
             if table.shape != (NUM_MODALITIES, channels) or table.dtype != torch.float32:
-                raise ValueError(
+                raise InputError(
                     f"{name} must be float32 [{NUM_MODALITIES}, channels] with the shape of absmax, "
                     f"got {table.dtype} {tuple(table.shape)}"
                 )
         if self.count.shape != (NUM_MODALITIES,) or self.count.dtype != torch.int64:
-            raise ValueError(
+            raise InputError(
                 f"count must be int64 [{NUM_MODALITIES}], got {self.count.dtype} {tuple(self.count.shape)}"
             )
         parsed = ((Modality.parse(m), t) for m, t in self.moments.items())
         self.moments = dict(sorted(parsed, key=lambda item: item[0]))
         for modality, moment in self.moments.items():
             if moment.shape != (channels, channels) or moment.dtype != torch.float64:
-                raise ValueError(
+                raise InputError(
                     f"moment of {modality.name.lower()} must be float64 [{channels}, {channels}], "
                     f"got {moment.dtype} {tuple(moment.shape)}"
                 )
@@ -81,7 +82,7 @@ class ModalityStats:
     ) -> ModalityStats:
         """Statistics of no tokens over ``channels`` channels, tracking moments of ``moment_modalities``."""
         if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+            raise InputError(f"channels must be positive, got {channels}")
         shape = (NUM_MODALITIES, channels)
         return cls(
             absmax=torch.zeros(shape, dtype=torch.float32, device=device),
@@ -112,9 +113,9 @@ class ModalityStats:
         on the device of these statistics.
         """
         if x.dim() < 1 or x.shape[-1] != self.channels:
-            raise ValueError(f"expected {self.channels} channels in the last dim of x, got shape {tuple(x.shape)}")
+            raise InputError(f"expected {self.channels} channels in the last dim of x, got shape {tuple(x.shape)}")
         if modality_ids.shape != x.shape[:-1]:
-            raise ValueError(
+            raise InputError(
                 f"modality_ids shape {tuple(modality_ids.shape)} must equal x's leading shape {tuple(x.shape[:-1])}"
             )
         if modality_ids.dtype.is_floating_point or modality_ids.dtype.is_complex or modality_ids.dtype == torch.bool:
@@ -124,14 +125,14 @@ class ModalityStats:
         ids = modality_ids.reshape(-1).to(device=device, dtype=torch.int64)
         if valid is not None:
             if valid.shape != x.shape[:-1]:
-                raise ValueError(f"valid shape {tuple(valid.shape)} must equal x's leading shape {tuple(x.shape[:-1])}")
+                raise InputError(f"valid shape {tuple(valid.shape)} must equal x's leading shape {tuple(x.shape[:-1])}")
             keep = valid.reshape(-1).to(device=device, dtype=torch.bool)
             tokens, ids = tokens[keep], ids[keep]
         if ids.numel() == 0:
             return
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= NUM_MODALITIES:
-            raise ValueError(f"modality ids must lie in [0, {NUM_MODALITIES}), got values in [{low}, {high}]")
+            raise InputError(f"modality ids must lie in [0, {NUM_MODALITIES}), got values in [{low}, {high}]")
 
         # one masked reduction per modality: scatter_reduce_ with amax/amin is ~100x slower on CPU
         for modality in torch.unique(ids).tolist():
@@ -148,9 +149,9 @@ class ModalityStats:
     def merge(self, other: ModalityStats) -> ModalityStats:
         """Statistics of the union of both token sets (a new object; commutative and associative)."""
         if other.channels != self.channels:
-            raise ValueError(f"cannot merge statistics of {self.channels} and {other.channels} channels")
+            raise InputError(f"cannot merge statistics of {self.channels} and {other.channels} channels")
         if other.moment_modalities != self.moment_modalities:
-            raise ValueError(
+            raise InputError(
                 f"cannot merge statistics tracking moments of {_names(self.moment_modalities)} "
                 f"and {_names(other.moment_modalities)}"
             )
@@ -167,7 +168,7 @@ class ModalityStats:
         """Merge one or more statistics."""
         stats = list(stats)
         if not stats:
-            raise ValueError("merge_all needs at least one ModalityStats")
+            raise InputError("merge_all needs at least one ModalityStats")
         return reduce(ModalityStats.merge, stats)
 
     def of(self, modality: Modality | str | int) -> ChannelStats:
@@ -213,7 +214,7 @@ class ModalityStats:
         missing = tables - state.keys()
         unknown = {k for k in state.keys() - tables if not k.startswith(_MOMENT_PREFIX)}
         if missing or unknown:
-            raise ValueError(f"bad ModalityStats state: missing {sorted(missing)}, unknown {sorted(unknown)}")
+            raise InputError(f"bad ModalityStats state: missing {sorted(missing)}, unknown {sorted(unknown)}")
         return cls(
             absmax=state["absmax"],
             min=state["min"],

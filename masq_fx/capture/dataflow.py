@@ -78,7 +78,7 @@ def _packet(arg: fx.node.Argument) -> torch._ops.OpOverloadPacket | None:
 
 def look_through(arg: fx.node.Argument) -> fx.node.Argument:
     """``arg`` with :data:`PASSTHROUGH` ops stripped off (non-nodes are returned unchanged)."""
-    while _packet(arg) in PASSTHROUGH:
+    while isinstance(arg, fx.Node) and _packet(arg) in PASSTHROUGH:
         arg = arg.args[0]
     return arg
 
@@ -137,6 +137,8 @@ class _Dataflow:
     def is_normalized(self, arg: fx.node.Argument) -> bool:
         """``x * rsqrt(r)``, ``x * reciprocal(r)`` or ``x / sqrt(r)`` with ``r`` from a reduction."""
         packet = _packet(arg)
+        if not isinstance(arg, fx.Node):
+            return False
         if packet is aten.mul:
             factors = [look_through(a) for a in arg.args[:2]]
             return any(_packet(f) in (aten.rsqrt, aten.reciprocal) and self.reaches(f, _REDUCTIONS) for f in factors)
@@ -152,9 +154,9 @@ class _Dataflow:
             return _attr(args[2]), (_attr(args[3]) if _packet(source) is aten.layer_norm else None)
         node: fx.node.Argument = source
         bias = gamma = None
-        if _packet(node) is aten.add and (split := _split_param(node)):
+        if isinstance(node, fx.Node) and _packet(node) is aten.add and (split := _split_param(node)):
             node, bias = split
-        if _packet(node) is aten.mul and (split := _split_param(node)):
+        if isinstance(node, fx.Node) and _packet(node) is aten.mul and (split := _split_param(node)):
             node, gamma = split
         return (gamma, bias) if self.is_normalized(node) else None
 
@@ -168,7 +170,7 @@ class _Dataflow:
             return False
         a, b = (look_through(x) for x in source.args[:2])
         return any(
-            _packet(act) in _ACTIVATIONS and _is_linear(look_through(act.args[0])) and _is_linear(other)
+            isinstance(act, fx.Node) and _packet(act) in _ACTIVATIONS and _is_linear(look_through(act.args[0])) and _is_linear(other)
             for act, other in ((a, b), (b, a))
         )
 

@@ -10,19 +10,22 @@ Every ``aten.linear`` node is tagged with the name of its module relative to the
 (``layers.3.self_attn.q_proj``; the head is ``lm_head``) in ``node.meta["masq_fx.module"]``, and
 every node inside a decoder layer with its index in ``node.meta["masq_fx.layer"]``.
 
-**Where results live.** A transform's results (smoothing scales, per-modality tables, quantized
-weights, low-rank factors) are kept as *data keyed by module name* in the pipeline context
-(:class:`masq_fx.pipeline.Context`), and the graph edit that uses them is a pure function of that
-data. They can therefore be replayed onto a fresh capture of the same model (a generation graph
-with a KV cache, or a model being loaded from a checkpoint) instead of living inside one graph.
+**Where results live.** A transform's results (smoothing scales and per-modality tables,
+quantizer settings, quantized weights, low-rank factors, folded norm weights) live in the
+transformed graph's modules, keyed by these module names: each QuantLinear's state and tensors,
+the routers, the replaced parameters. :mod:`masq_fx.replay` reads them from there and installs them
+onto a fresh capture of the same model (a generation graph with a KV cache, or a model being loaded
+from a checkpoint).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -76,9 +79,22 @@ class CapturedDecoder:
     capture_seconds: float = 0.0
     #: module name → the original float weight (shared with the HF model, never modified)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: the float model's parameters and buffers the exported graph holds (shared with the HF model)
+    float_tensors: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
     def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
         return self.graph_module(*inputs.args())
+
+    def copy(self) -> CapturedDecoder:
+        """A copy whose graph transforms can rewrite independently.
+
+        The float model's tensors (:attr:`float_tensors`) are shared, not copied: transforms never modify
+        them in place (they install new modules and parameters), so copying a float capture costs only
+        its graph. What transforms installed (scale tables, solved weights) is copied, since later steps
+        may update it in place.
+        """
+        memo: dict[int, Any] = {id(t): t for t in self.float_tensors}
+        return copy.deepcopy(self, memo)
 
     def linear_nodes(self) -> dict[str, fx.Node]:
         """Module name → its linear node, in graph order."""
@@ -101,6 +117,11 @@ class CapturedDecoder:
 
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.nn.functional.linear)
+
+
+def module_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Module name → the call_module node of each tagged linear module (QuantLinear, or lowered), in graph order."""
+    return {node.meta[MODULE_KEY]: node for node in gm.graph.find_nodes(op="call_module") if MODULE_KEY in node.meta}
 
 
 def _weight_attr(node: fx.Node) -> str | None:
@@ -199,6 +220,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         capture_seconds=seconds,
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
+    captured.float_tensors = (*gm.parameters(), *gm.buffers())
     return captured
 
 

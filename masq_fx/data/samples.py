@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from masq_fx.errors import InputError, MissingFileError
+
 Kind = Literal["text", "vision", "audio"]
 KINDS: tuple[Kind, ...] = ("text", "vision", "audio")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,7 +37,7 @@ TEXT_SUFFIXES = (".txt",)
 KEYS = ("text", "image", "audio", "answer")
 
 
-class SampleFileError(ValueError):
+class SampleFileError(InputError):
     """A calibration or evaluation file (or folder) is malformed."""
 
 
@@ -86,7 +88,7 @@ def read_samples(path: str | Path) -> list[FileSample]:
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a JSONL file or a folder of samples")
+        raise MissingFileError(f"{path} does not exist: give a JSONL file or a folder of samples")
     return _read_jsonl(path)
 
 
@@ -128,7 +130,7 @@ def _media(jsonl: Path, where: str, key: str, value: str) -> Path:
     if file.suffix.lower() not in suffixes:
         raise SampleFileError(f"{where}: {key} {value!r} is not a {'/'.join(suffixes)} file")
     if not file.is_file():
-        raise FileNotFoundError(f"{where}: {key} {value!r} not found (looked for {file}; paths are relative to the JSONL file's folder)")
+        raise MissingFileError(f"{where}: {key} {value!r} not found (looked for {file}; paths are relative to the JSONL file's folder)")
     return file
 
 
@@ -207,13 +209,13 @@ def balance(samples: Sequence[FileSample], tokens: Sequence[int], budget: int) -
     Deterministic; refuses a budget that leaves a kind without a sample, naming one that suffices.
     """
     if len(tokens) != len(samples):
-        raise ValueError(f"{len(samples)} samples but {len(tokens)} token counts")
+        raise InputError(f"{len(samples)} samples but {len(tokens)} token counts")
     if any(n < 1 for n in tokens):
-        raise ValueError("every sample must have at least one token")
+        raise InputError("every sample must have at least one token")
     groups = {kind: [i for i, s in enumerate(samples) if s.kind == kind] for kind in KINDS}
     groups = {kind: members for kind, members in groups.items() if members}
     if not groups:
-        raise ValueError("no samples to choose from")
+        raise InputError("no samples to choose from")
     totals = {kind: sum(tokens[i] for i in members) for kind, members in groups.items()}
     shares: dict[Kind, int] = {}
     remaining, open_kinds = budget, list(groups)
@@ -236,7 +238,7 @@ def balance(samples: Sequence[FileSample], tokens: Sequence[int], budget: int) -
                 chosen.append(i)
         if not used:
             smallest = max(min(tokens[i] for i in group) for group in groups.values())
-            raise ValueError(
+            raise InputError(
                 f"a budget of {budget} calibration tokens leaves {shares[kind]} for {kind}, less than its smallest "
                 f"sample ({min(tokens[i] for i in members)} tokens); raise it to {len(groups) * smallest} tokens "
                 f"(enough for a sample of each of {', '.join(groups)})"
@@ -250,7 +252,7 @@ def require_unseen(samples: Sequence[FileSample], calibration_hashes: Collection
     used = set(calibration_hashes)
     seen = [s for s in samples if s.sha256 in used]
     if seen:
-        raise ValueError(
+        raise InputError(
             f"{len(seen)} of the {len(samples)} evaluation samples were calibration samples of {checkpoint} "
             f"(e.g. {seen[0].where}): scores on them would overstate accuracy; evaluate on samples the "
             "checkpoint was not calibrated on"

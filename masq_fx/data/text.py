@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from masq_fx.errors import InputError
+
 Split = Literal["calibration", "evaluation"]
 
 
@@ -29,7 +31,7 @@ class TextSplit:
             return [k for i, k in enumerate(keys) if i % self.eval_every == 0]
         if split == "calibration":
             return [k for i, k in enumerate(keys) if i % self.eval_every != 0]
-        raise ValueError(f"unknown split {split!r}; expected 'calibration' or 'evaluation'")
+        raise InputError(f"unknown split {split!r}; expected 'calibration' or 'evaluation'")
 
     def text(self, split: Split) -> str:
         return "\n\n".join(topics[k] for k in self.keys(split))
@@ -46,7 +48,7 @@ def token_windows(
     ids = tokenizer(text_split.text(split), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     available = ids.numel() // window
     if count > available:
-        raise ValueError(
+        raise InputError(
             f"the {split} split has {ids.numel()} tokens: {available} windows of {window}, not {count}; "
             "lower the window length or the window count"
         )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
 
@@ -124,7 +125,7 @@ def exact_match(
     """
     missing = [s for s in samples if getattr(s, "answer", None) is None]
     if missing:
-        raise ValueError(f"{getattr(missing[0], 'where', missing[0])!s} has no 'answer': exact match needs one on every sample")
+        raise InputError(f"{getattr(missing[0], 'where', missing[0])!s} has no 'answer': exact match needs one on every sample")
     result = Accuracy()
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc="exact match", unit="batch", disable=not progress):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
 
 
@@ -99,6 +100,17 @@ class ModelAdapter(ABC):
         config = self.model.config
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    def context_length(self) -> int | None:
+        """The longest sequence the decoder's positions are trained for (``None`` when the config does not say)."""
+        length = getattr(self.text_config(), "max_position_embeddings", None)
+        return int(length) if isinstance(length, int) else None
+
+    def check_length(self, tokens: int, what: str, fix: str) -> None:
+        """Refuse ``tokens`` past :meth:`context_length`: positions beyond it give silently wrong outputs."""
+        limit = self.context_length()
+        if limit is not None and tokens > limit:
+            raise InputError(f"{what} is {tokens} tokens, longer than the model's context of {limit} tokens: {fix}")
+
     def default_position_ids(self, batch: int, seq: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids the decoder would make for itself with no cache."""
         pos = torch.arange(seq, device=device).expand(batch, seq)
@@ -111,7 +123,7 @@ class ModelAdapter(ABC):
         ``pixel_values``, ``input_features``, ``mm_token_type_ids``, ...). The towers run eagerly.
         """
         if "input_ids" not in batch:
-            raise ValueError("decoder_inputs needs 'input_ids' in the batch (the processor's output)")
+            raise InputError("decoder_inputs needs 'input_ids' in the batch (the processor's output)")
         caught: dict[str, Any] = {}
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:

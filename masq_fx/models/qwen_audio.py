@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import Qwen2AudioForConditionalGeneration
 
+from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy
 from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.registry import register_adapter
@@ -36,7 +37,7 @@ class Qwen2AudioAdapter(ModelAdapter):
         """
         inputs = super().decoder_inputs(batch, policy)
         if inputs.inputs_embeds.shape[1] != batch["input_ids"].shape[1]:
-            raise ValueError(
+            raise InputError(
                 "Qwen2-Audio expanded the audio placeholders itself (legacy one-token-per-clip input): the "
                 f"decoder got {inputs.inputs_embeds.shape[1]} positions for {batch['input_ids'].shape[1]} input ids. "
                 "Process the batch with a current Qwen2AudioProcessor, which repeats <|AUDIO|> once per audio frame."

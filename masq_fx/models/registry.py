@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from masq_fx.errors import MasqFxError
 from masq_fx.models.base import ModelAdapter
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(MasqFxError, TypeError):
     """The model's class is handled by no registered adapter."""
 
 

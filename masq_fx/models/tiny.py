@@ -46,6 +46,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.models.qwen_omni import thinker_token_fields
 
@@ -135,7 +136,7 @@ class _Rows:
 
     def __init__(self, seed: int, batch_size: int) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.gen = torch.Generator().manual_seed(seed)
 
     def text(self, row: int, long: int, short: int) -> list[int]:
@@ -356,5 +357,5 @@ def tiny_model(family: str, seed: int = 0, batch_size: int = 2) -> TinyModel:
     try:
         builder = _BUILDERS[family]
     except KeyError:
-        raise ValueError(f"unknown tiny family {family!r}; expected one of: {', '.join(TINY_FAMILIES)}") from None
+        raise InputError(f"unknown tiny family {family!r}; expected one of: {', '.join(TINY_FAMILIES)}") from None
     return builder(seed, batch_size)

@@ -34,6 +34,14 @@ either way).
 folded into a norm, or shared by a group of linears); the module then only scales the weight.
 The float weight and bias are shared with the HF model and never modified.
 
+The non-tensor settings are one frozen :class:`QuantLinearState` (:attr:`QuantLinear.state`),
+changed only through the module's methods (:meth:`~QuantLinear.set_quantizers`,
+:meth:`~QuantLinear.divide_upstream`, :meth:`~QuantLinear.use_text_weight`). The quantized weights
+are cached for the forward and the cache is always that of the current state: the methods drop it,
+and it is keyed on the version counters of the weight, scale and clipping tensors, so an in-place
+update (MAS's optimizer, CMC's projection) makes the forward rebuild it. It is not used while a
+gradient must reach the scales or clipping ratios, nor within :meth:`~QuantLinear.quantizers_off`.
+
 Numerics, whatever the model's dtype (float32, bfloat16): the module computes in float32 (the
 smoothing, the quantizers' scales and rounding, the GEMMs, the CMC branches and the bias) and
 returns the input's dtype, so a bfloat16 graph stays bfloat16 between linears. ``x ⊘ s`` and the
@@ -44,8 +52,10 @@ copies) and branch factors are float32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +73,7 @@ from masq_fx.quantizers import (
 )
 
 WeightRows = Literal["per_row", "text"]
+BranchInput = Literal["smoothed", "quantized"]
 
 #: how quantized CMC branches quantize their input: as the main GEMM's, 8-bit symmetric dynamic per
 #: token on the full grid (torchao's int8 kernels)
@@ -80,6 +91,20 @@ def fake_quant_hidden(h: Tensor) -> Tensor:
     return torch.clamp(torch.round(h * (1.0 / scale)), -128, 127) * scale
 
 
+def row_scales(scales: Tensor, row_of_modality: Tensor, modality_ids: Tensor) -> Tensor:
+    """Each token's scale row, ``scales[row_of_modality[modality_ids]]``, selected with ``torch.where``.
+
+    The same values as the indexed gather, but a deterministic gradient: the gather's backward
+    (``index_put_(accumulate=True)``) adds float32 gradients with atomics across CPU threads, in an
+    order that changes from run to run, so learned scales (and checkpoints) would not reproduce.
+    """
+    rows = row_of_modality[modality_ids].unsqueeze(-1)
+    selected = scales[0]
+    for row in range(1, scales.shape[0]):
+        selected = torch.where(rows == row, scales[row], selected)
+    return selected
+
+
 def branch_factor_config(bits: int) -> WeightQuantConfig:
     """Quantizer of the CMC factors with ``bits``-bit codes: symmetric, per output channel of ``Lᵀ`` and ``Rᵀ``."""
     return WeightQuantConfig(bits=bits)
@@ -87,6 +112,80 @@ def branch_factor_config(bits: int) -> WeightQuantConfig:
 
 def _format(bits: int | None) -> str:
     return "float" if bits is None else f"{bits}-bit"
+
+
+@dataclass(frozen=True)
+class QuantLinearState:
+    """The non-tensor settings of a :class:`QuantLinear`: what a checkpoint records besides its tensors."""
+
+    #: weight quantizer (``None``: float weights)
+    weight_quant: WeightQuantConfig | None = None
+    #: activation quantizer (``None``: float activations)
+    act_quant: ActQuantConfig | None = None
+    #: calibrated float32 scale of static per-tensor activations (exactly when ``act_quant`` is per tensor)
+    act_static_scale: float | None = None
+    #: the stored weights: one per scale row (MAS simulation), or text's only (CMC)
+    weight_rows: WeightRows = "per_row"
+    #: the CMC branches read the smoothed float input, or its fake-quantized version
+    branch_input: BranchInput = "smoothed"
+    #: ``False``: an upstream router or norm already divided the input by the scales
+    divide_input: bool = True
+    #: the scales were folded into an upstream norm: fixed, not learnable
+    scales_folded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight_rows not in ("per_row", "text"):
+            raise ValueError(f"weight_rows must be 'per_row' or 'text', got {self.weight_rows!r}")
+        if self.branch_input not in ("smoothed", "quantized"):
+            raise ValueError(f"branch_input must be 'smoothed' or 'quantized', got {self.branch_input!r}")
+        static = self.act_quant is not None and self.act_quant.granularity == "per_tensor"
+        if static != (self.act_static_scale is not None):
+            raise ValueError(
+                "act_static_scale is needed exactly with per-tensor activations "
+                f"(act_quant={self.act_quant}, act_static_scale={self.act_static_scale})"
+            )
+        if self.act_static_scale is not None and not (isinstance(self.act_static_scale, float) and 0 < self.act_static_scale < float("inf")):
+            raise ValueError(f"act_static_scale must be a positive finite float, got {self.act_static_scale!r}")
+        if self.scales_folded and self.divide_input:
+            raise ValueError("scales folded into an upstream norm are divided there: divide_input must be False")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (:meth:`from_dict` inverts it exactly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantLinearState:
+        """Inverse of :meth:`to_dict`; every field must be given, no other."""
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ValueError(f"QuantLinearState fields {sorted(names)} expected, got {sorted(data)}")
+        weight, act = data["weight_quant"], data["act_quant"]
+        return cls(
+            **{
+                **data,
+                "weight_quant": None if weight is None else WeightQuantConfig(**weight),
+                "act_quant": None if act is None else ActQuantConfig(**act),
+            }
+        )
+
+
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "unchanged"
+
+
+#: :meth:`QuantLinear.set_quantizers` argument default: keep the current setting
+UNCHANGED: Final = _Unchanged()
+
+
+@contextmanager
+def quantizers_off(root: nn.Module | None) -> Iterator[None]:
+    """:meth:`QuantLinear.quantizers_off` for every QuantLinear in ``root`` (a graph, a layer; ``None``: none)."""
+    with ExitStack() as stack:
+        for module in () if root is None else root.modules():
+            if isinstance(module, QuantLinear):
+                stack.enter_context(module.quantizers_off())
+        yield
 
 
 class QuantLinear(nn.Module):
@@ -99,16 +198,12 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.scales: nn.Parameter | None = None
         self.register_buffer("row_of_modality", torch.zeros(NUM_MODALITIES, dtype=torch.long))
-        self.divide_input = True
-        #: the scales were folded into an upstream norm: fixed, not learnable
-        self.scales_folded = False
-        #: False computes the smoothed float linear (the MAS learning target)
-        self.quantizers_enabled = True
-        self.weight_rows: WeightRows = "per_row"
-        self.weight_quant: WeightQuantConfig | None = None
-        self.act_quant: ActQuantConfig | None = None
-        self.act_static_scale: Tensor | None = None
-        self._frozen_weights: Tensor | None = None
+        self._state = QuantLinearState()
+        #: False (within :meth:`quantizers_off`): the smoothed float linear
+        self._quantizers_on = True
+        #: ``[rows, out, in]`` weights of :meth:`_weights` and the tensor versions they were built from
+        self._cache: Tensor | None = None
+        self._cache_key: tuple | None = None
         #: learned weight clipping: ratios ``[rows, out, n_groups]`` in (0, 1] that shrink the range of
         #: each weight row's output channels (groups); ``None``: full range (or the clip search)
         self.clip_ratios: nn.Parameter | None = None
@@ -120,8 +215,6 @@ class QuantLinear(nn.Module):
         self.branches: dict[int, tuple[Tensor, Tensor]] = {}
         #: scale row → integer codes (Lᵀ [rank, in], Rᵀ [out, rank]) of quantized branches; empty: float factors
         self.branch_codes: dict[int, tuple[QuantizedWeight, QuantizedWeight]] = {}
-        #: the branch reads the smoothed float input, or its fake-quantized version
-        self.branch_input: Literal["smoothed", "quantized"] = "smoothed"
 
     @property
     def in_features(self) -> int:
@@ -130,6 +223,111 @@ class QuantLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def state(self) -> QuantLinearState:
+        """The non-tensor settings (read-only; the methods below change them)."""
+        return self._state
+
+    # read-only views of the state's fields
+    @property
+    def weight_quant(self) -> WeightQuantConfig | None:
+        return self._state.weight_quant
+
+    @property
+    def act_quant(self) -> ActQuantConfig | None:
+        return self._state.act_quant
+
+    @property
+    def act_static_scale(self) -> float | None:
+        return self._state.act_static_scale
+
+    @property
+    def weight_rows(self) -> WeightRows:
+        return self._state.weight_rows
+
+    @property
+    def branch_input(self) -> BranchInput:
+        return self._state.branch_input
+
+    @property
+    def divide_input(self) -> bool:
+        return self._state.divide_input
+
+    @property
+    def scales_folded(self) -> bool:
+        return self._state.scales_folded
+
+    @property
+    def quantizers_enabled(self) -> bool:
+        """``False`` within :meth:`quantizers_off`."""
+        return self._quantizers_on
+
+    def set_quantizers(
+        self,
+        *,
+        weight: WeightQuantConfig | None | _Unchanged = UNCHANGED,
+        activation: ActQuantConfig | None | _Unchanged = UNCHANGED,
+        static_scale: float | Tensor | None | _Unchanged = UNCHANGED,
+    ) -> None:
+        """Install quantizers (``None``: none); an argument left out keeps its setting, except that a new
+        ``activation`` clears the static scale unless ``static_scale`` (the calibrated scale of per-tensor
+        activations, kept as the float32 value the forward uses) is given with it.
+
+        A different weight quantizer drops the solved weights and learned clipping ratios of the old one.
+        """
+        changes: dict[str, Any] = {}
+        if not isinstance(weight, _Unchanged):
+            changes["weight_quant"] = weight
+        if not isinstance(activation, _Unchanged):
+            changes["act_quant"], changes["act_static_scale"] = activation, None
+        if not isinstance(static_scale, _Unchanged):
+            changes["act_static_scale"] = None if static_scale is None else float(torch.as_tensor(static_scale, dtype=torch.float32))
+        try:
+            state = replace(self._state, **changes)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
+        if state.weight_quant != self._state.weight_quant:
+            self._solved = None
+            self.clip_ratios = None
+            self._drop_cache()
+        self._state = state
+
+    def divide_upstream(self, folded: bool = False) -> None:
+        """An upstream node divides the input by the scales (the module only scales its weight): a router
+        sharing the table, or with ``folded`` the norm the (then fixed, not learnable) scales were folded into."""
+        if self.scales is None:
+            raise ValueError(f"{self.name}: no scales to divide upstream; set_scales() first")
+        self._state = replace(self._state, divide_input=False, scales_folded=folded)
+
+    def use_text_weight(self, branch_input: BranchInput = "smoothed") -> None:
+        """Store text's quantized weight only (``weight_rows="text"``, the CMC base); the compensation
+        branches (:meth:`set_branch`) read ``branch_input``."""
+        try:
+            state = replace(self._state, weight_rows="text", branch_input=branch_input)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
+        self._state = state
+        self._drop_cache()
+
+    def load_state(self, state: QuantLinearState) -> None:
+        """Replace the whole state (replay onto a fresh module, before :meth:`set_solved` and the branches)."""
+        if not state.divide_input and self.scales is None:
+            raise ValueError(f"{self.name}: divide_input=False needs scales; set_scales() first")
+        if state.weight_quant != self._state.weight_quant:
+            self._solved = None
+            self.clip_ratios = None
+        self._state = state
+        self._drop_cache()
+
+    @contextmanager
+    def quantizers_off(self) -> Iterator[None]:
+        """Within the block the module computes the smoothed float linear (MAS learning's target)."""
+        previous, self._quantizers_on = self._quantizers_on, False
+        try:
+            yield
+        finally:
+            self._quantizers_on = previous
 
     def set_scales(self, scales: Tensor | nn.Parameter | None, row_of_modality: Tensor | None = None) -> None:
         """Install a ``[rows, in_features]`` scale table (shared ``nn.Parameter`` objects stay shared).
@@ -152,7 +350,7 @@ class QuantLinear(nn.Module):
         self.clip_ratios = None
         self.branches = {}
         self.branch_codes = {}
-        self.unfreeze()
+        self._drop_cache()
 
     def set_solved(self, weights: Mapping[int, QuantizedWeight]) -> None:
         """Install integer weights computed elsewhere, by scale row (0 if unsmoothed).
@@ -175,10 +373,10 @@ class QuantLinear(nn.Module):
                     f"got {tuple(weight.qdata.shape)}"
                 )
         self._solved = dict(weights)
-        self.freeze()
+        self._drop_cache()
 
     def stored_rows(self) -> list[int]:
-        """Scale rows whose quantized weight the forward uses (``[0]`` if unsmoothed)."""
+        """Scale rows whose quantized weight the forward uses, in its order (``[0]`` if unsmoothed)."""
         if self.scales is None:
             return [0]
         if self.weight_rows == "text":
@@ -220,7 +418,7 @@ class QuantLinear(nn.Module):
             rows = 1 if self.scales is None else self.scales.shape[0]
             groups = 1 if self.weight_quant.group_size is None else self.in_features // self.weight_quant.group_size
             self.clip_ratios = nn.Parameter(torch.ones(rows, self.out_features, groups))
-        self.unfreeze()
+        self._drop_cache()
         return self.clip_ratios
 
     def clip_ratio(self, row: int | None) -> Tensor | None:
@@ -228,12 +426,36 @@ class QuantLinear(nn.Module):
         return None if self.clip_ratios is None else self.clip_ratios[row or 0]
 
     def freeze(self) -> None:
-        """Cache the quantized weights (call once the scales are final); :meth:`unfreeze` undoes it."""
-        with torch.no_grad():
-            self._frozen_weights = self._weights().detach()
+        """Build the cache of the quantized weights now (the forward builds it when first due)."""
+        previous, self._quantizers_on = self._quantizers_on, True  # the cache holds the quantized weights
+        try:
+            with torch.no_grad():
+                self._cache = self._weights().detach()
+        finally:
+            self._quantizers_on = previous
+        self._cache_key = self._tensor_versions()
 
-    def unfreeze(self) -> None:
-        self._frozen_weights = None
+    def _drop_cache(self) -> None:
+        self._cache = self._cache_key = None
+
+    def _tensor_versions(self) -> tuple:
+        return tuple(None if t is None else (id(t), t._version) for t in (self.weight, self.scales, self.clip_ratios))
+
+    @torch.compiler.assume_constant_result
+    def _use_cache(self) -> bool:
+        """Whether the forward takes the cached weights, (re)building a missing or stale cache of a
+        weight-quantized module: not within :meth:`quantizers_off`, nor while a gradient must reach the
+        scales or clipping ratios. A compiled graph takes the answer at tracing as a constant."""
+        if not self._quantizers_on:
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.scales, self.clip_ratios)):
+            return False
+        if self._cache is None or self._cache_key != self._tensor_versions():
+            if self.weight_quant is None:
+                self._drop_cache()
+                return False
+            self.freeze()
+        return True
 
     @property
     def has_solved_weights(self) -> bool:
@@ -242,8 +464,9 @@ class QuantLinear(nn.Module):
 
     @property
     def cached_weights(self) -> Tensor | None:
-        """The ``[rows, out, in]`` weights :meth:`freeze` cached (``None`` when not frozen)."""
-        return self._frozen_weights
+        """The ``[rows, out, in]`` weights the forward reuses (built when due; ``None``: computed per call)."""
+        with torch.no_grad():
+            return self._cache if self._use_cache() else None
 
     def _smoothed_weight(self, row: int | None) -> Tensor:
         weight = self.weight.float()
@@ -253,7 +476,7 @@ class QuantLinear(nn.Module):
 
     def _scaled_weight(self, row: int | None) -> Tensor:
         weight = self._smoothed_weight(row)
-        if self.weight_quant is None or not self.quantizers_enabled:
+        if self.weight_quant is None or not self._quantizers_on:
             return weight
         return fake_quant_weight(weight, self.weight_quant, self.clip_ratio(row))
 
@@ -314,40 +537,34 @@ class QuantLinear(nn.Module):
             )
 
     def _weights(self) -> Tensor:
-        """``[rows, out, in]`` effective weights: one per scale row, or the text row only.
+        """``[rows, out, in]`` effective weights: those of :meth:`stored_rows`.
 
         With quantizers off the result is always per row: the smoothed float linear.
         """
-        if self.scales is None:
-            return self.quantized_weight(None)[None] if self.quantizers_enabled else self._scaled_weight(None)[None]
-        if not self.quantizers_enabled:
-            return torch.stack([self._scaled_weight(r) for r in range(self.scales.shape[0])])
-        if self.weight_rows == "text":
-            return self.quantized_weight(int(self.row_of_modality[Modality.TEXT]))[None]
-        return torch.stack([self.quantized_weight(r) for r in range(self.scales.shape[0])])
+        if not self._quantizers_on:
+            rows = [None] if self.scales is None else range(self.scales.shape[0])
+            return torch.stack([self._scaled_weight(r) for r in rows])
+        return torch.stack([self.quantized_weight(r) for r in self.stored_rows()])
 
     def smooth_input(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         """``x ⊘ s[m]`` per token (a gather of the token's scale row), in float32."""
         x = x.float()
         if self.scales is None or not self.divide_input:
             return x
-        return x / self.scales[self.row_of_modality[modality_ids]]
+        return x / row_scales(self.scales, self.row_of_modality, modality_ids)
 
     def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         dtype = x.dtype
         xs = self.smooth_input(x, modality_ids)
         xq = xs
-        if self.act_quant is not None and self.quantizers_enabled:
+        if self.act_quant is not None and self._quantizers_on:
             xq = fake_quant_act(xs, self.act_quant, self.act_static_scale)
-        if self.quantizers_enabled and self._frozen_weights is not None:
-            weights = self._frozen_weights
-        else:
-            weights = self._weights()
+        weights = self._cache if self._use_cache() else self._weights()
         token_rows = self.row_of_modality[modality_ids].unsqueeze(-1)
         y = F.linear(xq, weights[0])
         for row in range(1, weights.shape[0]):
             y = torch.where(token_rows == row, F.linear(xq, weights[row]), y)
-        if self.quantizers_enabled and self.branches:
+        if self._quantizers_on and self.branches:
             source = xq if self.branch_input == "quantized" else xs
             if self.branch_codes:
                 source = fake_quant_act(source, BRANCH_ACT)

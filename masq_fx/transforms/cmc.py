@@ -46,13 +46,13 @@ from torch import Tensor, fx
 
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import Context
+from masq_fx.pipeline import Capability, Context
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 from masq_fx.transforms.smoothing import SCALES
 
-CMC = "cmc"
-SCALES_PROJECTED = "cmc_scales_projected"
+CMC = Capability.CMC
+SCALES_PROJECTED = Capability.SCALES_PROJECTED
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,9 @@ class ProjectScales:
 
     config: CMCConfig = field(default_factory=CMCConfig)
     name: str = "project_scales"
-    requires: tuple[str, ...] = (SCALES,)
-    provides: tuple[str, ...] = (SCALES_PROJECTED,)
+    requires: tuple[Capability, ...] = (SCALES,)
+    provides: tuple[Capability, ...] = (SCALES_PROJECTED,)
+    invalidates: tuple[Capability, ...] = (Capability.SOLVED_WEIGHTS, Capability.CMC)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         if self.config.own_channels is None:
@@ -234,9 +235,6 @@ class ProjectScales:
                     "run ProjectScales before GPTQ (recipe_steps does), or leave own_channels at None"
                 )
             tie_to_text(first.scales, int(first.row_of_modality[Modality.TEXT]), own_channel_masks(sharing, self.config, context.stats))
-            for module in sharing:
-                module.unfreeze()
-                context.result(module.name)["smooth_scales"] = first.scales.detach().clone()
         return gm
 
 
@@ -246,8 +244,8 @@ class CrossModalCompensation:
 
     config: CMCConfig = field(default_factory=CMCConfig)
     name: str = "cmc"
-    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT)
-    provides: tuple[str, ...] = (CMC,)
+    requires: tuple[Capability, ...] = (SCALES, WEIGHT_QUANT)
+    provides: tuple[Capability, ...] = (CMC,)
     reports: list[BranchReport] = field(default_factory=list, init=False)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
@@ -272,10 +270,8 @@ class CrossModalCompensation:
                 moment = None if stats is None else stats.moments.get(modality)
                 if self.config.whiten and moment is None:
                     skipped.add(modality)
-                self._compensate(module, modality, row, base, moment, context)
-            module.weight_rows = "text"
-            module.branch_input = self.config.branch_input
-            module.freeze()
+                self._compensate(module, modality, row, base, moment)
+            module.use_text_weight(self.config.branch_input)
         context.diagnostics[self.name] = list(self.reports)
         if skipped:
             names = ", ".join(m.name.lower() for m in sorted(skipped))
@@ -286,9 +282,7 @@ class CrossModalCompensation:
             )
         return gm
 
-    def _compensate(
-        self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None, context: Context
-    ) -> None:
+    def _compensate(self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None) -> None:
         cfg = self.config
         scale = module.scales[row].detach()
         if cfg.target == "quantized":
@@ -318,5 +312,3 @@ class CrossModalCompensation:
                 overhead=rank * (module.in_features + module.out_features) / (module.in_features * module.out_features),
             )
         )
-        record = context.result(module.name)
-        record[f"cmc_left.{modality.name.lower()}"], record[f"cmc_right.{modality.name.lower()}"] = module.branches[row]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import Context
+from masq_fx.pipeline import Capability, Context
 from masq_fx.quantizers import (
     QuantizedWeight,
     WeightQuantConfig,
@@ -31,7 +31,7 @@ from masq_fx.quantizers import (
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
 
-SOLVED_WEIGHTS = "solved_weights"
+SOLVED_WEIGHTS = Capability.SOLVED_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ class GPTQWeights:
     config: GPTQConfig = field(default_factory=GPTQConfig)
     progress: bool = True
     name: str = "gptq"
-    requires: tuple[str, ...] = (WEIGHT_QUANT, STATS)
-    provides: tuple[str, ...] = (SOLVED_WEIGHTS,)
+    requires: tuple[Capability, ...] = (WEIGHT_QUANT, STATS)
+    provides: tuple[Capability, ...] = (SOLVED_WEIGHTS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         modules = [m for m in quant_linears(gm) if m.weight_quant is not None]

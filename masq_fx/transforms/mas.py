@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 from masq_fx.capture.decoder import LAYER_KEY
 from masq_fx.modality import NUM_MODALITIES, Modality
-from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import CALIBRATION_DATA, Context
+from masq_fx.nn.quant_linear import QuantLinear, quantizers_off
+from masq_fx.pipeline import CALIBRATION_DATA, Capability, Context
 from masq_fx.quantizers import calibrate_static_scale
 from masq_fx.transforms.cmc import (
     CMCConfig,
@@ -62,7 +62,7 @@ from masq_fx.transforms.cmc import (
 from masq_fx.transforms.quantize import WEIGHT_QUANT, _smoothed_absmax
 from masq_fx.transforms.smoothing import SCALES
 
-LEARNED_SCALES = "learned_scales"
+LEARNED_SCALES = Capability.LEARNED_SCALES
 _log = logging.getLogger(__name__)
 
 
@@ -177,12 +177,6 @@ def _outputs(value: Any) -> list[Tensor]:
     return [v for v in value if isinstance(v, Tensor) and v.is_floating_point()]
 
 
-def _set_quantizers(module: nn.Module, enabled: bool) -> None:
-    for sub in module.modules():
-        if isinstance(sub, QuantLinear):
-            sub.quantizers_enabled = enabled
-
-
 def _quantized_linears(module: nn.Module) -> list[QuantLinear]:
     return [sub for sub in module.modules() if isinstance(sub, QuantLinear) and sub.weight_quant is not None]
 
@@ -237,8 +231,9 @@ class LearnMAS:
     progress: bool = True
     cmc: CMCConfig | None = None
     name: str = "learn_mas"
-    requires: tuple[str, ...] = (SCALES, WEIGHT_QUANT, CALIBRATION_DATA)
-    provides: tuple[str, ...] = (LEARNED_SCALES,)
+    requires: tuple[Capability, ...] = (SCALES, WEIGHT_QUANT, CALIBRATION_DATA)
+    provides: tuple[Capability, ...] = (LEARNED_SCALES,)
+    invalidates: tuple[Capability, ...] = (Capability.SOLVED_WEIGHTS, Capability.CMC)
     losses: dict[int, tuple[float, float]] = field(default_factory=dict, init=False)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
@@ -247,9 +242,6 @@ class LearnMAS:
                 "own_channels_in_loop learns under the CMC's own_channels constraint: pass LearnMAS(cmc=CMCConfig("
                 "own_channels=...)) (a recipe with cmc.own_channels set does), or turn own_channels_in_loop off"
             )
-        for module in gm.modules():
-            if isinstance(module, QuantLinear):
-                module.unfreeze()
         layers = _Layers(gm, context.captured.num_layers)
         done = self._resume(gm)
         samples = list(context.calibration)
@@ -266,11 +258,8 @@ class LearnMAS:
                 self._save(gm, layer)
             with torch.no_grad():
                 for fp_env, q_env in zip(fp_envs, q_envs):
-                    if module is not None:
-                        _set_quantizers(module, False)
-                    fp_env[node] = _value(layers.split, node, fp_env)
-                    if module is not None:
-                        _set_quantizers(module, True)
+                    with quantizers_off(module):
+                        fp_env[node] = _value(layers.split, node, fp_env)
                     q_env[node] = _value(layers.split, node, q_env)
                     for env in (fp_env, q_env):
                         for arg in list(env):
@@ -285,11 +274,9 @@ class LearnMAS:
             if isinstance(module, QuantLinear):
                 if module.scales is not None:
                     module.scales.requires_grad_(False)
-                    context.result(module.name)["smooth_scales"] = module.scales.detach().clone()
                 if module.act_quant is not None and module.act_quant.granularity == "per_tensor":
                     # static scales were calibrated for the initial scales: recalibrate for the learned ones
-                    module.act_static_scale = calibrate_static_scale(_smoothed_absmax(module, context), module.act_quant)
-                module.freeze()
+                    module.set_quantizers(static_scale=calibrate_static_scale(_smoothed_absmax(module, context), module.act_quant))
         return gm
 
     @staticmethod
@@ -305,10 +292,8 @@ class LearnMAS:
             return
         tied = [] if not cfg.own_channels_in_loop else [_TiedRows.of(module, p, self.cmc, stats) for p in params.values()]
         tied = [t for t in tied if t is not None]
-        with torch.no_grad():
-            _set_quantizers(module, False)
+        with torch.no_grad(), quantizers_off(module):
             targets = [_outputs(_value(split, node, env)) for env in fp_envs]
-            _set_quantizers(module, True)
         for p in [*params.values(), *clips]:
             p.requires_grad_(True)
         hooks = [t.table.register_hook(t.tie_gradient) for t in tied]

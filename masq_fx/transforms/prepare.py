@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from torch import fx
+from torch import fx, nn
 
 from masq_fx.capture.dataflow import smoothing_groups
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import GRAPH, Context
+from masq_fx.pipeline import GRAPH, Capability, Context
 
-QUANT_LINEARS = "quant_linears"
+QUANT_LINEARS = Capability.QUANT_LINEARS
 _DECODER = "decoder."
 
 
@@ -30,6 +30,30 @@ def quant_linears(gm: fx.GraphModule) -> Iterator[QuantLinear]:
             yield module
 
 
+def module_path(name: str) -> str:
+    """Graph path of the linear module named ``name`` (relative to the decoder; the head is ``lm_head``)."""
+    return name if name == "lm_head" else _DECODER + name
+
+
+def install_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module, modality_ids: fx.Node) -> fx.Node:
+    """Replace the float linear ``node`` by a call of ``module`` at its :func:`module_path` with ``(x, modality_ids)``.
+
+    The float weight and bias nodes go when nothing else reads them (the module holds them).
+    """
+    target = module_path(node.meta[MODULE_KEY])
+    gm.add_submodule(target, module)  # replaces the parameter holder at the same path
+    with gm.graph.inserting_after(node):
+        replacement = gm.graph.call_module(target, (node.args[0], modality_ids))
+    replacement.meta.update(node.meta)
+    node.replace_all_uses_with(replacement)
+    params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+    gm.graph.erase_node(node)
+    for param in params:
+        if not param.users:
+            gm.graph.erase_node(param)
+    return replacement
+
+
 def _attr(gm: fx.GraphModule, node: fx.node.Argument):
     if node is None:
         return None
@@ -38,14 +62,20 @@ def _attr(gm: fx.GraphModule, node: fx.node.Argument):
     return getattr(gm.get_submodule(owner), name)
 
 
+def float_linear(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """(weight, bias or ``None``) of the float ``aten.linear`` ``node``."""
+    _, weight, bias = (list(node.args) + [None])[:3]
+    return _attr(gm, weight), _attr(gm, bias)
+
+
 @dataclass
 class PrepareQuantLinears:
     """Swap decoder linears (and ``lm_head`` if ``include_head``) for identity QuantLinears."""
 
     include_head: bool = False
     name: str = "prepare_quant_linears"
-    requires: tuple[str, ...] = (GRAPH,)
-    provides: tuple[str, ...] = (QUANT_LINEARS,)
+    requires: tuple[Capability, ...] = (GRAPH,)
+    provides: tuple[Capability, ...] = (QUANT_LINEARS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         if any(True for _ in quant_linears(gm)):
@@ -56,15 +86,7 @@ class PrepareQuantLinears:
             name = node.meta.get(MODULE_KEY)
             if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head):
                 continue
-            x, weight, bias = (list(node.args) + [None])[:3]
-            module = QuantLinear(_attr(gm, weight), _attr(gm, bias), name)
-            target = name if name == "lm_head" else _DECODER + name
-            gm.add_submodule(target, module)  # replaces the parameter holder at the same path
-            with gm.graph.inserting_after(node):
-                replacement = gm.graph.call_module(target, (x, modality_ids))
-            replacement.meta.update(node.meta)
-            node.replace_all_uses_with(replacement)
-            gm.graph.erase_node(node)
+            install_linear(gm, node, QuantLinear(*float_linear(gm, node), name), modality_ids)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         return gm

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from masq_fx.errors import InputError
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import Context
+from masq_fx.pipeline import Capability, Context
 from masq_fx.quantizers import ActQuantConfig, WeightQuantConfig, calibrate_static_scale
 from masq_fx.transforms.prepare import QUANT_LINEARS, quant_linears
 
-WEIGHT_QUANT = "weight_quant"
-ACT_QUANT = "act_quant"
+WEIGHT_QUANT = Capability.WEIGHT_QUANT
+ACT_QUANT = Capability.ACT_QUANT
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,24 @@ class ModuleFilter:
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise InputError(f"modules: {pattern!r} is not a valid regular expression ({error}); e.g. 'layers\\.[0-9]+\\.mlp\\..*'") from None
+
     def __call__(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.include) and not any(re.fullmatch(p, name) for p in self.exclude)
+
+    def require_match(self, names: Sequence[str]) -> None:
+        """Refuse a filter that selects none of ``names`` (it would quantize nothing)."""
+        if names and not any(self(name) for name in names):
+            examples = ", ".join(names[:3])
+            raise InputError(
+                f"modules: include {list(self.include)} / exclude {list(self.exclude)} select none of the {len(names)} decoder "
+                f"linears (e.g. {examples}); patterns must match whole names, e.g. 'layers\\..*\\.mlp\\..*'"
+            )
 
 
 @dataclass
@@ -35,14 +53,13 @@ class QuantizeWeights:
     config: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     modules: ModuleFilter = field(default_factory=ModuleFilter)
     name: str = "quantize_weights"
-    requires: tuple[str, ...] = (QUANT_LINEARS,)
-    provides: tuple[str, ...] = (WEIGHT_QUANT,)
+    requires: tuple[Capability, ...] = (QUANT_LINEARS,)
+    provides: tuple[Capability, ...] = (WEIGHT_QUANT,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         for module in quant_linears(gm):
             if self.modules(module.name):
-                module.weight_quant = self.config
-                module.freeze()
+                module.set_quantizers(weight=self.config)
         return gm
 
 
@@ -53,8 +70,8 @@ class QuantizeActivations:
     config: ActQuantConfig = field(default_factory=ActQuantConfig)
     modules: ModuleFilter = field(default_factory=ModuleFilter)
     name: str = "quantize_activations"
-    requires: tuple[str, ...] = (QUANT_LINEARS,)
-    provides: tuple[str, ...] = (ACT_QUANT,)
+    requires: tuple[Capability, ...] = (QUANT_LINEARS,)
+    provides: tuple[Capability, ...] = (ACT_QUANT,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         static = self.config.granularity == "per_tensor"
@@ -62,9 +79,8 @@ class QuantizeActivations:
             raise ValueError("static per-tensor activation scales need calibration statistics: run Calibrate first")
         for module in quant_linears(gm):
             if self.modules(module.name):
-                module.act_quant = self.config
-                if static:
-                    module.act_static_scale = calibrate_static_scale(_smoothed_absmax(module, context), self.config)
+                scale = calibrate_static_scale(_smoothed_absmax(module, context), self.config) if static else None
+                module.set_quantizers(activation=self.config, static_scale=scale)
         return gm
 
 

@@ -32,14 +32,14 @@ from torch import Tensor, fx, nn
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.calibration.stats import ModalityStats
 from masq_fx.capture.dataflow import SmoothingGroup
-from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY
+from masq_fx.capture.decoder import module_nodes
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.pipeline import Context
+from masq_fx.nn.routing import insert_routers
+from masq_fx.pipeline import Capability, Context
 from masq_fx.transforms.prepare import QUANT_LINEARS
 
-SCALES = "scales"
-ROUTER_PREFIX = "masq_fx_router_"
+SCALES = Capability.SCALES
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,6 @@ class SmoothingConfig:
             raise ValueError(f"unknown smoothing site kinds {sorted(unknown)}; use 'norm', 'attention', 'activation'")
         if self.min_scale <= 0:
             raise ValueError(f"min_scale must be positive, got {self.min_scale}")
-
-
-class ModalityScale(nn.Module):
-    """``x ⊘ s[row_of_modality[m]]`` per token; shares its table with the group's QuantLinears."""
-
-    def __init__(self, scales: nn.Parameter, row_of_modality: Tensor) -> None:
-        super().__init__()
-        self.scales = scales
-        self.register_buffer("row_of_modality", row_of_modality.clone())
-
-    def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
-        return (x.float() / self.scales[self.row_of_modality[modality_ids]]).to(x.dtype)
 
 
 def scale_rows(
@@ -104,15 +92,13 @@ class SmoothScales:
 
     config: SmoothingConfig = field(default_factory=SmoothingConfig)
     name: str = "smooth_scales"
-    requires: tuple[str, ...] = (QUANT_LINEARS, STATS)
-    provides: tuple[str, ...] = (SCALES,)
+    requires: tuple[Capability, ...] = (QUANT_LINEARS, STATS)
+    provides: tuple[Capability, ...] = (SCALES,)
+    #: new scales drop what was solved or compensated for the old ones
+    invalidates: tuple[Capability, ...] = (Capability.LEARNED_SCALES, Capability.SCALES_PROJECTED, Capability.SOLVED_WEIGHTS, Capability.CMC)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        nodes = {
-            node.meta[MODULE_KEY]: node
-            for node in gm.graph.find_nodes(op="call_module")
-            if isinstance(gm.get_submodule(str(node.target)), QuantLinear)
-        }
+        nodes = module_nodes(gm)
         missing: set[Modality] = set()
         for group in context.groups:
             if group.kind not in self.config.kinds:
@@ -132,10 +118,6 @@ class SmoothScales:
                 for module in modules:
                     w = module.weight.detach().abs().amax(0)
                     module.set_scales(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), rows)
-            for module in modules:
-                record = context.result(module.name)
-                record["smooth_scales"] = module.scales.detach().clone()
-                record["row_of_modality"] = module.row_of_modality.clone()
         if missing:
             names = ", ".join(m.name.lower() for m in sorted(missing))
             warnings.warn(
@@ -157,37 +139,14 @@ class SmoothScales:
     ) -> None:
         w = torch.stack([m.weight.detach().abs().amax(0) for m in modules]).amax(0)
         scales = nn.Parameter(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), requires_grad=False)
+        folded = self.config.fold_into_norm and group.kind == "norm" and bool(group.norm_weight) and scales.shape[0] == 1
         for module in modules:
             module.set_scales(scales, rows)
-            module.divide_input = False
-        if self.config.fold_into_norm and group.kind == "norm" and group.norm_weight and scales.shape[0] == 1:
+            module.divide_upstream(folded=folded)
+        if folded:
             _fold_into_norm(gm, group, scales[0].detach())
-            for module in modules:
-                module.scales_folded = True
-            return
-        insert_routers(gm, nodes, scales, rows)
-
-
-def insert_routers(gm: fx.GraphModule, nodes: list[fx.Node], scales: nn.Parameter, rows: Tensor) -> None:
-    """Divide the input of the QuantLinear ``nodes`` by ``scales[rows[m]]`` once per distinct input node.
-
-    Used by tied smoothing and to replay its routers onto a fresh graph (checkpoints).
-    """
-    modality_ids = nodes[0].args[1]
-    for index, x in enumerate(dict.fromkeys(node.args[0] for node in nodes)):
-        target = f"{ROUTER_PREFIX}{nodes[0].meta[MODULE_KEY].replace('.', '_')}_{index}"
-        gm.add_submodule(target, ModalityScale(scales, rows))
-        with gm.graph.inserting_before(min((n for n in nodes if n.args[0] is x), key=_order)):
-            router = gm.graph.call_module(target, (x, modality_ids))
-        if LAYER_KEY in nodes[0].meta:
-            router.meta[LAYER_KEY] = nodes[0].meta[LAYER_KEY]
-        for node in nodes:
-            if node.args[0] is x:
-                node.args = (router, *node.args[1:])
-
-
-def _order(node: fx.Node) -> int:
-    return list(node.graph.nodes).index(node)
+        else:
+            insert_routers(gm, nodes, scales, rows)
 
 
 def _fold_into_norm(gm: fx.GraphModule, group: SmoothingGroup, scale: Tensor) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from masq_fx.builtin.trimodal.processing import Modality, Sample, TrimodalProcessor
+from masq_fx.errors import InputError, MissingFileError
 
 Split = Literal["train", "calibration", "evaluation"]
 SPLITS: tuple[Split, ...] = ("train", "calibration", "evaluation")
@@ -55,7 +56,7 @@ TEXT_TEMPLATES: tuple[str, ...] = (
 def number_words(n: int) -> str:
     """English words of ``n`` in 0..99 (``42`` → ``"forty-two"``)."""
     if not 0 <= n < 100:
-        raise ValueError(f"number must be in 0..99, got {n}")
+        raise InputError(f"number must be in 0..99, got {n}")
     if n < 20:
         return _ONES[n]
     tens, ones = divmod(n, 10)
@@ -65,9 +66,9 @@ def number_words(n: int) -> str:
 def item_seed(split: Split, index: int) -> int:
     """The seed of item ``index`` of ``split``; the seed ranges of the splits are disjoint."""
     if split not in SPLIT_SEED_BASE:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise InputError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not 0 <= index < MAX_ITEMS_PER_SPLIT:
-        raise ValueError(f"item index must be in [0, {MAX_ITEMS_PER_SPLIT}), got {index}")
+        raise InputError(f"item index must be in [0, {MAX_ITEMS_PER_SPLIT}), got {index}")
     return SPLIT_SEED_BASE[split] + index
 
 
@@ -137,14 +138,14 @@ class ShippedSet:
             n = len(self.vision_numbers) if limit is None else limit
             items = [text_item(self.split, i) for i in range(n)]
             return [Sample("text", str(t.number), text=t.question) for t in items]
-        raise ValueError(f"unknown modality {modality!r}; expected 'vision', 'audio' or 'text'")
+        raise InputError(f"unknown modality {modality!r}; expected 'vision', 'audio' or 'text'")
 
 
 def load_set(split: Split, folder: Path = ASSETS) -> ShippedSet:
     """A shipped split; needs no espeak-ng."""
     path = _set_path(folder, split)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python benchmarks/fixtures/build_trimodal_data.py`")
+        raise MissingFileError(f"{path} is missing: run `python benchmarks/fixtures/build_trimodal_data.py`")
     with np.load(path, allow_pickle=False) as data:
         return ShippedSet(split=split, **{k: data[k] for k in data.files})
 

@@ -23,6 +23,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, Qwen2_5OmniT
 from masq_fx.builtin.smollm2 import load_smollm2
 from masq_fx.builtin.trimodal.data import ASSETS
 from masq_fx.builtin.trimodal.processing import SPECIAL_TOKENS, AudioSpec, ImageSpec, TrimodalProcessor
+from masq_fx.errors import MissingFileError
 from masq_fx.models.qwen_omni import thinker_token_fields
 
 ENCODERS_FILE = "encoders.safetensors"
@@ -32,7 +33,7 @@ ENCODER_PREFIXES = ("model.visual.", "model.audio_tower.")
 MROPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32
 
 
-class MissingAssetsError(FileNotFoundError):
+class MissingAssetsError(MissingFileError):
     """The trained tower weights are not where they should be."""
 
 

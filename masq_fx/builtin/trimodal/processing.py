@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from masq_fx.errors import InputError
+
 Modality = Literal["vision", "audio", "text"]
 
 #: SmolLM2 special tokens (ids 3..9) reused as the thinker's media tokens
@@ -60,7 +62,7 @@ class ImageSpec:
     def __post_init__(self) -> None:
         unit = self.patch * self.merge
         if self.height % unit or self.width % unit:
-            raise ValueError(f"image size {self.height}x{self.width} must be a multiple of {unit}")
+            raise InputError(f"image size {self.height}x{self.width} must be a multiple of {unit}")
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -111,7 +113,7 @@ def image_patches(images: np.ndarray | torch.Tensor, spec: ImageSpec = ImageSpec
     """
     x = torch.as_tensor(images)
     if x.dim() != 4 or x.shape[1:] != (spec.height, spec.width, 3) or x.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 [n, {spec.height}, {spec.width}, 3], got {x.dtype} {tuple(x.shape)}")
+        raise InputError(f"images must be uint8 [n, {spec.height}, {spec.width}, 3], got {x.dtype} {tuple(x.shape)}")
     n = x.shape[0]
     x = x.permute(0, 3, 1, 2).float() / 255.0
     x = (x - torch.tensor(_IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(_IMAGE_STD).view(1, 3, 1, 1)
@@ -148,7 +150,7 @@ def log_mel(waveform: np.ndarray | torch.Tensor, spec: AudioSpec = AudioSpec()) 
     """
     wav = torch.as_tensor(waveform, dtype=torch.float32)
     if wav.dim() != 1:
-        raise ValueError(f"waveform must be 1-D (mono), got shape {tuple(wav.shape)}")
+        raise InputError(f"waveform must be 1-D (mono), got shape {tuple(wav.shape)}")
     window = torch.hann_window(spec.win_length)
     stft = torch.stft(wav, spec.n_fft, spec.hop_length, spec.win_length, window, center=True, return_complex=True)
     power = stft[:, : spec.frames(wav.numel())].abs() ** 2
@@ -186,7 +188,7 @@ class Sample:
         needed = {"vision": self.image, "audio": self.features, "text": self.text}[self.modality]
         if needed is None:
             field_name = {"vision": "image", "audio": "features", "text": "text"}[self.modality]
-            raise ValueError(f"a {self.modality} sample needs its {field_name!r}")
+            raise InputError(f"a {self.modality} sample needs its {field_name!r}")
 
 
 class TrimodalProcessor:
@@ -214,7 +216,7 @@ class TrimodalProcessor:
         (1-2 s) or a text question."""
         given = [name for name, value in (("image", image), ("waveform", waveform), ("text", text)) if value is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of image, waveform, text; got {given or 'none'}")
+            raise InputError(f"give exactly one of image, waveform, text; got {given or 'none'}")
         if image is not None:
             return Sample("vision", answer, image=np.asarray(image))
         if waveform is not None:
@@ -253,13 +255,13 @@ class TrimodalProcessor:
         answer ids (``-100`` elsewhere): the training layout.
         """
         if not samples:
-            raise ValueError("no samples to batch")
+            raise InputError("no samples to batch")
         rows, labels = [], []
         for s in samples:
             prompt = self.prompt_ids(s)
             if with_answers:
                 if s.answer is None:
-                    raise ValueError("with_answers=True needs every sample's answer")
+                    raise InputError("with_answers=True needs every sample's answer")
                 reply = self.answer_ids(s.answer)
                 rows.append(prompt + reply)
                 labels.append([-100] * len(prompt) + reply)
