@@ -23,8 +23,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from masq_fx.capture.dataflow import input_node
-from masq_fx.capture.decoder import LAYER_KEY, CapturedDecoder
+from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.errors import CalibrationMemoryError
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import adapter_for
@@ -77,11 +76,7 @@ def _gib(size: int) -> str:
 
 def observed_channels(captured: CapturedDecoder) -> list[int]:
     """Input width of every site calibration observes: one per distinct input of the decoder-layer linears."""
-    sites: dict[object, int] = {}
-    for name, node in captured.linear_nodes().items():
-        if LAYER_KEY in node.meta:
-            sites.setdefault(input_node(node), int(captured.weights[name].shape[1]))
-    return list(sites.values())
+    return [int(captured.weights[site.linears[0]].shape[1]) for site in captured.groups()]
 
 
 def estimate_calibration_memory(

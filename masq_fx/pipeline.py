@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from torch import fx
 from tqdm.auto import tqdm
 
-from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.errors import InputError
 from masq_fx.models import DecoderInputs
@@ -85,8 +84,6 @@ class Context:
     calibration: Sequence[DecoderInputs] = ()
     #: module name of a linear → statistics of its input (linears sharing an input share the object)
     stats: dict[str, ModalityStats] = field(default_factory=dict)
-    #: smoothing groups of the float graph (filled by the step that first needs them)
-    groups: list[SmoothingGroup] = field(default_factory=list)
     provided: set[Capability] = field(default_factory=set)
     history: list[StepRecord] = field(default_factory=list)
     #: step name → the diagnostics it records (CrossModalCompensation: its ``BranchReport`` list)

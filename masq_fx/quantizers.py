@@ -343,7 +343,7 @@ def act_scale(x: Tensor, config: ActQuantConfig) -> Tensor:
     return _symmetric_scale(x.abs().amax(), config.qmin, config.qmax)
 
 
-def fake_quant_act(x: Tensor, config: ActQuantConfig, static_scale: Tensor | None = None) -> Tensor:
+def fake_quant_act(x: Tensor, config: ActQuantConfig, static_scale: Tensor | float | None = None) -> Tensor:
     """Quantize-dequantize activations (STE). ``per_tensor`` needs the calibrated ``static_scale``."""
     if config.granularity == "per_token" and static_scale is not None:
         raise InputError(

@@ -162,7 +162,8 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
             continue
         module = edits.linears[name]
         if isinstance(module, LinearRecord):
-            module = module.build(*float_linear(gm, node), name)
+            weight, bias = float_linear(gm, node)
+            module = module.build(weight, bias, name)
         installed[name] = install_linear(gm, node, module, modality_ids)
     missing = set(edits.linears) - set(installed)
     if missing:
@@ -183,7 +184,7 @@ def _set_attribute(gm: fx.GraphModule, path: str, value: Tensor) -> None:
     except AttributeError:
         owner = None
     old = getattr(owner, attr, None)
-    if not isinstance(old, Tensor) or old.shape != value.shape or old.dtype != value.dtype:
+    if owner is None or not isinstance(old, Tensor) or old.shape != value.shape or old.dtype != value.dtype:
         raise ValueError(f"the captured graph's {path} does not match the replayed tensor: capture changed?")
     if attr in owner._parameters and not isinstance(value, nn.Parameter):
         value = nn.Parameter(value, requires_grad=False)

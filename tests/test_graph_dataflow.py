@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -174,3 +175,16 @@ def test_groups_follow_dataflow_not_module_names() -> None:
         ]
     expected.append(("norm", ("lm_head",), "decoder.norm.weight", "decoder.norm.bias", None))
     assert [(g.kind, g.linears, g.norm_weight, g.norm_bias, g.layer) for g in groups] == expected
+
+
+def test_capture_finds_the_sites_once_and_copies_keep_them():
+    from masq_fx.capture import capture
+    from masq_fx.models.tiny import tiny_model
+
+    captured = capture(tiny_model("qwen2.5-vl", seed=0).model)
+    float_graph = copy.deepcopy(captured.graph_module)
+    assert list(captured.sites) == smoothing_groups(float_graph, include_head=True)
+    assert captured.groups() == smoothing_groups(float_graph) and captured.groups(include_head=True)[-1].linears == ("lm_head",)
+    twin = captured.copy()
+    assert twin.sites == captured.sites and twin.graph_module is not captured.graph_module
+    assert all(a is b for a, b in zip(twin.float_tensors, captured.float_tensors))  # float weights shared, not copied

@@ -64,7 +64,7 @@ import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,8 @@ def unsupported_reason(module: QuantLinear) -> str | None:
 def _int8_weight(module: QuantLinear, row: int) -> Int8Tensor:
     """torchao int8 weight of ``module.quantized_weight(row)``: the reference's own integer codes and
     per-channel scales (rounded to nearest, clipped, or solved by GPTQ), checked to dequantize to it."""
-    config: WeightQuantConfig = module.state.weight_quant
+    config = module.state.weight_quant
+    assert config is not None  # unsupported_reason: a weight quantizer is set
     codes = module.weight_codes(row)
     target = module.quantized_weight(row).detach().float()
     restored = codes.qdata.float() * codes.scale.float()
@@ -231,6 +232,14 @@ class Int8QuantLinear(nn.Module):
     reference to the float weight.
     """
 
+    #: buffers (``None`` where the layout does not use them) and the integer ``Rᵀ`` of the masked layout
+    row_of_modality: Tensor
+    branch_left: Tensor | None
+    branch_right: Tensor | None
+    branch_rows: Tensor | None
+    int8_right: nn.Parameter | None
+    int8_right_scale: Tensor | None
+
     def __init__(
         self,
         name: str,
@@ -259,7 +268,7 @@ class Int8QuantLinear(nn.Module):
         self.scales = None if scales is None else nn.Parameter(scales.detach().float().clone(), requires_grad=False)
         self.register_buffer("row_of_modality", row_of_modality.detach().long().clone())
         self.act_quant = act_quant
-        if int8 is not None:
+        if branch_codes:  # int8 is not None
             self.branch_ranks = {row: int(left.qdata.shape[0]) for row, (left, _) in sorted(branch_codes.items())}
         else:
             self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
@@ -290,6 +299,7 @@ class Int8QuantLinear(nn.Module):
         reason = unsupported_reason(module)
         if reason is not None:
             raise ValueError(f"{module.name} cannot be lowered to int8 kernels: {reason}")
+        assert module.state.act_quant is not None  # unsupported_reason: an activation quantizer is set
         return cls(
             name=module.name,
             weights=[_int8_weight(module, row) for row in module.stored_rows()],
@@ -324,11 +334,13 @@ class Int8QuantLinear(nn.Module):
         if self.branch_left is not None and self.branch_input == "quantized":
             source = fake_quant_act(xs, self.act_quant)
         if self.position_rows and positions and positions[0] is not None:
-            y = self._indexed_branches(y, source, hidden, positions)
+            y = self._indexed_branches(y, source, hidden, cast(Sequence[Tensor], positions))  # all given or all None
         elif self.branch_left is not None:  # all modalities' branches in one GEMM pair, masked per token
+            assert self.branch_right is not None  # float factors are set together
             h = (source @ self.branch_left) * (token_rows == self.branch_rows)
             y = y + h @ self.branch_right
         elif hidden is not None:
+            assert self.int8_right is not None and self.int8_right_scale is not None  # set with the hidden columns
             hidden = hidden * (token_rows == self.branch_rows)
             y = y + F.linear(hidden, self.int8_right) * self.int8_right_scale[rows]
         if self.bias is not None:
@@ -344,8 +356,10 @@ class Int8QuantLinear(nn.Module):
                 continue
             start, stop = self.branch_spans[row]
             if hidden is None:
+                assert self.branch_left is not None and self.branch_right is not None  # float factors
                 part = (source.reshape(-1, self.in_features)[tokens] @ self.branch_left[:, start:stop]) @ self.branch_right[start:stop]
             else:
+                assert self.int8_right_scale is not None  # set with the hidden columns
                 h = hidden.reshape(-1, hidden.shape[-1])[tokens, start:stop]
                 h = F.pad(h, (0, 1)) if stop - start == 1 else h
                 part = F.linear(h, self.int8_right_rows[str(row)]) * self.int8_right_scale[row]

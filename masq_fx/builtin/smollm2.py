@@ -50,4 +50,5 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, 
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model.tie_weights()
-    return model.to(dtype).eval(), tokenizer
+    # transformers wraps ``PreTrainedModel.to`` with functools.wraps, which typeshed types as a non-method
+    return model.to(dtype).eval(), tokenizer  # type: ignore[arg-type]

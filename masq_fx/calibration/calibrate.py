@@ -19,8 +19,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from masq_fx.calibration.observer import ModalityObserver
-from masq_fx.capture.dataflow import input_node
-from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY
+from masq_fx.capture.decoder import MODULE_KEY
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Capability, Context
@@ -48,23 +47,17 @@ class InsertObservers:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         graph = gm.graph
         placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
-        # linears whose inputs come from the same node (q/k/v; gate/up) share one observer,
+        nodes = {n.meta[MODULE_KEY]: n for n in graph.nodes if MODULE_KEY in n.meta}
+        # linears whose inputs come from the same node (q/k/v; gate/up: one site) share one observer,
         # which watches the tensor the first of them actually reads
-        sites: dict[fx.Node, list[fx.Node]] = {}
-        for node in graph.nodes:
-            module = node.meta.get(MODULE_KEY)
-            if module is None or (LAYER_KEY not in node.meta and not self.include_head):
-                continue
-            sites.setdefault(input_node(node), []).append(node)
-        for index, linears in enumerate(sites.values()):
-            tensor = linears[0].args[0]
+        for index, site in enumerate(context.captured.groups(include_head=self.include_head)):
+            tensor = nodes[site.linears[0]].args[0]
+            assert isinstance(tensor, fx.Node)
             target = f"{OBSERVER_PREFIX}{index}"
             gm.add_submodule(target, ModalityObserver(self.moment_modalities))
             with graph.inserting_after(tensor):
-                observer = graph.call_module(
-                    target, (tensor, placeholders["modality_ids"], placeholders["attention_mask"])
-                )
-            observer.meta[_SITES_KEY] = tuple(n.meta[MODULE_KEY] for n in linears)
+                observer = graph.call_module(target, (tensor, placeholders["modality_ids"], placeholders["attention_mask"]))
+            observer.meta[_SITES_KEY] = site.linears
         return gm
 
 

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -33,6 +33,9 @@ from torch.export import Dim
 
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+
+if TYPE_CHECKING:
+    from masq_fx.capture.dataflow import SmoothingGroup
 
 PLACEHOLDERS = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
 MODULE_KEY = "masq_fx.module"
@@ -81,6 +84,10 @@ class CapturedDecoder:
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: the float model's parameters and buffers the exported graph holds (shared with the HF model)
     float_tensors: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    #: the linear sites of the float graph, found once at capture: linears reading one input, with what
+    #: produced it (:func:`~masq_fx.capture.dataflow.smoothing_groups`, the head included); observers,
+    #: smoothing and the memory estimate read them
+    sites: tuple[SmoothingGroup, ...] = field(default=(), repr=False)
 
     def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
         return self.graph_module(*inputs.args())
@@ -95,6 +102,10 @@ class CapturedDecoder:
         """
         memo: dict[int, Any] = {id(t): t for t in self.float_tensors}
         return copy.deepcopy(self, memo)
+
+    def groups(self, include_head: bool = False) -> list[SmoothingGroup]:
+        """The :attr:`sites` of the decoder layers (and the LM head's if ``include_head``)."""
+        return [site for site in self.sites if site.layer is not None or include_head]
 
     def linear_nodes(self) -> dict[str, fx.Node]:
         """Module name → its linear node, in graph order."""
@@ -196,6 +207,8 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
     ``example`` fixes nothing but dtypes and ranks; a random text-only example is used if omitted.
     The model is put in eval mode. Its parameters are shared with the graph, not copied.
     """
+    from masq_fx.capture.dataflow import smoothing_groups  # dataflow reads this module's node tags
+
     adapter = adapter_for(model)
     model.eval()
     example = example or example_inputs(adapter)
@@ -221,6 +234,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
     captured.float_tensors = (*gm.parameters(), *gm.buffers())
+    captured.sites = tuple(smoothing_groups(gm, include_head=True))
     return captured
 
 

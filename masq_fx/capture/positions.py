@@ -92,7 +92,9 @@ def add_position_inputs(gm: fx.GraphModule, calls: Iterable[fx.Node]) -> None:
                 gm.graph.placeholder(name)
         placeholders = position_placeholders(gm)
         _extend_signature(gm)
-        gm.register_forward_pre_hook(CompletePositions.of(gm), prepend=True)
+        complete = CompletePositions.of(gm)
+        assert complete is not None  # the position placeholders were just added
+        gm.register_forward_pre_hook(complete, prepend=True)
     for node in calls:
         if not set(placeholders) & set(node.args):
             node.args = (*node.args, *placeholders)

@@ -18,10 +18,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
@@ -88,16 +89,16 @@ class ModelAdapter(ABC):
         )
 
     def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        return cast(PreTrainedModel, self.model).get_output_embeddings()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+        return cast(PreTrainedModel, self.model).get_input_embeddings()(input_ids)
 
     def layers(self) -> nn.ModuleList:
-        return self.language_model().layers
+        return cast(nn.ModuleList, self.language_model().layers)
 
     def text_config(self) -> Any:
-        config = self.model.config
+        config: Any = self.model.config  # a PretrainedConfig (or a plain config object)
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
     def context_length(self) -> int | None:

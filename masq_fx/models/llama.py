@@ -15,4 +15,4 @@ class LlamaAdapter(ModelAdapter):
     model_classes = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
 
     def language_model(self) -> nn.Module:
-        return self.model.model
+        return self.model.get_submodule("model")

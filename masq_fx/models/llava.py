@@ -21,4 +21,4 @@ class LlavaAdapter(ModelAdapter):
     model_classes = (LlavaForConditionalGeneration,)
 
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self.model.get_submodule("model.language_model")

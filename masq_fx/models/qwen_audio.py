@@ -25,7 +25,7 @@ class Qwen2AudioAdapter(ModelAdapter):
     model_classes = (Qwen2AudioForConditionalGeneration,)
 
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self.model.get_submodule("model.language_model")
 
 
     def decoder_inputs(self, batch: Mapping[str, torch.Tensor], policy: ModalityPolicy = ModalityPolicy()) -> DecoderInputs:

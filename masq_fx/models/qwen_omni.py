@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
@@ -27,10 +28,10 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
     position_rows = 3
 
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self.model.get_submodule("model.language_model")
 
 
-def thinker_token_fields(tokens: Mapping[str, int]) -> dict[str, int]:
+def thinker_token_fields(tokens: Mapping[str, int]) -> dict[str, Any]:
     """``Qwen2_5OmniThinkerConfig`` token-id fields from placeholder ids named ``image``, ``video``, ``audio``,
     ``audio_start``/``audio_end`` and ``vision_start``/``vision_end`` (the last two are read by the thinker's
     ``get_rope_index`` but not declared by its config class; real checkpoints set them)."""

@@ -13,7 +13,7 @@ class _QwenVLAdapter(ModelAdapter):
     position_rows = 3
 
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self.model.get_submodule("model.language_model")
 
 
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,8 @@ def quantizers_off(root: nn.Module | None) -> Iterator[None]:
 
 class QuantLinear(nn.Module):
     """Modality-routed, smoothed, fake-quantized linear: ``forward(x, modality_ids) -> y``."""
+
+    row_of_modality: Tensor  # buffer [NUM_MODALITIES]: modality id → scale row
 
     def __init__(self, weight: Tensor, bias: Tensor | None, name: str) -> None:
         super().__init__()
@@ -559,7 +561,7 @@ class QuantLinear(nn.Module):
         xq = xs
         if self.act_quant is not None and self._quantizers_on:
             xq = fake_quant_act(xs, self.act_quant, self.act_static_scale)
-        weights = self._cache if self._use_cache() else self._weights()
+        weights = cast(Tensor, self._cache) if self._use_cache() else self._weights()  # _use_cache: a cache is built
         token_rows = self.row_of_modality[modality_ids].unsqueeze(-1)
         y = F.linear(xq, weights[0])
         for row in range(1, weights.shape[0]):

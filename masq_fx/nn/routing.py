@@ -19,6 +19,8 @@ ROUTER_PREFIX = "masq_fx_router_"
 class ModalityScale(nn.Module):
     """``x ⊘ s[row_of_modality[m]]`` per token; shares its table with the group's QuantLinears."""
 
+    row_of_modality: Tensor  # buffer [NUM_MODALITIES]: modality id → scale row
+
     def __init__(self, scales: nn.Parameter, row_of_modality: Tensor) -> None:
         super().__init__()
         self.scales = scales

@@ -2,8 +2,8 @@
 
 The new module sits at the linear's own module path (``decoder.layers.0.self_attn.q_proj``), takes
 ``(x, modality_ids)`` and starts as the identity rewrite (no scales, no quantizers), so the graph
-computes exactly what it computed before. The float graph's smoothing groups are recorded in
-``context.groups`` first, because later steps need the float dataflow.
+computes exactly what it computed before. The float graph's dataflow (its linear sites) was found
+once at capture (:attr:`~masq_fx.capture.CapturedDecoder.sites`), so later steps still see it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from masq_fx.capture.dataflow import smoothing_groups
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import GRAPH, Capability, Context
@@ -80,7 +79,6 @@ class PrepareQuantLinears:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         if any(True for _ in quant_linears(gm)):
             raise RuntimeError("the graph is already prepared: PrepareQuantLinears must run once")
-        context.groups = smoothing_groups(gm)
         modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
         for node in list(gm.graph.nodes):
             name = node.meta.get(MODULE_KEY)

@@ -100,7 +100,7 @@ class SmoothScales:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         nodes = module_nodes(gm)
         missing: set[Modality] = set()
-        for group in context.groups:
+        for group in context.captured.groups():
             if group.kind not in self.config.kinds:
                 continue
             linears = [name for name in group.linears if name in nodes]

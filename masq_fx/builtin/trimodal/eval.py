@@ -7,6 +7,7 @@ Exact match: the reply up to ``<|im_end|>``, stripped, equals the number's digit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from masq_fx.builtin.trimodal.processing import IM_END, Sample, TrimodalProcessor
 from masq_fx.capture import CapturedDecoder
@@ -31,7 +32,7 @@ def accuracy(
         adapter,
         samples,
         processor,
-        lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True),
+        lambda ids: cast(str, processor.tokenizer.decode(ids, skip_special_tokens=True)),  # one sequence: one str
         stop_id=IM_END,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,

@@ -85,6 +85,7 @@ class TrimodalConfig:
 def thinker_config(llm: LlamaForCausalLM, config: TrimodalConfig) -> Qwen2_5OmniThinkerConfig:
     """The thinker's config: SmolLM2's decoder numbers with M-RoPE, and the two small towers."""
     c = llm.config
+    assert c.rope_parameters is not None  # the config fills it in (from ``rope_theta`` if need be)
     rope_theta = c.rope_parameters["rope_theta"]
     text = dict(
         vocab_size=c.vocab_size,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -230,10 +230,12 @@ class TrimodalProcessor:
             media = [t["vision_start"]] + [t["image"]] * self.image.tokens + [t["vision_end"]]
             question = QUESTIONS["vision"]
         elif sample.modality == "audio":
+            assert sample.features is not None  # checked in Sample.__post_init__
             frames = int(sample.features.shape[1])
             media = [t["audio_start"]] + [t["audio"]] * self.audio.tokens(frames) + [t["audio_end"]]
             question = QUESTIONS["audio"]
         else:
+            assert sample.text is not None  # checked in Sample.__post_init__
             media, question = [], sample.text
         return [IM_START] + self._user + media + self._encode(question) + self._assistant
 
@@ -246,7 +248,7 @@ class TrimodalProcessor:
         ids = list(ids)
         if IM_END in ids:
             ids = ids[: ids.index(IM_END)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True)).strip()  # one sequence: one str
 
     def __call__(self, samples: Sequence[Sample], with_answers: bool = False) -> dict[str, torch.Tensor]:
         """The model's batch for ``samples``: prompts left-padded (for generation and ``decoder_inputs``).
@@ -283,10 +285,10 @@ class TrimodalProcessor:
                 ids[i, width - len(row):] = torch.tensor(row)
                 mask[i, width - len(row):] = 1
         batch["input_ids"], batch["attention_mask"] = ids, mask
-        images = [s.image for s in samples if s.modality == "vision"]
+        images = [s.image for s in samples if s.modality == "vision" and s.image is not None]
         if images:
             batch.update(image_patches(np.stack(images), self.image))
-        clips = [s.features for s in samples if s.modality == "audio"]
+        clips = [s.features for s in samples if s.modality == "audio" and s.features is not None]
         if clips:
             batch.update(audio_batch(clips))
         return batch
