@@ -70,6 +70,7 @@ from torch import Tensor, fx, nn
 
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
+from masq_fx.files import fsync_directory, write_bytes_atomically
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
 from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
@@ -315,15 +316,15 @@ def save(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        _write(staging / TENSORS, data)
-        _write(staging / MANIFEST, text.encode())
+        write_bytes_atomically(staging / TENSORS, data)
+        write_bytes_atomically(staging / MANIFEST, text.encode())
         os.chmod(staging, 0o755)
-        _fsync(staging)
+        fsync_directory(staging)
         _publish(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync(target.parent)
+    fsync_directory(target.parent)
     return target
 
 
@@ -337,21 +338,6 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
         raise CheckpointError(
             f"{target} exists and is not a masq_fx checkpoint directory: refusing to replace it; choose another directory"
         )
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _publish(staging: Path, target: Path, overwrite: bool) -> None:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor, fx, nn
 from torch.export import Dim
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_unused_attributes, model_modalities, module_nodes
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
@@ -33,6 +35,12 @@ from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
 from masq_fx.replay import graph_edits, replay
 
 CACHE_START = "cache_start"
+
+
+def _static_layers(cache: StaticCache) -> list[StaticLayer]:
+    """``cache``'s layers, all static: keys, values and a tensor ``cumulative_length`` allocated up front."""
+    assert all(isinstance(layer, StaticLayer) for layer in cache.layers)
+    return cast(list[StaticLayer], cache.layers)
 
 
 class _CachedExportable(nn.Module):
@@ -47,9 +55,9 @@ class _CachedExportable(nn.Module):
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         heads = config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dtype = next(self.decoder.parameters()).dtype
-        self.cache.early_initialization(batch_size, heads, head_dim, dtype, torch.device("cpu"))
-        for i, layer in enumerate(self.cache.layers):
+        self.cache_dtype = next(self.decoder.parameters()).dtype
+        self.cache.early_initialization(batch_size, heads, head_dim, self.cache_dtype, torch.device("cpu"))
+        for i, layer in enumerate(_static_layers(self.cache)):
             self.register_buffer(f"cache_keys_{i}", layer.keys, persistent=False)
             self.register_buffer(f"cache_values_{i}", layer.values, persistent=False)
             self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
@@ -62,7 +70,7 @@ class _CachedExportable(nn.Module):
         attention_mask: Tensor,
         cache_start: Tensor,
     ) -> Tensor:
-        for layer in self.cache.layers:
+        for layer in _static_layers(self.cache):
             layer.cumulative_length.copy_(cache_start[0])
         hidden = self.decoder(
             inputs_embeds=inputs_embeds,
@@ -108,7 +116,7 @@ def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits
     wrapper = _CachedExportable(adapter, batch_size, max_cache_len, logits_to_keep)
     seq = Dim("tokens", min=1, max=max_cache_len)
     tokens = min(8, max_cache_len)
-    embeds = torch.randn(batch_size, tokens, adapter.text_config().hidden_size, dtype=wrapper.cache.layers[0].keys.dtype)
+    embeds = torch.randn(batch_size, tokens, adapter.text_config().hidden_size, dtype=wrapper.cache_dtype)
     positions = adapter.default_position_ids(batch_size, tokens)
     example = (
         embeds,

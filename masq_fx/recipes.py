@@ -152,7 +152,7 @@ def _config(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
 
 
-def preset(method: Method, wbits: int, abits: int, variant: str | None = None) -> Recipe:
+def preset(method: Method, wbits: int, abits: int, variant: Literal["per_linear", "tied"] | None = None) -> Recipe:
     """The paper's settings: symmetric per-channel weights, dynamic per-token activations.
 
     ``abits >= 16`` means weight-only, with weights in groups of 64 input channels instead.

@@ -471,14 +471,14 @@ def test_interrupted_save_leaves_no_checkpoint_and_keeps_the_old_one(omni, round
     target = tmp_path / "c"
     if existing:
         save(rtn.context, target, model=omni.model, recipe=rtn.recipe)
-    write = checkpoint._write
+    write = checkpoint.write_bytes_atomically
 
     def interrupted(path, data):
         write(path, data[: len(data) // 2])
         if path.name == checkpoint.MANIFEST:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write", interrupted)
+    monkeypatch.setattr(checkpoint, "write_bytes_atomically", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save(sq.context, target, model=omni.model, recipe=sq.recipe, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["c"] if existing else [])

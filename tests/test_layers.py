@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: every room below the API
 LIBRARY = set(
-    "checkpoint generation replay backends recipes memory eval data transforms calibration pipeline capture nn models modality quantizers errors".split()
+    "checkpoint generation replay backends recipes memory eval data transforms calibration pipeline capture nn models modality quantizers files errors".split()
 )
 
 #: room → the other rooms its modules may import (bottom floor first; the same table as docs/architecture.md)
 ALLOWED: dict[str, set[str]] = {
     # numerics and shared vocabulary
     "errors": set(),
+    "files": set(),
     "modality": {"errors"},
     "quantizers": {"errors"},
     # what a model is, and the modules a transformed graph holds
@@ -43,15 +44,15 @@ ALLOWED: dict[str, set[str]] = {
     # stages 1-3: pipeline machinery, calibration, transforms
     "pipeline": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "calibration": {"pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
-    "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
+    "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     # stage 4 and running / persisting a transformed graph
     "backends": {"capture", "nn", "models", "modality", "quantizers", "errors"},
-    "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
+    "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "generation": {"replay", "backends", "capture", "nn", "models", "modality", "quantizers", "errors"},
-    "recipes": {"transforms", "calibration", "pipeline", "backends", "capture", "nn", "models", "modality", "quantizers", "errors"},
-    "checkpoint": {"replay", "recipes", "calibration", "capture", "nn", "models", "modality", "quantizers", "errors"},
+    "recipes": {"transforms", "calibration", "pipeline", "backends", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
+    "checkpoint": {"replay", "recipes", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "eval": {"generation", "data", "capture", "nn", "models", "modality", "quantizers", "errors"},
-    "memory": {"recipes", "transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
+    "memory": {"recipes", "transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     # the API and the package's face
     "api": set(LIBRARY),
     "__init__": LIBRARY | {"api"},

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -29,6 +28,7 @@ from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.errors import InputError
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
+from masq_fx.files import write_atomically
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
 from masq_fx.pipeline import StepRecord
@@ -156,9 +156,9 @@ class RunReport:
         """Write ``report.md`` and ``sqnr.png`` into ``directory`` (created if missing), each atomically."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / PLOT_FILE, self.plot)
+        write_atomically(folder / PLOT_FILE, self.plot)
         report = folder / REPORT_FILE
-        _write_atomically(report, lambda out: out.write(self.markdown(PLOT_FILE).encode()))
+        write_atomically(report, lambda out: out.write(self.markdown(PLOT_FILE).encode()))
         return report
 
     def _sqnr_section(self, image: str) -> str:
@@ -357,16 +357,3 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary sibling file, fsynced, then renamed over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp creates 0600; a report is for reading
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -77,7 +77,7 @@ from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
-from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, WeightQuantConfig, fake_quant_act
+from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, fake_quant_act
 
 __all__ = [
     "INDUCTOR_OPTIONS",

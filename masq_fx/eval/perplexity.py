@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.eval.accuracy import DecoderFn
 from masq_fx.models import ModelAdapter
 
 
 @torch.no_grad()
-def perplexity(captured: CapturedDecoder, adapter: ModelAdapter, windows: torch.Tensor, progress: bool = False) -> float:
-    """exp(mean next-token cross-entropy) over ``windows`` ``[count, length]`` of text token ids."""
+def perplexity(captured: DecoderFn, adapter: ModelAdapter, windows: torch.Tensor, progress: bool = False) -> float:
+    """exp(mean next-token cross-entropy) over ``windows`` ``[count, length]`` of text token ids.
+
+    ``captured``: a :class:`~masq_fx.capture.CapturedDecoder`, or any function of decoder inputs to logits.
+    """
     total, count = 0.0, 0
     for row in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         ids = row[None]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, fx
@@ -177,7 +177,9 @@ def own_channel_masks(sharing: list[QuantLinear], config: CMCConfig, stats: dict
     mismatch with text's scale costs most on the row's modality (see the module docstring).
     ``stats``: module name → observer statistics (their second moments, when collected)."""
     first = sharing[0]
-    keep = min(config.own_channels_for(m.in_features, m.out_features) for m in sharing)
+    # callers set own_channels, so each count is an int
+    keep = min(cast(int, config.own_channels_for(m.in_features, m.out_features)) for m in sharing)
+    assert first.scales is not None  # compensated linears
     scales = first.scales.detach().double()
     text_row = int(first.row_of_modality[Modality.TEXT])
     column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
@@ -229,6 +231,7 @@ class ProjectScales:
             tables.setdefault(id(module.scales), []).append(module)
         for sharing in tables.values():
             first = sharing[0]
+            assert first.scales is not None  # compensated linears
             if first.has_solved_weights:
                 raise ValueError(
                     f"{first.name}: CMC own_channels changes the scales after GPTQ solved the weights for them; "
@@ -284,6 +287,7 @@ class CrossModalCompensation:
 
     def _compensate(self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None) -> None:
         cfg = self.config
+        assert module.scales is not None  # compensated linears
         scale = module.scales[row].detach()
         if cfg.target == "quantized":
             target = module.quantized_weight(row).detach().double()

@@ -13,6 +13,7 @@ changing the scales drops the solved weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, fx
@@ -78,7 +79,9 @@ def gptq_codes(
     codes = torch.zeros_like(w)
     scales: list[Tensor] = []
     zero_points: list[Tensor | None] = []
-    scale = zero_point = None
+    #: the current group's parameters, set at column 0 before any use
+    scale: Tensor
+    zero_point: Tensor | None
     def group_ratio(column: int) -> Tensor | None:
         return None if ratio is None else ratio[:, column // group : column // group + 1]
 
@@ -108,7 +111,7 @@ def gptq_codes(
     return QuantizedWeight(
         qdata=codes.to(torch.int8),
         scale=torch.cat(scales, dim=1),
-        zero_point=None if zero_points[0] is None else torch.cat(zero_points, dim=1).to(torch.int8),
+        zero_point=None if zero_points[0] is None else torch.cat(cast(list[Tensor], zero_points), dim=1).to(torch.int8),  # all or none
         config=config,
     )
 

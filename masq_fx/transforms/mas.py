@@ -37,18 +37,20 @@ learned scales then already satisfy the constraint, so the projection that follo
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from masq_fx.capture.decoder import LAYER_KEY
+from masq_fx.files import write_bytes_atomically
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear, quantizers_off
 from masq_fx.pipeline import CALIBRATION_DATA, Capability, Context
@@ -164,7 +166,7 @@ def _value(split: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
     if node.op == "call_module":
         return split.get_submodule(str(node.target))(*args, **kwargs)
     if node.op == "call_function":
-        return node.target(*args, **kwargs)
+        return cast(Callable[..., Any], node.target)(*args, **kwargs)
     if node.op == "get_attr":
         owner, _, name = str(node.target).rpartition(".")
         return getattr(split.get_submodule(owner), name)
@@ -199,7 +201,7 @@ class _TiedRows:
     masks: dict[int, Tensor]
 
     @classmethod
-    def of(cls, module: nn.Module, table: nn.Parameter, cmc: CMCConfig, stats: dict) -> _TiedRows | None:
+    def of(cls, module: fx.GraphModule, table: nn.Parameter, cmc: CMCConfig, stats: dict) -> _TiedRows | None:
         sharing = [m for m in compensated(module) if m.scales is table]
         if not sharing:
             return None
@@ -290,8 +292,11 @@ class LearnMAS:
         clips = [m.learn_clipping() for m in _quantized_linears(module)] if cfg.learn_clipping else []
         if not params and not clips:
             return
-        tied = [] if not cfg.own_channels_in_loop else [_TiedRows.of(module, p, self.cmc, stats) for p in params.values()]
-        tied = [t for t in tied if t is not None]
+        tied: list[_TiedRows] = []
+        if cfg.own_channels_in_loop:
+            assert self.cmc is not None  # checked in __call__
+            found = [_TiedRows.of(module, p, self.cmc, stats) for p in params.values()]
+            tied = [t for t in found if t is not None]
         with torch.no_grad(), quantizers_off(module):
             targets = [_outputs(_value(split, node, env)) for env in fp_envs]
         for p in [*params.values(), *clips]:
@@ -319,10 +324,10 @@ class LearnMAS:
                 self._clamp(params, clips, tied)
                 outputs = _outputs(_value(split, node, env))
                 valid = sample.attention_mask.bool()
-                loss = sum(
+                loss = cast(Tensor, sum(  # a layer has outputs: a Tensor, never the start 0
                     modality_weighted_mae(o, t, sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
                     for o, t in zip(outputs, target)
-                )
+                ))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"MAS learning: non-finite loss at decoder layer {layer}; check that layer's "
@@ -358,9 +363,7 @@ class LearnMAS:
         state["completed_layers"] = torch.tensor([layer + 1])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
+        write_bytes_atomically(path, safetensors.torch.save(state))
 
     def _resume(self, gm: fx.GraphModule) -> set[int]:
         path = self.config.checkpoint
