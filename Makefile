@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install, run the main job (MASQuant W4A8 on the built-in tri-modal model)
-#   make test   create .venv, install, run the whole test suite
+#   make test   create .venv, install, lint (ruff), type-check (mypy), run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/masq-fx quantize --overwrite
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check masq_fx tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: install

@@ -20,6 +20,7 @@ compose the same way for custom pipelines.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,10 @@ from torch import Tensor, nn
 
 from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
-from masq_fx.calibration import ModalityStats, observe
+from masq_fx.calibration import ModalityStats, calibration_tokens, observe
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.capture.decoder import CapturedDecoder, capture
-from masq_fx.errors import InputError
+from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
 from masq_fx.modality import Modality
@@ -144,6 +145,11 @@ class Calibrated:
     #: the calibration steps and their times (the start of every applied recipe's history)
     history: tuple[StepRecord, ...] = ()
 
+    def missing_modalities(self) -> tuple[Modality, ...]:
+        """Modalities the model has placeholder tokens for but the calibration samples contain none of."""
+        seen = calibration_tokens(self.samples)
+        return tuple(m for m in self.captured.modalities if m != Modality.TEXT and seen[m] == 0)
+
     def context(self) -> Context:
         """A fresh pipeline context on a copy of the float graph, with the statistics already collected."""
         return Context(self.captured.copy(), self.samples, stats=self.stats, provided={STATS}, history=list(self.history))
@@ -184,6 +190,15 @@ def apply(
     ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON/YAML file.
     """
     recipe = resolve_recipe(recipe)
+    absent = calibrated.missing_modalities()
+    if absent and recipe.modality_aware:
+        names = " or ".join(m.name.lower() for m in absent)
+        warnings.warn(
+            f"the calibration samples have no {names} tokens, so {recipe.label} has nothing to learn for them: "
+            f"{names} tokens will use the text scales and get no compensation; calibrate with {names} samples too",
+            CoverageWarning,
+            stacklevel=2,
+        )
     missing = [m.name.lower() for m in recipe.moment_modalities if m not in calibrated.moment_modalities]
     if missing:
         raise InputError(
@@ -192,7 +207,10 @@ def apply(
         )
     if recipe.method != "fp":
         recipe.modules.require_match(calibrated.captured.decoder_linears())
-    context = Pipeline([*recipe_steps(recipe, progress=progress), *extra_steps]).run(calibrated.context(), progress=progress)
+    with warnings.catch_warnings():
+        if absent:  # said once above, in plain words
+            warnings.simplefilter("ignore", CoverageWarning)
+        context = Pipeline([*recipe_steps(recipe, progress=progress), *extra_steps]).run(calibrated.context(), progress=progress)
     return QuantizedModel(calibrated.model, context.captured, recipe, context, data_hashes=calibrated.data_hashes)
 
 

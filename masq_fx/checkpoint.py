@@ -39,12 +39,25 @@ after CMC; every row in the MAS per-row simulation); codes of GPTQ-solved weight
 ``model`` (family, HF class, the decoder's dtype, sha256 of the config and of the float weights); ``modality_tokens``;
 ``calibration`` (sample count, tokens per modality, sha256 of the input tensors, ``sample_sha256``:
 the content hashes of the calibration samples when known, see :mod:`masq_fx.data.samples`); ``tensors``
-(file name, byte count, sha256); ``graph``: per linear its shape, ``state``
+(file name, ``content_sha256``: :func:`tensors_sha256` of the stored tensors sorted by key); ``source``
+(only when the saver gave one: the command-line model name it was quantized from, which ``masq-fx
+eval/generate/bench`` reload); ``graph``: per linear its shape, ``state``
 (:meth:`QuantLinearState.to_dict <masq_fx.nn.quant_linear.QuantLinearState.to_dict>`: quantizer
 configs, static activation scale, stored weight rows, flags), table key, stored and branch rows and
 ``branch_bits``; the routers; the replaced graph attributes. The same inputs and seed give the same bytes.
 
-Format versions: 2 (this one). Version 1 (per-linear flags and configs at the record's top level,
+Integrity: ``manifest.json`` and ``quantized.safetensors`` vouch for each other. The manifest records
+a content hash of the tensors (names, dtypes, shapes, bytes), and the safetensors file's
+``__metadata__`` records the sha256 of the manifest's bytes (:data:`MANIFEST_SHA256_KEY`). No
+circularity: the tensor hash covers the tensors, not the file's header where the manifest hash lives.
+An edited manifest (e.g. a linear's activation bits changed by hand) is refused on reading, since it
+would otherwise load silently with other numerics; records that disagree with the tensors or the
+model (shapes, bit widths) are refused too, before anything is replayed.
+
+Format versions: 3 (this one). Version 2 is version 3 without the manifest hash: its ``tensors``
+record holds the file's ``bytes`` and ``sha256`` (of the whole file), which is still how its tensor
+file is checked; it is read as is (migration is free: nothing else changed), only its manifest is
+not covered. Version 1 (per-linear flags and configs at the record's top level,
 static activation scales as tensors, ``quantizers_enabled``; ``sample_sha256``, the model's ``dtype``
 and ``branch_bits`` possibly absent) is migrated on reading (:func:`read_manifest`); a newer version
 is refused.
@@ -59,7 +72,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +83,7 @@ from torch import Tensor, fx, nn
 
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
+from masq_fx.errors import InputError
 from masq_fx.files import fsync_directory, write_bytes_atomically
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
@@ -85,6 +99,7 @@ __all__ = [
     "CheckpointError",
     "LinearBytes",
     "calibration_hashes",
+    "check_target",
     "linear_bytes",
     "load",
     "model_identity",
@@ -96,17 +111,19 @@ __all__ = [
 ]
 
 FORMAT = "masq_fx.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"
+#: key of the safetensors ``__metadata__`` entry holding the sha256 of ``manifest.json``'s bytes (format 3)
+MANIFEST_SHA256_KEY = "masq_fx.manifest_sha256"
 _LIBRARIES = ("torch", "torchao", "transformers", "safetensors", "masq_fx")
 #: config keys that name where or with what a model was saved, not what it is
 _VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version"})
 _HEAD = "lm_head"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written, read, or applied to the given model."""
+class CheckpointError(InputError):
+    """A checkpoint cannot be written, read, or applied to the given model (a :class:`ValueError` too)."""
 
 
 # ----------------------------------------------------------------------------- 4-bit packing
@@ -285,11 +302,16 @@ def save(
     recipe: Recipe,
     overwrite: bool = False,
     data_hashes: Sequence[str] = (),
+    source: str | None = None,
+    extra_files: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write the quantized graph of ``context`` (made from ``model`` with ``recipe``) to ``directory``.
 
     ``data_hashes``: content sha256 of each calibration sample, recorded so that evaluation can
-    refuse samples the checkpoint was calibrated on.
+    refuse samples the checkpoint was calibrated on. ``source``: how the model is named on the
+    command line (recorded as the manifest's ``source``, so ``masq-fx eval DIR`` can reload it).
+    ``extra_files(staging)``: writes further files (a run report) into the staging directory, so they
+    are published together with the checkpoint, in the same rename.
 
     Atomic: the files are written and fsynced in a temporary sibling directory that is then renamed;
     an interrupted save leaves no checkpoint behind and an existing one untouched. An existing
@@ -299,7 +321,6 @@ def save(
     _check_replaceable(target, overwrite)
     collected = _collect(context.graph_module, model)
     adapter = adapter_for(model)
-    data = safetensors.torch.save(collected.tensors)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -309,15 +330,20 @@ def save(
         "modality_tokens": asdict(adapter.modality_tokens()),
         "modalities": [m.name.lower() for m in context.captured.modalities],
         "calibration": _calibration(context.calibration, data_hashes),
-        "tensors": {"file": TENSORS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "tensors": {"file": TENSORS, "content_sha256": tensors_sha256(sorted(collected.tensors.items()))},
         "graph": collected.graph,
     }
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    if source is not None:
+        manifest["source"] = source
+    text = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    data = safetensors.torch.save(collected.tensors, metadata={MANIFEST_SHA256_KEY: hashlib.sha256(text).hexdigest()})
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         write_bytes_atomically(staging / TENSORS, data)
-        write_bytes_atomically(staging / MANIFEST, text.encode())
+        write_bytes_atomically(staging / MANIFEST, text)
+        if extra_files is not None:
+            extra_files(staging)
         os.chmod(staging, 0o755)
         fsync_directory(staging)
         _publish(staging, target, overwrite)
@@ -328,12 +354,19 @@ def save(
     return target
 
 
-def _check_replaceable(target: Path, overwrite: bool) -> None:
+def check_target(directory: str | os.PathLike, overwrite: bool, option: str = "overwrite=True") -> None:
+    """Refuse (:class:`CheckpointError`) a ``directory`` that :func:`save` would refuse to write: an existing
+    one without ``overwrite`` (``option``: how the caller names that switch), or anything but a checkpoint
+    or an empty directory. Cheap: for checking the output before the long work."""
+    _check_replaceable(Path(directory), overwrite, option)
+
+
+def _check_replaceable(target: Path, overwrite: bool, option: str = "overwrite=True") -> None:
     """Only a checkpoint (or an empty directory) is ever replaced, and only with ``overwrite``."""
     if not target.exists() and not target.is_symlink():
         return
     if not overwrite:
-        raise CheckpointError(f"{target} already exists: pass overwrite=True to replace it, or choose another directory")
+        raise CheckpointError(f"{target} already exists: pass {option} to replace it, or choose another directory")
     if target.is_symlink() or not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
         raise CheckpointError(
             f"{target} exists and is not a masq_fx checkpoint directory: refusing to replace it; choose another directory"
@@ -361,15 +394,17 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a checkpoint in the current format, after checking that this masq_fx can read its
-    version (an older one is migrated, see :func:`_migrate_v1`)."""
+    version (an older one is migrated, see :func:`_migrate_v1`) and, from format 3 on, that it is the
+    manifest the tensor file was saved with (:func:`_check_manifest_hash`)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: {Path(directory)} is not a masq_fx checkpoint (or an incomplete copy of "
             "one); copy the whole directory, or save the checkpoint again"
         )
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is corrupt ({error}); copy the checkpoint again, or save it again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -384,9 +419,56 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             f"{importlib.metadata.version('masq_fx')} reads (up to {FORMAT_VERSION}); it was written by "
             f"masq_fx {writer}: upgrade masq_fx to load it"
         )
+    if version >= 3:
+        _check_manifest_hash(Path(directory), manifest, raw)
+    else:  # formats 1 and 2 check the tensor file by its bytes and whole-file sha256 (only those fields count)
+        record = manifest.get("tensors") or {}
+        manifest["tensors"] = {key: record.get(key) for key in ("file", "bytes", "sha256")}
     if version == 1:
         manifest = _migrate_v1(manifest, Path(directory))
+    # version 2 is version 3 without the manifest hash: nothing to migrate (its ``tensors`` record keeps
+    # ``bytes`` and the whole file's ``sha256``, which :func:`_read_tensors` checks as before)
+    manifest["format_version"] = FORMAT_VERSION
     return manifest
+
+
+def _tensor_file(directory: Path, manifest: dict[str, Any]) -> Path:
+    record = manifest.get("tensors")
+    name = record.get("file") if isinstance(record, dict) else None
+    if not isinstance(name, str) or Path(name).name != name:
+        raise CheckpointError(
+            f"{directory / MANIFEST} names no valid tensor file ({name!r}): restore the checkpoint's original "
+            "manifest.json (copy the checkpoint again), or quantize the model again"
+        )
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; copy the whole directory, or save again")
+    return path
+
+
+def _check_manifest_hash(directory: Path, manifest: dict[str, Any], raw: bytes) -> None:
+    """Refuse a manifest other than the one whose sha256 the tensor file's ``__metadata__`` records."""
+    path = _tensor_file(directory, manifest)
+    fix = "restore the original manifest.json (copy the whole checkpoint again), or quantize the model again"
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length <= path.stat().st_size - 8 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is truncated or corrupt (unreadable header): copy the checkpoint again, or save it again")
+    recorded = (header.get("__metadata__") or {}).get(MANIFEST_SHA256_KEY)
+    if recorded is None:
+        raise CheckpointError(
+            f"{path} records no manifest hash, which format {manifest['format_version']} requires: it does not "
+            f"belong to {directory / MANIFEST}; {fix}"
+        )
+    if hashlib.sha256(raw).hexdigest() != recorded:
+        raise CheckpointError(
+            f"{directory / MANIFEST} was modified after saving (its sha256 differs from the one {path.name} records), "
+            f"so the checkpoint would load with other numerics than it was quantized with: {fix}"
+        )
 
 
 #: the v1 per-linear record fields that became its ``state``
@@ -394,7 +476,7 @@ _V1_STATE = ("weight_quant", "act_quant", "weight_rows", "branch_input", "divide
 
 
 def _migrate_v1(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """A format 1 manifest as format 2: the fields early v1 writers left out get their meaning then
+    """A format 1 manifest as format 2 (and so 3, see :func:`read_manifest`): the fields early v1 writers left out get their meaning then
     (no calibration sample hashes, a float32 model, float CMC factors), and each linear's flags and
     configs become its ``state``, with the static activation scale read from its v1 tensor. A linear
     saved with its quantizers off is refused (version 2 cannot record it)."""
@@ -421,7 +503,6 @@ def _migrate_v1(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} lacks the static activation scales of format version 1 ({error}); save the checkpoint again") from None
     for name, record in manifest["graph"]["linears"].items():
         record["state"]["act_static_scale"] = static.get(name)
-    manifest["format_version"] = FORMAT_VERSION
     return manifest
 
 
@@ -456,6 +537,16 @@ def _read_tensors(directory: Path, record: dict[str, Any]) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; copy the whole directory, or save again")
     data = path.read_bytes()
+    if "content_sha256" in record:  # format 3: a hash of the tensors, not of the file (its header holds the manifest's)
+        try:
+            tensors = safetensors.torch.load(data)
+        except Exception as error:
+            raise CheckpointError(f"{path} is truncated or corrupt ({error}); copy the checkpoint again, or save it again") from None
+        if tensors_sha256(sorted(tensors.items())) != record["content_sha256"]:
+            raise CheckpointError(
+                f"{path} is corrupt: its sha256 differs from the manifest's; copy the checkpoint again, or save it again"
+            )
+        return tensors
     if len(data) != record["bytes"]:
         raise CheckpointError(
             f"{path} is truncated or corrupt: {len(data)} bytes, the manifest records {record['bytes']}; "
@@ -492,6 +583,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
             f"the captured graph's linears ({len(expected)}) do not match the checkpoint's ({len(graph['linears'])}): "
             "load it with the masq_fx and transformers versions in its manifest"
         )
+    _check_records(directory, graph, tensors, captured)
     try:
         replay(captured.graph_module, _graph_edits(graph, tensors))
     except KeyError as error:
@@ -499,6 +591,76 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     except ValueError as error:
         raise CheckpointError(f"{directory} does not replay onto this model ({error})") from None
     return captured
+
+
+def _check_records(directory: Path, graph: dict[str, Any], tensors: dict[str, Tensor], captured: CapturedDecoder) -> None:
+    """Refuse manifest records that disagree with the stored tensors or the model's linears (shapes, bit
+    widths, tensors a record names but the file lacks), naming the linear: otherwise they would surface
+    as a shape error deep in torch, or load with other numerics."""
+
+    def refuse(name: str, problem: str) -> None:
+        raise CheckpointError(
+            f"{directory / MANIFEST} disagrees with {TENSORS} and the model at linear {name}: {problem}; restore the "
+            "checkpoint's original files (copy the whole checkpoint again), or quantize the model again"
+        )
+
+    def tensor(name: str, key: str) -> Tensor:
+        if key not in tensors:
+            refuse(name, f"the manifest's record needs the tensor {key!r}, which the file lacks")
+        return tensors[key]
+
+    def check_weight(name: str, prefix: str, config: WeightQuantConfig, rows: int, columns: int) -> None:
+        codes, scale = tensor(name, f"{prefix}/codes"), tensor(name, f"{prefix}/scale")
+        packed = config.bits <= 4
+        shape = (rows, (columns + 1) // 2 if packed else columns)
+        dtype = torch.uint8 if packed else torch.int8
+        if codes.dtype != dtype or tuple(codes.shape) != shape:
+            refuse(
+                name,
+                f"{config.bits}-bit codes of [{rows}, {columns}] are stored as {str(dtype).removeprefix('torch.')} {list(shape)}, "
+                f"but {prefix}/codes is {str(codes.dtype).removeprefix('torch.')} {list(codes.shape)}",
+            )
+        groups = 1 if config.group_size is None else columns // config.group_size
+        if config.group_size is not None and columns % config.group_size:
+            refuse(name, f"group size {config.group_size} does not divide its {columns} input features")
+        if tuple(scale.shape) != (rows, groups):
+            refuse(name, f"{prefix}/scale is {list(scale.shape)}, the recorded quantizer needs [{rows}, {groups}]")
+        if (f"{prefix}/zero_point" in tensors) == config.symmetric:
+            refuse(name, f"the record says {'symmetric' if config.symmetric else 'asymmetric'} weights, the file {'has' if config.symmetric else 'lacks'} zero points")
+        values = unpack_int4(codes, columns) if packed else codes
+        if values.numel() and (int(values.min()) < config.qmin or int(values.max()) > config.qmax):
+            refuse(name, f"its codes span [{int(values.min())}, {int(values.max())}], outside the recorded {config.bits}-bit grid [{config.qmin}, {config.qmax}]")
+
+    for name, record in graph["linears"].items():
+        try:
+            state = QuantLinearState.from_dict(record["state"])
+            out_features, in_features = int(record["out_features"]), int(record["in_features"])
+        except (KeyError, TypeError, ValueError) as error:
+            refuse(name, f"its record is malformed ({error})")
+        weight = captured.weights.get(name)
+        if weight is not None and tuple(weight.shape) != (out_features, in_features):
+            refuse(name, f"the record says [{out_features}, {in_features}] (out, in features), the model's linear is {list(weight.shape)}")
+        if record["scales"] is not None:
+            table = tensor(name, f"scales/{record['scales']}")
+            if table.dim() != 2 or table.shape[1] != in_features:
+                refuse(name, f"its smoothing table scales/{record['scales']} is {list(table.shape)}, not [rows, {in_features}]")
+            row_map = tensor(name, f"linear/{name}/row_of_modality")
+            if row_map.numel() and (int(row_map.min()) < 0 or int(row_map.max()) >= table.shape[0]):
+                refuse(name, f"its row map points outside the {table.shape[0]} rows of its smoothing table")
+        if state.weight_quant is not None:
+            for row in record["stored_rows"]:
+                check_weight(name, f"linear/{name}/weight/{row}", state.weight_quant, out_features, in_features)
+        for row in record["branch_rows"]:
+            cmc = f"linear/{name}/cmc/{row}"
+            if record["branch_bits"] is None:
+                left, right = tensor(name, f"{cmc}/left"), tensor(name, f"{cmc}/right")
+                if left.dim() != 2 or right.dim() != 2 or left.shape[0] != in_features or right.shape[1] != out_features or left.shape[1] != right.shape[0]:
+                    refuse(name, f"its CMC factors are {list(left.shape)} and {list(right.shape)}, not [{in_features}, r] and [r, {out_features}]")
+                continue
+            config = branch_factor_config(record["branch_bits"])
+            rank = tensor(name, f"{cmc}/left/scale").shape[0]
+            check_weight(name, f"{cmc}/left", config, rank, in_features)
+            check_weight(name, f"{cmc}/right", config, out_features, rank)
 
 
 def _graph_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdits:

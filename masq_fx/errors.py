@@ -26,3 +26,7 @@ class OutputExistsError(MasqFxError, FileExistsError):
 
 class CalibrationMemoryError(InputError):
     """Calibration and the recipes would need more memory than is available."""
+
+
+class CoverageWarning(UserWarning):
+    """The calibration samples lack a modality (or its second moments) that the recipe would use."""

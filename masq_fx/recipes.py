@@ -61,6 +61,12 @@ class Recipe:
         return (Modality.VISION, Modality.AUDIO) if self.cmc is not None else ()
 
     @property
+    def modality_aware(self) -> bool:
+        """Whether the recipe treats modalities differently (per-modality scales or CMC branches)."""
+        per_modality = self.method in ("smoothquant", "mas-init", "mas") and self.smoothing.per_modality
+        return per_modality or self.cmc is not None
+
+    @property
     def label(self) -> str:
         """Short name, e.g. ``mas W4A8 +clip +GPTQ +CMC`` or ``smoothquant W4A16 g64 +GPTQ``."""
         if self.method == "fp":

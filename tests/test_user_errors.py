@@ -11,6 +11,7 @@ import torch
 from masq_fx import apply, calibrate
 from masq_fx.app.cli import main
 from masq_fx.errors import InputError, MasqFxError
+from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import tiny_model
 from masq_fx.recipes import PRESETS, Recipe
@@ -108,3 +109,29 @@ def test_unexpected_errors_are_not_swallowed(monkeypatch):
     with pytest.raises(TypeError, match="a bug"):
         main(["list"])
     assert issubclass(InputError, MasqFxError) and issubclass(InputError, ValueError)
+
+
+def test_text_only_calibration_of_a_multimodal_model_is_said_plainly_and_reported(tmp_path):
+    import warnings
+
+    from masq_fx.app.run_report import build
+    from masq_fx.errors import CoverageWarning
+
+    tiny = tiny_model("qwen2.5-omni-thinker", seed=0, batch_size=2)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))  # text tokens only
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    calibrated = calibrate(tiny.model, [text], recipes=["masquant-w8a8"], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = apply(calibrated, "masquant-w8a8", progress=False)
+    coverage = [w for w in caught if issubclass(w.category, CoverageWarning)]
+    assert len(coverage) == 1, [str(w.message) for w in coverage]  # once, before the pipeline runs
+    assert "no vision or audio tokens" in str(coverage[0].message) and "calibrate with vision or audio samples" in str(coverage[0].message)
+    report = build(quantized, title="text only", samples=calibrated.samples)
+    assert set(report.uncovered) == {Modality.VISION, Modality.AUDIO}
+    assert len(report.uncovered[Modality.VISION]) == len(calibrated.captured.groups())
+    assert "## Calibration coverage" in report.markdown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply(calibrated, "rtn-w8a8", progress=False)  # not modality-aware: nothing to say
+    assert not [w for w in caught if issubclass(w.category, CoverageWarning)]

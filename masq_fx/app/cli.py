@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from masq_fx.errors import CalibrationMemoryError, InputError, MasqFxError, OutputExistsError  # noqa: E402
+from masq_fx.errors import CalibrationMemoryError, InputError, MasqFxError, MissingFileError, OutputExistsError  # noqa: E402
 
 DEFAULT_RECIPE = "masquant-w4a8"
 DEFAULT_COMPARE = ("smoothquant-w4a8-gptq",)  # the same weight solver as the default recipe
@@ -27,6 +28,7 @@ MODEL_HELP = (
     "'smollm2' (SmolLM2-135M-Instruct, text), 'tiny:FAMILY' (a tiny random model of a supported family) "
     "or a local folder holding an HF causal LM and its tokenizer"
 )
+CHECKPOINT_MODEL_HELP = MODEL_HELP + "; by default the model the checkpoint was quantized from (masq-fx quantize records it)"
 
 
 def _positive_int(text: str) -> int:
@@ -59,16 +61,97 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+#: free disk space --out must have at least, besides the checkpoint's estimate (the report, the staging copy's slack)
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def _source_name(model: str) -> str:
+    """How a checkpoint records ``model`` (its ``source``): a name as given, a local folder as its absolute path."""
+    from masq_fx.app.sources import TINY_PREFIX
+
+    if model in ("default", "smollm2") or model.startswith(TINY_PREFIX) or not Path(model).is_dir():
+        return model
+    return str(Path(model).resolve())
+
+
+def _weight_file_bytes(model: str) -> int | None:
+    """Bytes of ``model``'s float weight files, found without loading it (None: unknown).
+
+    A rough upper bound of the checkpoint: integer codes (4 or 8 bits), scales and low-rank factors
+    take less than the float weights they replace. Tiny random models are negligible (0).
+    """
+    from masq_fx.app.sources import TINY_PREFIX
+
+    if model.startswith(TINY_PREFIX):
+        return 0
+    if model in ("default", "smollm2"):
+        try:
+            from masq_fx.builtin.smollm2 import smollm2_gguf_path
+
+            return smollm2_gguf_path().stat().st_size
+        except Exception:  # the model's own loading explains missing weights
+            return None
+    folder = Path(model)
+    files = [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")] if folder.is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
+
+
+def _check_output(out: Path, overwrite: bool, model: str) -> None:
+    """Refuse, before anything is loaded, an --out that saving would refuse or could not write."""
+    import os
+    import shutil
+    import tempfile
+
+    from masq_fx.checkpoint import check_target
+
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    check_target(out, overwrite, "--overwrite")  # only a checkpoint or an empty folder is ever replaced
+    ancestor = out.absolute().parent  # the checkpoint is staged beside --out, in folders created as needed
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create --out {out}: {ancestor} is a file, not a folder; choose another --out")
+    unwritable = f"cannot write --out {out}: {ancestor} is not writable"
+    fix = "choose another --out, or make the folder writable"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{unwritable}; {fix}")
+    try:  # os.access does not know every reason (read-only mounts, ACLs): try it
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".masq-fx-probe.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"{unwritable} ({error.strerror}); {fix}") from None
+    estimate = _weight_file_bytes(model)
+    need = MIN_FREE_BYTES + (estimate or 0)  # no estimate for an unknown model: only the floor is checked
+    free = shutil.disk_usage(ancestor).free
+    if free < need:
+        raise InputError(
+            f"not enough free disk for the checkpoint in {ancestor}: {free / 2**20:.0f} MiB free, about "
+            f"{need / 2**20:.0f} MiB needed; free some space, or choose an --out on another disk"
+        )
+
+
+def _check_calibration(path: Path | None) -> None:
+    """Read every --calib sample (JSON, keys, media files present) before the model is loaded."""
+    from masq_fx.data.samples import read_samples
+
+    if path is not None:
+        read_samples(path)
+
+
 def _quantize(args: argparse.Namespace) -> int:
+    from masq_fx import checkpoint
     from masq_fx.api import apply, calibrate
     from masq_fx.app.run_report import build as build_report
     from masq_fx.app.sources import load_source
     from masq_fx.recipes import resolve_recipe
 
+    # everything that can be checked without the model is, before the model loads and calibrates
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    _check_output(out, args.overwrite, args.model)
+    _check_calibration(args.calib)
     source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), calibration=args.calib)
     print(f"{source.title}\nrecipe {args.recipe} → {out}")
     # one capture and one calibration, with the statistics every recipe needs; the float graph is the
@@ -84,18 +167,52 @@ def _quantize(args: argparse.Namespace) -> int:
         quantized = apply(calibrated, recipe, progress=not args.quiet)
         print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
         if name == args.recipe:
-            quantized.save(out, overwrite=args.overwrite)
-            print(f"saved {out}")
-            # built now, so the saved model need not stay in memory while the compared recipes run
+            # built now, so the saved model need not stay in memory while the compared recipes run, and
+            # published with the checkpoint (its metrics filled in at the end): an interrupt after saving
+            # never leaves a checkpoint without its report, nor a replaced one's old report
             report = build_report(
                 quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
             )
+            checkpoint.save(
+                quantized.context,
+                out,
+                model=quantized.model,
+                recipe=quantized.recipe,
+                overwrite=args.overwrite,
+                data_hashes=quantized.data_hashes,
+                source=_source_name(args.model),
+                extra_files=report.write,
+            )
+            print(f"saved {out}")
         if not args.no_eval:
             rows[name] = source.evaluate(quantized.decoder)
     if rows:
         _print_rows(rows, args.json)
     print(f"report {replace(report, metrics=rows).write(out)}")
     return 0
+
+
+def _checkpoint_model(args: argparse.Namespace) -> str:
+    """``--model``, or else the model the checkpoint ``args.directory`` records; reads (and so checks) the
+    checkpoint's manifest first, before any model is loaded."""
+    from masq_fx.app.sources import TINY_PREFIX
+    from masq_fx.checkpoint import read_manifest
+
+    manifest = read_manifest(args.directory)
+    if args.model is not None:
+        return args.model
+    source = manifest.get("source")
+    if not isinstance(source, str):
+        raise InputError(
+            f"{args.directory} does not record the model it was quantized from (it was saved through the Python "
+            "API, not masq-fx quantize): pass --model MODEL"
+        )
+    if source not in ("default", "smollm2") and not source.startswith(TINY_PREFIX) and not Path(source).is_dir():
+        raise InputError(
+            f"{args.directory} was quantized from the model folder {source}, which no longer exists: pass --model "
+            "with the folder it moved to"
+        )
+    return source
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -105,6 +222,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.data is not None:
         return _eval_data(args)
+    args.model = _checkpoint_model(args)
     source = load_source(args.model, _sizes(args))
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
@@ -125,6 +243,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     if not samples:
         raise InputError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
     require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
+    args.model = _checkpoint_model(args)
     source = load_source(args.model, _sizes(args))
     quantized = load(args.directory, source.model)
     decoders = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
@@ -142,7 +261,11 @@ def _generate(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import load_source
     from masq_fx.eval.accuracy import reply_tokens
 
-    source = load_source(args.model)
+    for option, path in (("--image", args.image), ("--audio", args.audio)):
+        if path is not None and not path.is_file():
+            kind = "PNG/JPEG image" if option == "--image" else "16 kHz WAV"
+            raise MissingFileError(f"{option} {path} does not exist: give the path of a {kind} file")
+    source = load_source(_checkpoint_model(args))
     batch = source.prompt(args.prompt, args.image, args.audio)
     quantized = load(args.directory, source.model)
     if args.int8:
@@ -171,7 +294,7 @@ def _bench(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import Sizes, load_source
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, runs=args.runs, threads=args.threads)
-    source = load_source(args.model, Sizes(calibration=1, evaluation=1, eval_windows=1))
+    source = load_source(_checkpoint_model(args), Sizes(calibration=1, evaluation=1, eval_windows=1))
     quantized = load(args.directory, source.model)
     print(source.title)
     print(format_table(bench(quantized, config, progress=not args.quiet)))
@@ -242,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     evaluate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
-    evaluate.add_argument("--model", default="default", help=MODEL_HELP)
+    evaluate.add_argument("--model", default=None, help=CHECKPOINT_MODEL_HELP)
     evaluate.add_argument(
         "--data", type=Path, default=None, help="evaluate exact match per modality on this JSONL file's samples with an 'answer' instead"
     )
@@ -260,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     generate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
-    generate.add_argument("--model", default="default", help=MODEL_HELP)
+    generate.add_argument("--model", default=None, help=CHECKPOINT_MODEL_HELP)
     generate.add_argument("--prompt", default=None, help="a text prompt")
     generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default'")
     generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
@@ -295,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     speed.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
-    speed.add_argument("--model", default="default", help=MODEL_HELP)
+    speed.add_argument("--model", default=None, help=CHECKPOINT_MODEL_HELP)
     speed.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prompt length of the prefill, and cache filled before the decoded token")
     speed.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each graph (the table shows medians)")
     speed.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads while compiling and timing")
@@ -310,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # library warnings (e.g. a modality absent from calibration) as one plain line, not a source location
+    warnings.formatwarning = lambda message, *_, **__: f"masq-fx {args.command}: warning: {message}\n"
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 

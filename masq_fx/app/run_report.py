@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from masq_fx.api import QuantizedModel
+from masq_fx.calibration import ModalityStats
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.errors import InputError
@@ -83,6 +84,8 @@ class RunReport:
     #: decoder linear (module name) → weight elements, the denominator of the CMC overhead
     linear_params: Mapping[str, int]
     branches: tuple[BranchReport, ...] = ()
+    #: modality the model has → the observed sites (first linear of each) that saw no calibration token of it
+    uncovered: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)
     #: model name → metric → value, as the CLI prints them ("exact match" metrics are fractions)
     metrics: Metrics = field(default_factory=dict)
 
@@ -147,6 +150,8 @@ class RunReport:
     def markdown(self, image: str = PLOT_FILE) -> str:
         """The report; ``image`` is the path of the SQNR plot relative to the markdown file."""
         parts = [f"# {self.title}", _recipe_section(self.recipe), self._sqnr_section(image)]
+        if self.uncovered:
+            parts.append(self._coverage_section())
         if self.branches:
             parts.append(self._cmc_section())
         parts += [self._stage_section(), _metrics_section(self.metrics)]
@@ -160,6 +165,21 @@ class RunReport:
         report = folder / REPORT_FILE
         write_atomically(report, lambda out: out.write(self.markdown(PLOT_FILE).encode()))
         return report
+
+    def _coverage_section(self) -> str:
+        lines = [
+            "## Calibration coverage",
+            "",
+            "Observed sites that saw no calibration token of a modality the model has: their tokens of it use the "
+            "text scales and get no compensation. Add calibration samples of that modality.",
+            "",
+            "| modality | sites without tokens | sites |",
+            "|---|---:|---|",
+        ]
+        for modality, sites in self.uncovered.items():
+            shown = ", ".join(sites[:4]) + (f", … ({len(sites) - 4} more)" if len(sites) > 4 else "")
+            lines.append(f"| {_name(modality)} | {len(sites)} | {_cell(shown)} |")
+        return "\n".join(lines)
 
     def _sqnr_section(self, image: str) -> str:
         tokens = ", ".join(f"{self.tokens.get(m, 0)} {_name(m)}" for m in self.modalities)
@@ -270,8 +290,18 @@ def build(
         samples=len(samples),
         linear_params={name: reference.weights[name].numel() for name in reference.decoder_linears()},
         branches=tuple(r for records in context.diagnostics.values() for r in records if isinstance(r, BranchReport)),
+        uncovered=uncovered_sites(context.stats, decoder.modalities),
         metrics=dict(metrics or {}),
     )
+
+
+def uncovered_sites(stats: Mapping[str, ModalityStats], modalities: Sequence[Modality]) -> dict[Modality, tuple[str, ...]]:
+    """Modality → the observed sites (first linear of each) whose statistics count no token of it."""
+    sites: dict[int, tuple[str, ModalityStats]] = {}
+    for name, site in stats.items():
+        sites.setdefault(id(site), (name, site))
+    found = {m: tuple(name for name, site in sites.values() if int(site.count[m]) == 0) for m in modalities if m != Modality.TEXT}
+    return {m: names for m, names in found.items() if names}
 
 
 def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:

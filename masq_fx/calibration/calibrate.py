@@ -94,7 +94,9 @@ class Calibrate:
                 for sample in tqdm(context.calibration, desc="calibrate", unit="sample", disable=not self.progress):
                     gm(*sample.args())
             for node in nodes:
-                stats = gm.get_submodule(str(node.target)).stats
+                observer = gm.get_submodule(str(node.target))
+                assert isinstance(observer, ModalityObserver)
+                stats = observer.stats
                 if stats is None:
                     continue
                 if not bool(torch.isfinite(stats.absmax).all()):

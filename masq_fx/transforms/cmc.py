@@ -44,6 +44,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, fx
 
+from masq_fx.errors import CoverageWarning
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Capability, Context
@@ -281,6 +282,7 @@ class CrossModalCompensation:
             warnings.warn(
                 f"no second-moment statistics of {names}: their CMC branches are unwhitened (less accurate); "
                 "calibrate with InsertObservers(moment_modalities=...) including them",
+                CoverageWarning,
                 stacklevel=2,
             )
         return gm

@@ -84,7 +84,8 @@ class PrepareQuantLinears:
             name = node.meta.get(MODULE_KEY)
             if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head):
                 continue
-            install_linear(gm, node, QuantLinear(*float_linear(gm, node), name), modality_ids)
+            weight, bias = float_linear(gm, node)
+            install_linear(gm, node, QuantLinear(weight, bias, name), modality_ids)
         gm.graph.eliminate_dead_code()
         gm.recompile()
         return gm

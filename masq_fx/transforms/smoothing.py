@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -33,6 +33,7 @@ from masq_fx.calibration.calibrate import STATS
 from masq_fx.calibration.stats import ModalityStats
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import module_nodes
+from masq_fx.errors import CoverageWarning
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.nn.routing import insert_routers
@@ -111,7 +112,7 @@ class SmoothScales:
                 raise ValueError(f"no calibration statistics for {linears[0]}: run Calibrate before SmoothScales")
             act, rows, absent = scale_rows(stats, context.captured.modalities, self.config.per_modality)
             missing.update(absent)
-            modules = [gm.get_submodule(str(nodes[n].target)) for n in linears]
+            modules = [cast(QuantLinear, gm.get_submodule(str(nodes[n].target))) for n in linears]
             if self.config.variant == "tied" and len(modules) > 1:
                 self._tie(gm, group, [nodes[n] for n in linears], modules, act, rows)
             else:
@@ -123,6 +124,7 @@ class SmoothScales:
             warnings.warn(
                 f"calibration has no {names} tokens: those tokens use the text scales (and get no CMC branch); "
                 "add calibration samples with them",
+                CoverageWarning,
                 stacklevel=2,
             )
         gm.recompile()
