@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,14 +103,24 @@ class QuantizedModel:
         run = self._compiled[key] if compiled else None
         return generate(graph, prompt, max_new_tokens, stop_id=stop_id, run=run)
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write a checkpoint (see :mod:`masq_fx.checkpoint`); needs the quantization context (not a loaded model)."""
+    def save(
+        self, directory: str | os.PathLike, overwrite: bool = False, source: str | None = None, extra_files: Callable[[Path], object] | None = None
+    ) -> Path:
+        """Write a checkpoint (see :func:`masq_fx.checkpoint.save` for ``source`` and ``extra_files``); needs the
+        quantization context (not a loaded model)."""
         if self.context is None:
             raise InputError("this model was loaded from a checkpoint; copy that folder instead of saving it again")
         if self.lowering is not None:
             raise InputError("save before lower(): checkpoints store the reference state, which load() replays")
         return checkpoint.save(
-            self.context, directory, model=self.model, recipe=self.recipe, overwrite=overwrite, data_hashes=self.data_hashes
+            self.context,
+            directory,
+            model=self.model,
+            recipe=self.recipe,
+            overwrite=overwrite,
+            data_hashes=self.data_hashes,
+            source=source,
+            extra_files=extra_files,
         )
 
 

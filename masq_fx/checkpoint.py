@@ -75,11 +75,12 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import safetensors.torch
 import torch
 from torch import Tensor, fx, nn
+from transformers import PretrainedConfig
 
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
@@ -154,7 +155,7 @@ def tensors_sha256(named: Iterable[tuple[str, Tensor]]) -> str:
     for name, tensor in named:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -175,7 +176,7 @@ def model_identity(model: nn.Module) -> dict[str, str]:
     """
     cls = type(model)
     adapter = adapter_for(model)
-    config = json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str)
+    config = json.dumps(_stable_config(cast(PretrainedConfig, model.config).to_dict()), sort_keys=True, default=str)
     return {
         "family": adapter.family,
         "hf_class": f"{cls.__module__}.{cls.__qualname__}",
@@ -246,6 +247,7 @@ def _store_linear(name: str, linear: LinearRecord, tables: _Tables, tensors: dic
         "branch_bits": None if codes is None else codes[0].config.bits,
     }
     if linear.scales is not None:
+        assert linear.row_of_modality is not None  # a smoothed linear routes its tokens
         tensors[f"{prefix}/row_of_modality"] = linear.row_of_modality.long().clone()
     for row, weight in (linear.weights or {}).items():
         _store_weight(tensors, f"{prefix}/weight/{row}", weight)
@@ -272,14 +274,14 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
         check_float_weights(gm, adapter_for(model))
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    off = [name for name, module in edits.linears.items() if not module.quantizers_enabled]
+    modules = {name: m for name, m in edits.linears.items() if isinstance(m, QuantLinear)}  # a live graph's linears
+    off = [name for name, module in modules.items() if not module.quantizers_enabled]
     if off:
         raise CheckpointError(f"{off[0]} has its quantizers off: save outside quantizers_off()")
     tensors: dict[str, Tensor] = {}
     tables = _Tables(tensors)
     linears = {
-        name: _store_linear(name, LinearRecord.of(m), tables, tensors, (m.out_features, m.in_features))
-        for name, m in edits.linears.items()
+        name: _store_linear(name, LinearRecord.of(m), tables, tensors, (m.out_features, m.in_features)) for name, m in modules.items()
     }
     routers = []
     for router in edits.routers:

@@ -19,6 +19,7 @@ from masq_fx import checkpoint
 from masq_fx.app.cli import main
 from masq_fx.checkpoint import CheckpointError, load, read_manifest
 from masq_fx.models.tiny import tiny_model
+from masq_fx.recipes import Recipe, resolve_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +81,7 @@ def test_the_manifest_hash_is_recorded_and_saving_stays_deterministic(saved, tmp
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"][checkpoint.MANIFEST_SHA256_KEY] == hashlib.sha256((saved / checkpoint.MANIFEST).read_bytes()).hexdigest()
 
-    qm = quantize(omni.model, "rtn-w4a8", [omni.batch], progress=False)
+    qm = quantize(omni.model, "smoothquant-w4a8", [omni.batch], progress=False)
     first, second = qm.save(tmp_path / "a"), qm.save(tmp_path / "b")
     for name in (checkpoint.TENSORS, checkpoint.MANIFEST):
         assert (first / name).read_bytes() == (second / name).read_bytes()
@@ -119,7 +120,7 @@ def test_an_edited_manifest_is_refused(copied, omni, capsys, field):
 def test_manifest_records_that_disagree_with_the_tensors_are_refused(copied, omni, change, message):
     edit_manifest(copied, lambda manifest: change(first_linear(manifest)[1]), resign=True)
     name = first_linear(read_manifest(copied))[0]
-    with pytest.raises(CheckpointError, match=rf"disagrees with quantized\.safetensors and the model at linear {name}: {message}.*quantize the model again"):
+    with pytest.raises(CheckpointError, match=rf"disagrees with quantized\.safetensors and the model at linear {name}: .*{message}.*quantize the model again"):
         load(copied, omni.model)
 
 
@@ -307,7 +308,7 @@ def test_an_interrupt_after_saving_keeps_the_checkpoint_and_its_report(tmp_path,
     monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
     assert main(["quantize", TINY, "--recipe", "smoothquant-w8a8", *QUICK, "--out", str(out), "--overwrite"]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert read_manifest(out)["recipe"] != json.loads(json.dumps(read_manifest(out)["recipe"] | {"x": 0}))  # readable
+    assert Recipe.from_dict(read_manifest(out)["recipe"]) == resolve_recipe("smoothquant-w8a8"), "the new checkpoint"
     report = (out / "report.md").read_text()
     assert "smoothquant-w8a8" in report and "rtn-w8a8" not in report, "the new checkpoint's own report"
     assert (out / "sqnr.png").is_file() and leftovers(tmp_path, "ckpt") == []

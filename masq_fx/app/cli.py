@@ -141,7 +141,6 @@ def _check_calibration(path: Path | None) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from masq_fx import checkpoint
     from masq_fx.api import apply, calibrate
     from masq_fx.app.run_report import build as build_report
     from masq_fx.app.sources import load_source
@@ -173,16 +172,7 @@ def _quantize(args: argparse.Namespace) -> int:
             report = build_report(
                 quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
             )
-            checkpoint.save(
-                quantized.context,
-                out,
-                model=quantized.model,
-                recipe=quantized.recipe,
-                overwrite=args.overwrite,
-                data_hashes=quantized.data_hashes,
-                source=_source_name(args.model),
-                extra_files=report.write,
-            )
+            quantized.save(out, overwrite=args.overwrite, source=_source_name(args.model), extra_files=report.write)
             print(f"saved {out}")
         if not args.no_eval:
             rows[name] = source.evaluate(quantized.decoder)
@@ -237,7 +227,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import exact_match_per_kind, load_source
     from masq_fx.checkpoint import calibration_hashes
     from masq_fx.data.samples import read_samples, require_unseen
-    from masq_fx.eval.accuracy import eager_decoder
+    from masq_fx.eval.accuracy import DecoderFn, eager_decoder
 
     samples = [s for s in read_samples(args.data) if s.answer is not None]
     if not samples:
@@ -246,7 +236,7 @@ def _eval_data(args: argparse.Namespace) -> int:
     args.model = _checkpoint_model(args)
     source = load_source(args.model, _sizes(args))
     quantized = load(args.directory, source.model)
-    decoders = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
+    decoders: dict[str, DecoderFn] = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
     rows = {
         name: {f"{kind} exact match": score.value for kind, score in exact_match_per_kind(source, decoder, samples).items()}
         for name, decoder in decoders.items()

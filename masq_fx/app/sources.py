@@ -270,7 +270,7 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
         from masq_fx.builtin.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2()
-        return _text_source(name, "SmolLM2-135M-Instruct (real weights)", model, tokenizer, sizes, calibration)
+        return _text_source(name, "SmolLM2-135M-Instruct (real weights, dequantized from the shipped Q4_1 GGUF)", model, tokenizer, sizes, calibration)
     if name.startswith(TINY_PREFIX):
         return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration)
     folder = Path(name)
