@@ -328,6 +328,8 @@ def save(
         "format_version": FORMAT_VERSION,
         "recipe": recipe.to_dict(),
         "versions": _versions(),
+        #: learned scales and GEMM sums reproduce bit for bit at the same intra-op thread count
+        "threads": torch.get_num_threads(),
         "model": model_identity(model),
         "modality_tokens": asdict(adapter.modality_tokens()),
         "modalities": [m.name.lower() for m in context.captured.modalities],

@@ -135,3 +135,13 @@ def test_text_only_calibration_of_a_multimodal_model_is_said_plainly_and_reporte
         warnings.simplefilter("always")
         apply(calibrated, "rtn-w8a8", progress=False)  # not modality-aware: nothing to say
     assert not [w for w in caught if issubclass(w.category, CoverageWarning)]
+
+
+def test_threads_are_set_and_recorded(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert main(["quantize", TINY, "--recipe", "rtn-w8a8", "--compare", "--no-eval", "--quiet", "--threads", "1", "--out", str(tmp_path / "t")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["threads"] == 1

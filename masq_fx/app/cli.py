@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     quantize.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
+    quantize.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's; the checkpoint records it, results reproduce at the same count)")
     quantize.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     _data_options(quantize, calib=32)
     quantize.add_argument(
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, default=None, help="evaluate exact match per modality on this JSONL file's samples with an 'answer' instead"
     )
     _data_options(evaluate, calib=1)
+    evaluate.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     evaluate.set_defaults(func=_eval)
 
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
     inspect.add_argument("--top-k", type=_positive_int, default=4, help="outlier channels listed per site and modality")
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
+    inspect.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     _data_options(inspect, calib=8)
     inspect.set_defaults(func=_inspect)
 
@@ -423,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "threads", None) is not None and args.command != "bench":  # bench scopes its own threads
+        import torch
+
+        torch.set_num_threads(args.threads)
     # library warnings (e.g. a modality absent from calibration) as one plain line, not a source location
     warnings.formatwarning = lambda message, *_, **__: f"masq-fx {args.command}: warning: {message}\n"
     if getattr(args, "quiet", False):
