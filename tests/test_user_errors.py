@@ -145,3 +145,12 @@ def test_threads_are_set_and_recorded(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "t" / "manifest.json").read_text())["threads"] == 1
+
+
+def test_a_bfloat16_checkpoint_is_evaluated_in_bfloat16(tmp_path, capsys, one_thread):
+    out = tmp_path / "bf16"
+    assert main(["quantize", TINY, "--recipe", "rtn-w8a8", "--compare", "--dtype", "bfloat16", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["model"]["dtype"] == "bfloat16"
+    assert "BF16" in capsys.readouterr().out
+    assert main(["eval", str(out)]) == 0  # the model the checkpoint records, in its dtype
+    assert main(["generate", str(out), "--max-new-tokens", "2"]) == 0

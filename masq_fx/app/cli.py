@@ -151,7 +151,10 @@ def _quantize(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
     _check_output(out, args.overwrite, args.model)
     _check_calibration(args.calib)
-    source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), calibration=args.calib)
+    import torch
+
+    # the checkpoint records the dtype; eval, generate and bench load the model in it
+    source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), args.calib, getattr(torch, args.dtype))
     print(f"{source.title}\nrecipe {args.recipe} → {out}")
     # one capture and one calibration, with the statistics every recipe needs; the float graph is the
     # FP32 row and the report's SQNR reference
@@ -160,7 +163,7 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     rows: dict[str, dict[str, float]] = {}
     if not args.no_eval:
-        rows["FP32"] = source.evaluate(calibrated.captured)
+        rows["FP32" if args.dtype == "float32" else "BF16"] = source.evaluate(calibrated.captured)
     for name, recipe in recipes.items():
         start = time.perf_counter()
         quantized = apply(calibrated, recipe, progress=not args.quiet)
@@ -180,6 +183,15 @@ def _quantize(args: argparse.Namespace) -> int:
         _print_rows(rows, args.json)
     print(f"report {replace(report, metrics=rows).write(out)}")
     return 0
+
+
+def _checkpoint_dtype(directory: Path):
+    """The dtype the checkpoint's model was quantized in (``quantize --dtype``)."""
+    import torch
+
+    from masq_fx.checkpoint import read_manifest
+
+    return getattr(torch, read_manifest(directory)["model"]["dtype"])
 
 
 def _checkpoint_model(args: argparse.Namespace) -> str:
@@ -213,7 +225,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _eval_data(args)
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args))
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory))
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
     print(source.title)
@@ -234,7 +246,7 @@ def _eval_data(args: argparse.Namespace) -> int:
         raise InputError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
     require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args))
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory))
     quantized = load(args.directory, source.model)
     decoders: dict[str, DecoderFn] = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
     rows = {
@@ -255,7 +267,7 @@ def _generate(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             kind = "PNG/JPEG image" if option == "--image" else "16 kHz WAV"
             raise MissingFileError(f"{option} {path} does not exist: give the path of a {kind} file")
-    source = load_source(_checkpoint_model(args))
+    source = load_source(_checkpoint_model(args), dtype=_checkpoint_dtype(args.directory))
     batch = source.prompt(args.prompt, args.image, args.audio)
     quantized = load(args.directory, source.model)
     if args.int8:
@@ -284,7 +296,7 @@ def _bench(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import Sizes, load_source
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, runs=args.runs, threads=args.threads)
-    source = load_source(_checkpoint_model(args), Sizes(calibration=1, evaluation=1, eval_windows=1))
+    source = load_source(_checkpoint_model(args), Sizes(calibration=1, evaluation=1, eval_windows=1), dtype=_checkpoint_dtype(args.directory))
     quantized = load(args.directory, source.model)
     print(source.title)
     print(format_table(bench(quantized, config, progress=not args.quiet)))
@@ -340,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
     quantize.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's; the checkpoint records it, results reproduce at the same count)")
     quantize.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    quantize.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the float model's dtype while it is quantized (activations between linears)"
+    )
     _data_options(quantize, calib=32)
     quantize.add_argument(
         "--calib", type=Path, default=None, help="calibration samples: a JSONL file or a folder (default: the model's built-in calibration split)"

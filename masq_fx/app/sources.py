@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -154,11 +155,12 @@ def _left_padded(rows: Sequence[Tensor], pad_id: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _trimodal_source(sizes: Sizes, calibration: Path | None) -> ModelSource:
+def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype) -> ModelSource:
     from masq_fx.builtin.trimodal import accuracy, calibration_batches, load_set, load_trimodal
     from masq_fx.builtin.trimodal.processing import IM_END
 
     model, processor = load_trimodal()
+    cast(nn.Module, model).to(dtype)  # PreTrainedModel.to is typed as a plain function
     adapter = adapter_for(model)
     evaluation = load_set("evaluation")
     windows = token_windows(processor.tokenizer, "evaluation", window=512, count=sizes.eval_windows)
@@ -217,13 +219,14 @@ def _trimodal_file_sample(processor, sample: FileSample):
     return _trimodal_sample(processor, text, sample.image, sample.audio)
 
 
-def _tiny_source(family: str, sizes: Sizes, calibration: Path | None) -> ModelSource:
+def _tiny_source(family: str, sizes: Sizes, calibration: Path | None, dtype: torch.dtype) -> ModelSource:
     from masq_fx.models.tiny import tiny_model
 
     if calibration is not None:
         _no_processor()
 
     tiny = tiny_model(family, seed=0, batch_size=2)
+    tiny.model.to(dtype)
     adapter = adapter_for(tiny.model)
     inputs = adapter.decoder_inputs(tiny.batch)
     with torch.no_grad():
@@ -252,7 +255,7 @@ def _no_processor() -> Batch:
     )
 
 
-def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | None = None) -> ModelSource:
+def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ModelSource:
     """The model called ``name`` on the command line (see the module docstring).
 
     ``calibration``: a JSONL file or folder of samples (:mod:`masq_fx.data.samples`) to calibrate on
@@ -265,20 +268,20 @@ def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | Non
         raise InputError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
     calibration = None if calibration is None else Path(calibration)
     if name == "default":
-        return _trimodal_source(sizes, calibration)
+        return _trimodal_source(sizes, calibration, dtype)
     if name == "smollm2":
         from masq_fx.builtin.smollm2 import load_smollm2
 
-        model, tokenizer = load_smollm2()
+        model, tokenizer = load_smollm2(dtype)
         return _text_source(name, "SmolLM2-135M-Instruct (real weights, dequantized from the shipped Q4_1 GGUF)", model, tokenizer, sizes, calibration)
     if name.startswith(TINY_PREFIX):
-        return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration)
+        return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration, dtype)
     folder = Path(name)
     if not folder.is_dir():
         raise MissingFileError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes, calibration)
 
 
