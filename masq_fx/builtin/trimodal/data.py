@@ -31,7 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from masq_fx.builtin.trimodal.processing import Modality, Sample, TrimodalProcessor
+from masq_fx.builtin.trimodal.processing import Sample, TrimodalProcessor
+from masq_fx.data.samples import Kind
 from masq_fx.errors import InputError, MissingFileError
 
 Split = Literal["train", "calibration", "evaluation"]
@@ -119,7 +120,7 @@ class ShippedSet:
     audio_seeds: np.ndarray
     audio_voices: np.ndarray
 
-    def samples(self, modality: Modality, limit: int | None = None) -> list[Sample]:
+    def samples(self, modality: Kind, limit: int | None = None) -> list[Sample]:
         """The split's questions of ``modality`` with their answers (text questions are generated)."""
         if modality == "vision":
             n = len(self.vision_numbers) if limit is None else min(limit, len(self.vision_numbers))
@@ -150,7 +151,7 @@ def load_set(split: Split, folder: Path = ASSETS) -> ShippedSet:
         return ShippedSet(split=split, **{k: data[k] for k in data.files})
 
 
-def mixed_samples(shipped: ShippedSet, per_modality: int, modalities: Sequence[Modality] = ("vision", "audio", "text")) -> list[Sample]:
+def mixed_samples(shipped: ShippedSet, per_modality: int, modalities: Sequence[Kind] = ("vision", "audio", "text")) -> list[Sample]:
     """Up to ``per_modality`` samples of each modality, interleaved (a calibration mix)."""
     groups = [shipped.samples(m, per_modality) for m in modalities]
     return [s for row in zip(*groups) for s in row]

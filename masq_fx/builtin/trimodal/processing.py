@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from masq_fx.data.samples import Kind
 from masq_fx.errors import InputError
-
-Modality = Literal["vision", "audio", "text"]
 
 #: SmolLM2 special tokens (ids 3..9) reused as the thinker's media tokens
 SPECIAL_TOKENS: dict[str, int] = {
@@ -39,7 +38,7 @@ SPECIAL_TOKENS: dict[str, int] = {
 }
 IM_START, IM_END = 1, 2  # <|im_start|>, <|im_end|>
 
-QUESTIONS: dict[Modality, str] = {
+QUESTIONS: dict[Kind, str] = {
     "vision": "What number is in the image?",
     "audio": "What number was said?",
 }
@@ -178,7 +177,7 @@ class Sample:
     ``answer`` is the expected reply (the number's digits); ``None`` for prompts without a reference.
     """
 
-    modality: Modality
+    modality: Kind
     answer: str | None = None
     image: np.ndarray | None = None
     features: torch.Tensor | None = None
@@ -297,7 +296,6 @@ class TrimodalProcessor:
 __all__ = [
     "AudioSpec",
     "ImageSpec",
-    "Modality",
     "QUESTIONS",
     "SPECIAL_TOKENS",
     "Sample",
