@@ -188,7 +188,7 @@ def calibrate(
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
     samples = calibration_inputs(model, batches)
-    observed = observe(Context(captured.copy(), samples), moment_modalities=moments, progress=progress)
+    observed = observe(Context(captured, samples), moment_modalities=moments, progress=progress)  # leaves the graph as it was
     return Calibrated(model, captured, samples, observed.stats, moments, tuple(data_hashes), tuple(observed.history))
 
 
