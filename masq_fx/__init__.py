@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from masq_fx.recipes import PRESETS, Recipe
 
 _HOMES = {
-    "masq_fx.api": ("Calibrated", "QuantizedModel", "apply", "calibrate", "load", "quantize"),
+    "masq_fx.api": ("Calibrated", "QuantizedModel", "apply", "apply_all", "calibrate", "load", "quantize"),
     "masq_fx.capture": ("CapturedDecoder", "capture"),
     "masq_fx.errors": ("MasqFxError",),
     "masq_fx.modality": ("Modality", "ModalityPolicy", "ModalityTokens", "modality_ids"),
@@ -41,6 +41,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapter_for",
     "apply",
+    "apply_all",
     "calibrate",
     "capture",
     "load",

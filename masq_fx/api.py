@@ -11,9 +11,10 @@
 
 A :class:`QuantizedModel` holds the float HF model (its towers and embedding run eagerly and are never
 modified), the transformed decoder graph and the recipe. A :class:`Calibrated` holds the float capture
-(the FP reference), the decoder inputs of the calibration batches and their statistics, collected for
-the union of the recipes' needs; :func:`apply` transforms a copy of its graph (parameters shared), so it
-can be applied any number of times. The lower-level pieces (``capture``, ``Pipeline``, the transforms)
+(the FP reference) and the decoder inputs of the calibration batches; :func:`apply` transforms a copy
+of its graph (parameters shared) one decoder layer at a time, computing each layer's statistics as it
+goes (:mod:`masq_fx.sequential`), so it can be applied any number of times; :func:`apply_all` applies
+several recipes in one such pass. The lower-level pieces (``capture``, ``Pipeline``, the transforms)
 compose the same way for custom pipelines.
 """
 
@@ -37,9 +38,10 @@ from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
-from masq_fx.pipeline import Context, Pipeline, StepRecord, Transform
+from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for, model_device, place
+from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
+from masq_fx.sequential import Job, run_layerwise
 
 Batch = Mapping[str, Tensor]
 
@@ -61,6 +63,11 @@ class QuantizedModel:
     @property
     def adapter(self) -> ModelAdapter:
         return adapter_for(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its graphs run (batches on any device are moved there)."""
+        return model_device(self.model)
 
     def decoder_inputs(self, batch: Batch) -> DecoderInputs:
         """What the decoder graph takes for a processed ``batch`` (the towers run eagerly)."""
@@ -137,32 +144,39 @@ def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[Decod
 
 @dataclass
 class Calibrated:
-    """A model's float capture, the decoder inputs of its calibration batches and their statistics.
+    """A model's float capture and the decoder inputs of its calibration batches.
 
     What every recipe starts from: :func:`apply` transforms a copy of ``captured``, which itself stays
-    the float graph (the FP reference of evaluations and reports).
+    the float graph (the FP reference of evaluations and reports), computing the statistics layer by
+    layer as it goes (:mod:`masq_fx.sequential`).
     """
 
     model: nn.Module
     captured: CapturedDecoder
     samples: list[DecoderInputs]
-    #: module name of a linear → statistics of its input (linears sharing an input share the object)
-    stats: dict[str, ModalityStats]
-    #: modalities whose second moments ``stats`` hold (the union of the recipes' needs)
+    #: modalities whose second moments are collected besides those a recipe needs (custom pipelines)
     moment_modalities: tuple[Modality, ...]
     #: content sha256 of each calibration sample (recorded in the checkpoint manifest)
     data_hashes: tuple[str, ...] = ()
-    #: the calibration steps and their times (the start of every applied recipe's history)
-    history: tuple[StepRecord, ...] = ()
+    _stats: dict[str, ModalityStats] | None = field(default=None, repr=False)
 
     def missing_modalities(self) -> tuple[Modality, ...]:
         """Modalities the model has placeholder tokens for but the calibration samples contain none of."""
         seen = calibration_tokens(self.samples)
         return tuple(m for m in self.captured.modalities if m != Modality.TEXT and seen[m] == 0)
 
+    @property
+    def stats(self) -> dict[str, ModalityStats]:
+        """Every decoder linear's input statistics from one whole-graph pass (computed on first use, then kept;
+        second moments of :attr:`moment_modalities`). For custom whole-graph pipelines; :func:`apply` does not need them."""
+        if self._stats is None:
+            observed = observe(Context(self.captured, self.samples), moment_modalities=self.moment_modalities, progress=False)
+            self._stats = observed.stats
+        return self._stats
+
     def context(self) -> Context:
-        """A fresh pipeline context on a copy of the float graph, with the statistics already collected."""
-        return Context(self.captured.copy(), self.samples, stats=self.stats, provided={STATS}, history=list(self.history))
+        """A fresh whole-graph pipeline context on a copy of the float graph, with :attr:`stats` collected."""
+        return Context(self.captured.copy(), self.samples, stats=dict(self.stats), provided={STATS})
 
 
 def calibrate(
@@ -172,56 +186,76 @@ def calibrate(
     progress: bool = True,
     data_hashes: Sequence[str] = (),
     moment_modalities: Iterable[Modality] = (),
+    device: str | torch.device | None = None,
 ) -> Calibrated:
-    """Capture ``model``'s decoder once and collect the statistics every recipe of ``recipes`` needs.
+    """Capture ``model``'s decoder once and compute the decoder inputs of the ``calibration`` batches.
 
-    ``calibration`` are processed batches of the model's processor; ``moment_modalities`` adds second
-    moments to those the recipes need (for custom pipelines). The memory calibration and the
-    recipes need is estimated first, and a clear error raised
-    (:class:`~masq_fx.memory.CalibrationMemoryError`) when it exceeds what is available. ``data_hashes``
-    (content hashes of the calibration samples) are recorded by :meth:`QuantizedModel.save`.
+    ``calibration`` are processed batches of the model's processor. The memory that applying ``recipes``
+    needs is estimated first, and a clear error raised (:class:`~masq_fx.memory.CalibrationMemoryError`)
+    when it exceeds what is available. ``moment_modalities`` adds second moments to those the recipes
+    need (for custom pipelines). ``data_hashes`` (content hashes of the calibration samples) are
+    recorded by :meth:`QuantizedModel.save`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None``:
+    where the model's parameters are) is checked, with the model's dtype, before any work, and the model
+    moved there; the captures, statistics and quantized state then live on it.
     """
+    place(model, device)
+    del progress  # capturing and running the towers are short; apply() shows the long work
     resolved = [resolve_recipe(r) for r in recipes]
-    wanted = set(moment_modalities).union(*(r.moment_modalities for r in resolved))
-    moments = tuple(m for m in Modality if m in wanted)
     batches = list(calibration)
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
     samples = calibration_inputs(model, batches)
-    observed = observe(Context(captured, samples), moment_modalities=moments, progress=progress)  # leaves the graph as it was
-    return Calibrated(model, captured, samples, observed.stats, moments, tuple(data_hashes), tuple(observed.history))
+    moments = tuple(m for m in Modality if m in set(moment_modalities))
+    return Calibrated(model, captured, samples, moments, tuple(data_hashes))
 
 
 def apply(
     calibrated: Calibrated, recipe: Recipe | str | os.PathLike, progress: bool = True, extra_steps: Sequence[Transform] = ()
 ) -> QuantizedModel:
-    """Apply ``recipe`` (then ``extra_steps``) to a copy of ``calibrated``'s graph; ``calibrated`` is left as it was.
+    """Apply ``recipe`` to a copy of ``calibrated``'s graph, layer by layer, then ``extra_steps`` to the whole
+    graph; ``calibrated`` is left as it was.
 
     ``recipe`` is a :class:`Recipe`, a preset name (:data:`PRESETS`) or a JSON/YAML file.
     """
-    recipe = resolve_recipe(recipe)
+    return apply_all(calibrated, [recipe], progress=progress, extra_steps=extra_steps)[0]
+
+
+def apply_all(
+    calibrated: Calibrated,
+    recipes: Sequence[Recipe | str | os.PathLike],
+    progress: bool = True,
+    extra_steps: Sequence[Transform] = (),
+) -> list[QuantizedModel]:
+    """Apply every recipe of ``recipes`` in one layer-by-layer pass: the float activations and statistics
+    are computed once for all of them. ``extra_steps`` run on each whole graph afterwards (they see the
+    statistics without second moments)."""
+    resolved = [resolve_recipe(r) for r in recipes]
     absent = calibrated.missing_modalities()
-    if absent and recipe.modality_aware:
-        names = " or ".join(m.name.lower() for m in absent)
-        warnings.warn(
-            f"the calibration samples have no {names} tokens, so {recipe.label} has nothing to learn for them: "
-            f"{names} tokens will use the text scales and get no compensation; calibrate with {names} samples too",
-            CoverageWarning,
-            stacklevel=2,
-        )
-    missing = [m.name.lower() for m in recipe.moment_modalities if m not in calibrated.moment_modalities]
-    if missing:
-        raise InputError(
-            f"recipe {recipe.label!r} needs second moments of {', '.join(missing)}, which this calibration did not "
-            "collect: pass the recipe to calibrate(..., recipes=[...]) so the statistics cover it"
-        )
-    if recipe.method != "fp":
-        recipe.modules.require_match(calibrated.captured.decoder_linears())
+    for recipe in resolved:
+        if absent and recipe.modality_aware:
+            names = " or ".join(m.name.lower() for m in absent)
+            warnings.warn(
+                f"the calibration samples have no {names} tokens, so {recipe.label} has nothing to learn for them: "
+                f"{names} tokens will use the text scales and get no compensation; calibrate with {names} samples too",
+                CoverageWarning,
+                stacklevel=3,
+            )
+        if recipe.method != "fp":
+            recipe.modules.require_match(calibrated.captured.decoder_linears())
+    wanted = set(calibrated.moment_modalities).union(*(r.moment_modalities for r in resolved))
+    moments = tuple(m for m in Modality if m in wanted)
+    jobs = [Job(Context(calibrated.captured.copy(), calibrated.samples), recipe_steps(r, progress=False)) for r in resolved]
     with warnings.catch_warnings():
         if absent:  # said once above, in plain words
             warnings.simplefilter("ignore", CoverageWarning)
-        context = Pipeline([*recipe_steps(recipe, progress=progress), *extra_steps]).run(calibrated.context(), progress=progress)
-    return QuantizedModel(calibrated.model, context.captured, recipe, context, data_hashes=calibrated.data_hashes)
+        run_layerwise(calibrated.captured, calibrated.samples, jobs, moments, progress=progress)
+        for job in jobs:
+            if extra_steps:
+                Pipeline(extra_steps).run(job.context, progress=False)
+    return [
+        QuantizedModel(calibrated.model, job.context.captured, recipe, job.context, data_hashes=calibrated.data_hashes)
+        for job, recipe in zip(jobs, resolved)
+    ]
 
 
 def quantize(
@@ -230,18 +264,23 @@ def quantize(
     calibration: Iterable[Batch],
     progress: bool = True,
     data_hashes: Sequence[str] = (),
+    device: str | torch.device | None = None,
 ) -> QuantizedModel:
     """:func:`calibrate` for ``recipe`` and :func:`apply` it: capture ``model``'s decoder, calibrate on
-    ``calibration`` (processed batches) and transform. The HF model is not modified."""
+    ``calibration`` (processed batches) and transform, on ``device`` (``None``: where the model is; the
+    model is moved there). The HF model's weights are not modified."""
     recipe = resolve_recipe(recipe)
-    return apply(calibrate(model, calibration, [recipe], progress=progress, data_hashes=data_hashes), recipe, progress=progress)
+    calibrated = calibrate(model, calibration, [recipe], progress=progress, data_hashes=data_hashes, device=device)
+    return apply(calibrated, recipe, progress=progress)
 
 
-def load(directory: str | os.PathLike, model: nn.Module) -> QuantizedModel:
-    """A saved quantized model replayed onto ``model`` (which must be the model it was quantized from)."""
+def load(directory: str | os.PathLike, model: nn.Module, device: str | torch.device | None = None) -> QuantizedModel:
+    """A saved quantized model replayed onto ``model`` (which must be the model it was quantized from), on
+    ``device`` (``None``: where the model is; the model is moved there). Checkpoints load on any device."""
+    place(model, device)
     decoder = checkpoint.load(directory, model)
     recipe = Recipe.from_dict(checkpoint.read_manifest(directory)["recipe"])
     return QuantizedModel(model, decoder, recipe)
 
 
-__all__ = ["PRESETS", "Calibrated", "QuantizedModel", "apply", "calibrate", "calibration_inputs", "load", "quantize", "resolve_recipe"]
+__all__ = ["PRESETS", "Calibrated", "QuantizedModel", "apply", "apply_all", "calibrate", "calibration_inputs", "load", "quantize", "resolve_recipe"]

@@ -86,7 +86,7 @@ from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
 from masq_fx.errors import InputError
 from masq_fx.files import fsync_directory, write_bytes_atomically
-from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models import DecoderInputs, adapter_for, model_device
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
 from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
@@ -322,6 +322,7 @@ def save(
     target = Path(directory)
     _check_replaceable(target, overwrite)
     collected = _collect(context.graph_module, model)
+    tensors = {name: tensor.detach().cpu() for name, tensor in collected.tensors.items()}  # device-independent
     adapter = adapter_for(model)
     manifest = {
         "format": FORMAT,
@@ -334,13 +335,13 @@ def save(
         "modality_tokens": asdict(adapter.modality_tokens()),
         "modalities": [m.name.lower() for m in context.captured.modalities],
         "calibration": _calibration(context.calibration, data_hashes),
-        "tensors": {"file": TENSORS, "content_sha256": tensors_sha256(sorted(collected.tensors.items()))},
+        "tensors": {"file": TENSORS, "content_sha256": tensors_sha256(sorted(tensors.items()))},
         "graph": collected.graph,
     }
     if source is not None:
         manifest["source"] = source
     text = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-    data = safetensors.torch.save(collected.tensors, metadata={MANIFEST_SHA256_KEY: hashlib.sha256(text).hexdigest()})
+    data = safetensors.torch.save(tensors, metadata={MANIFEST_SHA256_KEY: hashlib.sha256(text).hexdigest()})
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
@@ -571,7 +572,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
 
     Refuses (:class:`CheckpointError`, naming the problem and the fix) a model other than the one
     quantized, a missing, truncated or corrupt file, and a newer format version. The HF ``model`` is
-    not modified; the returned graph computes exactly what the saved graph computed.
+    not modified; the returned graph computes exactly what the saved graph computed, on the model's device.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -588,6 +589,8 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
             "load it with the masq_fx and transformers versions in its manifest"
         )
     _check_records(directory, graph, tensors, captured)
+    device = model_device(model)  # saved from the CPU, loaded where the model runs
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     try:
         replay(captured.graph_module, _graph_edits(graph, tensors))
     except KeyError as error:

@@ -20,16 +20,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
-from torch.export import Dim
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
 
-from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_unused_attributes, model_modalities, module_nodes
+from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_unused_attributes, dynamic_dim, model_modalities, module_nodes
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
+from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
 from masq_fx.replay import graph_edits, replay
@@ -37,9 +37,37 @@ from masq_fx.replay import graph_edits, replay
 CACHE_START = "cache_start"
 
 
+#: attention layer types whose cache is a plain :class:`StaticLayer` over every slot (the mask tells them apart)
+_CACHED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
+    """A ``StaticCache`` for ``config`` (a text config) whose every layer is a plain :class:`StaticLayer` of ``max_cache_len`` slots.
+
+    HF gives sliding-window layers a ``StaticSlidingWindowLayer``: a ring of ``sliding_window`` slots
+    whose update branch and mask sizes follow a Python int (``cumulative_length_int``). Export
+    freezes the branch of its example (an empty cache), so the graph's decode steps attended as if at
+    position 0, and a window shorter than the cache made export fail. Here every layer keeps all
+    ``max_cache_len`` slots (a sliding layer costs as much memory as a full one) and the window lives
+    in the mask alone: the model's sliding mask (key slot > query slot - window) over whole-cache
+    slots is what HF computes. Other layer types (chunked, linear, indexed attention) are refused.
+    """
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unsupported = sorted({t for t in types if t not in _CACHED_LAYER_TYPES})
+    if unsupported:
+        raise InputError(
+            f"capture_cached supports {' and '.join(_CACHED_LAYER_TYPES)} layers, but this {family} model has "
+            f"{', '.join(unsupported)} layers (their cache keeps Python-side state that torch.export freezes): "
+            "score it with the cache-free graph (QuantizedModel.logits, capture) instead of KV-cache generation"
+        )
+    cache = StaticCache(max_cache_len=max_cache_len, config=config)
+    cache.layers = [StaticLayer(max_cache_len=max_cache_len) for _ in types]
+    return cache
+
+
 def _static_layers(cache: StaticCache) -> list[StaticLayer]:
     """``cache``'s layers, all static: keys, values and a tensor ``cumulative_length`` allocated up front."""
-    assert all(isinstance(layer, StaticLayer) for layer in cache.layers)
+    assert all(type(layer) is StaticLayer for layer in cache.layers)
     return cast(list[StaticLayer], cache.layers)
 
 
@@ -49,14 +77,16 @@ class _CachedExportable(nn.Module):
     def __init__(self, adapter: ModelAdapter, batch_size: int, max_cache_len: int, logits_to_keep: int) -> None:
         super().__init__()
         self.logits_to_keep = logits_to_keep
+        self.adapter = adapter  # runs ``self.decoder`` (its language model), adding injected features
         self.decoder = adapter.language_model()
         self.lm_head = adapter.lm_head()
         config = adapter.text_config()
-        self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
+        self.cache = static_cache(config, max_cache_len, adapter.family)
         heads = config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache_dtype = next(self.decoder.parameters()).dtype
-        self.cache.early_initialization(batch_size, heads, head_dim, self.cache_dtype, torch.device("cpu"))
+        parameter = next(self.decoder.parameters())
+        self.cache_dtype, self.device = parameter.dtype, parameter.device
+        self.cache.early_initialization(batch_size, heads, head_dim, self.cache_dtype, self.device)
         for i, layer in enumerate(_static_layers(self.cache)):
             self.register_buffer(f"cache_keys_{i}", layer.keys, persistent=False)
             self.register_buffer(f"cache_values_{i}", layer.values, persistent=False)
@@ -72,13 +102,7 @@ class _CachedExportable(nn.Module):
     ) -> Tensor:
         for layer in _static_layers(self.cache):
             layer.cumulative_length.copy_(cache_start[0])
-        hidden = self.decoder(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=self.cache,
-            use_cache=True,
-        ).last_hidden_state
+        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, cache=self.cache, use_cache=True)
         if self.logits_to_keep:
             hidden = hidden[:, -self.logits_to_keep :]
         return self.lm_head(hidden)
@@ -97,7 +121,7 @@ class CachedDecoder:
 
     def __call__(self, inputs: DecoderInputs, cache_start: int) -> Tensor:
         """Logits of ``inputs`` (``attention_mask`` over the whole cache) written at ``cache_start``."""
-        return self.graph_module(*inputs.args(), torch.tensor([cache_start]))
+        return self.graph_module(*inputs.args(), torch.tensor([cache_start], device=inputs.inputs_embeds.device))
 
 
 def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits_to_keep: int = 1) -> CachedDecoder:
@@ -114,16 +138,17 @@ def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits
     adapter = adapter_for(model)
     model.eval()
     wrapper = _CachedExportable(adapter, batch_size, max_cache_len, logits_to_keep)
-    seq = Dim("tokens", min=1, max=max_cache_len)
+    seq = dynamic_dim(max_cache_len)
     tokens = min(8, max_cache_len)
-    embeds = torch.randn(batch_size, tokens, adapter.text_config().hidden_size, dtype=wrapper.cache_dtype)
-    positions = adapter.default_position_ids(batch_size, tokens)
+    device = wrapper.device  # the cache's and the model's: the graph runs there
+    embeds = torch.randn(batch_size, tokens, adapter.embed_width(), dtype=wrapper.cache_dtype, device=device)
+    positions = adapter.default_position_ids(batch_size, tokens, device)
     example = (
         embeds,
         positions,
-        torch.zeros(batch_size, tokens, dtype=torch.long),
-        torch.ones(batch_size, max_cache_len, dtype=torch.long),
-        torch.tensor([0]),
+        torch.zeros(batch_size, tokens, dtype=torch.long, device=device),
+        torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
+        torch.tensor([0], device=device),
     )
     position_dims = {positions.dim() - 1: seq}
     start = time.perf_counter()
@@ -165,7 +190,7 @@ def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDeco
 def full_attention_mask(attention_mask: Tensor, max_cache_len: int) -> Tensor:
     """A prompt's padding mask ``[batch, tokens]`` widened to the whole cache (ones after the prompt)."""
     batch, tokens = attention_mask.shape
-    full = torch.ones(batch, max_cache_len, dtype=attention_mask.dtype)
+    full = torch.ones(batch, max_cache_len, dtype=attention_mask.dtype, device=attention_mask.device)
     full[:, :tokens] = attention_mask
     return full
 
@@ -197,10 +222,11 @@ def generate(
     step = replace(prompt, attention_mask=mask)
     position = prompt.position_ids[..., -1:]
     out: list[Tensor] = []
-    done = torch.zeros(batch, dtype=torch.bool)
+    device = prompt.inputs_embeds.device
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     start = 0
     for _ in range(max_new_tokens):
-        token = run(*step.args(), torch.tensor([start]))[:, -1].argmax(-1)
+        token = run(*step.args(), torch.tensor([start], device=device))[:, -1].argmax(-1)
         out.append(token)
         if stop_id is not None:
             done |= token == stop_id
@@ -211,7 +237,7 @@ def generate(
         step = DecoderInputs(
             inputs_embeds=decoder.adapter.embed(token[:, None]).to(prompt.inputs_embeds.dtype),
             position_ids=position,
-            modality_ids=torch.full((batch, 1), int(Modality.TEXT)),
+            modality_ids=torch.full((batch, 1), int(Modality.TEXT), device=device),
             attention_mask=mask,
         )
     return torch.stack(out, dim=1)

@@ -1,14 +1,15 @@
 """Peak memory of calibration and a recipe, estimated before the work starts.
 
-What stays resident while a recipe runs, and is counted:
+Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and is counted:
 
 * the decoder inputs of every calibration batch (embeddings, position, modality and attention
-  tensors), held from calibration to the last transform;
+  tensors), held from calibration to the last layer;
 * the observers' statistics: per observed site (linears reading one input share one) min, max
-  and absmax tables, plus a float64 ``d × d`` second moment per modality the recipe collects
-  (:attr:`~masq_fx.recipes.Recipe.moment_modalities`: CMC, GPTQ);
-* MAS learning's layer streams: for every batch the float stream, the quantized stream and the
-  float targets of the current layer, each ``rows × seq × hidden`` float32;
+  and absmax tables, kept for every layer, plus a float64 ``d × d`` second moment per modality the
+  recipe collects (:attr:`~masq_fx.recipes.Recipe.moment_modalities`: CMC, GPTQ), held for the
+  current layer only (the largest layer's are counted);
+* the calibration streams at one layer boundary: for every batch the float activations entering
+  and leaving the layer and, for MAS learning, the quantized ones, each ``rows × seq × hidden``;
 * one forward pass of the largest batch: its attention scores and MLP intermediates.
 
 Model weights are already loaded when this runs, so they are not counted; nor are the copies of
@@ -43,19 +44,19 @@ class MemoryEstimate:
     #: decoder tokens of all batches, padding included
     tokens: int
     decoder_inputs: int
-    #: observer tables, second moments included
+    #: observer tables of every layer, and the second moments of the largest layer
     statistics: int
     #: observed sites that keep second moments (0 when the recipe collects none)
     moment_sites: int
     moment_modalities: tuple[Modality, ...]
-    #: MAS learning's float, quantized and target streams (0 for other methods)
-    learning: int
+    #: the float (and, for MAS learning, quantized) streams at one layer boundary
+    streams: int
     #: one forward pass of the largest batch
     activations: int
 
     @property
     def total(self) -> int:
-        return self.decoder_inputs + self.statistics + self.learning + self.activations
+        return self.decoder_inputs + self.statistics + self.streams + self.activations
 
     def parts(self) -> str:
         """The terms, largest first, for messages."""
@@ -64,7 +65,7 @@ class MemoryEstimate:
             f"decoder inputs of {self.batches} batches ({self.tokens} tokens)": self.decoder_inputs,
             "observer statistics"
             + (f" (float64 second moments of {moments} at {self.moment_sites} sites)" if self.moment_sites else ""): self.statistics,
-            "MAS learning streams": self.learning,
+            "calibration streams": self.streams,
             "one forward pass of the largest batch": self.activations,
         }
         return ", ".join(f"{name} {_gib(size)}" for name, size in sorted(terms.items(), key=lambda t: -t[1]) if size)
@@ -82,19 +83,22 @@ def observed_channels(captured: CapturedDecoder) -> list[int]:
 def estimate_calibration_memory(
     model: nn.Module, captured: CapturedDecoder, recipes: Recipe | Sequence[Recipe], batches: Sequence[Mapping[str, Tensor]]
 ) -> MemoryEstimate:
-    """Resident bytes calibrating ``captured`` (the decoder of ``model``) on ``batches`` (processed, with
-    ``input_ids``) for ``recipes`` (statistics for all of them) and running the most demanding one."""
+    """Resident bytes applying ``recipes`` to ``captured`` (the decoder of ``model``) in one layer-sequential
+    pass calibrated on ``batches`` (processed, with ``input_ids``)."""
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     shapes = [tuple(batch["input_ids"].shape) for batch in batches]
     tokens = sum(rows * seq for rows, seq in shapes)
     hidden = captured.hidden_size
     width = max(w.element_size() for w in captured.weights.values()) if captured.weights else _FLOAT32
-    per_token = hidden * width + (captured.position_rows + 2) * _INT64
+    per_token = adapter_for(model).embed_width() * width + (captured.position_rows + 2) * _INT64  # DeepStack features ride along
     channels = observed_channels(captured)
     moments = tuple(m for m in Modality if any(m in r.moment_modalities for r in recipes))
     tables = NUM_MODALITIES * _INT64  # token counts
-    statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 + len(moments) * c * c * _FLOAT64 for c in channels)
-    learning = 3 * tokens * hidden * _FLOAT32 if any(r.method == "mas" for r in recipes) else 0
+    per_layer: dict[int | None, int] = {}
+    for site, c in zip(captured.groups(), channels):
+        per_layer[site.layer] = per_layer.get(site.layer, 0) + len(moments) * c * c * _FLOAT64
+    statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 for c in channels) + max(per_layer.values(), default=0)
+    streams = (2 + sum(r.method == "mas" for r in recipes)) * tokens * hidden * width
     heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
     widest = max(channels, default=hidden)
     activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
@@ -105,7 +109,7 @@ def estimate_calibration_memory(
         statistics=statistics,
         moment_sites=len(channels) if moments else 0,
         moment_modalities=tuple(moments),
-        learning=learning,
+        streams=streams,
         activations=activations,
     )
 

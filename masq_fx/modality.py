@@ -91,7 +91,7 @@ def modality_ids_from_token_types(
     mm_token_type_ids: torch.Tensor, policy: ModalityPolicy = ModalityPolicy()
 ) -> torch.Tensor:
     """Map a processor's ``mm_token_type_ids`` (0 text, 1 image, 2 video, 3 audio) to modality codes."""
-    table = torch.zeros(4, dtype=torch.long)
+    table = torch.zeros(4, dtype=torch.long, device=mm_token_type_ids.device)
     for token_type, modality in _MM_TOKEN_TYPES.items():
         table[token_type] = int(modality)
     table[2] = int(policy.video_as)

@@ -24,6 +24,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.capture.layers import Env
 from masq_fx.errors import InputError
 from masq_fx.models import DecoderInputs
 
@@ -77,8 +78,27 @@ class StepRecord:
 
 
 @dataclass
+class LayerData:
+    """The calibration streams at the decoder layer a layer-sequential run is at (one env per sample).
+
+    ``float_inputs``/``float_outputs``: the float model's activations entering and leaving the layer;
+    ``quantized_inputs``: those entering it from the layers already transformed (``None`` unless a step
+    asks for them with ``quantized_stream = True``).
+    """
+
+    float_inputs: list[Env]
+    float_outputs: list[Env]
+    quantized_inputs: list[Env] | None = None
+
+
+@dataclass
 class Context:
-    """State shared by the steps of one pipeline run."""
+    """State shared by the steps of one pipeline run.
+
+    ``layer`` is set while a layer-sequential run (:mod:`masq_fx.sequential`) transforms that decoder
+    layer: steps then touch only its linears (:meth:`in_scope`) and read its calibration streams from
+    ``layer_data``; ``None`` means the whole graph at once.
+    """
 
     captured: CapturedDecoder
     calibration: Sequence[DecoderInputs] = ()
@@ -88,11 +108,17 @@ class Context:
     history: list[StepRecord] = field(default_factory=list)
     #: step name → the diagnostics it records (CrossModalCompensation: its ``BranchReport`` list)
     diagnostics: dict[str, list[Any]] = field(default_factory=dict)
+    layer: int | None = None
+    layer_data: LayerData | None = None
 
     def __post_init__(self) -> None:
         self.provided.add(GRAPH)
         if self.calibration:
             self.provided.add(CALIBRATION_DATA)
+
+    def in_scope(self, name: str) -> bool:
+        """Whether the linear ``name`` is one this run of the steps may touch."""
+        return self.layer is None or self.captured.linear_layers.get(name) == self.layer
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -155,15 +181,25 @@ class Pipeline:
         bar = tqdm(self.steps, desc="pipeline", unit="step", disable=not progress)
         for step in bar:
             bar.set_postfix_str(step.name)
-            start = time.perf_counter()
-            gm = step(context.graph_module, context)
-            gm.graph.lint()
-            gm.recompile()
-            context.captured.graph_module = gm
-            context.provided.difference_update((*_invalidates(step), *_consumes(step)))
-            context.provided.update(step.provides)
-            context.history.append(StepRecord(step.name, time.perf_counter() - start))
+            context.history.append(StepRecord(step.name, run_step(step, context)))
         return context
+
+
+def run_step(step: Transform, context: Context, recompile: bool = True) -> float:
+    """Run one step on ``context`` and update what it provides; its wall time in seconds.
+
+    ``recompile=False`` leaves the graph's Python code stale (a layer-sequential run executes
+    segments cut from the graph, and recompiles once at the end).
+    """
+    start = time.perf_counter()
+    gm = step(context.graph_module, context)
+    if recompile:
+        gm.graph.lint()
+        gm.recompile()
+    context.captured.graph_module = gm
+    context.provided.difference_update((*_invalidates(step), *_consumes(step)))
+    context.provided.update(step.provides)
+    return time.perf_counter() - start
 
 
 def _invalidates(step: Transform) -> tuple[str, ...]:

@@ -129,24 +129,24 @@ def test_calibration_file_options_are_checked(tmp_path, capsys):
 def test_compare_captures_and_calibrates_once(tmp_path, capsys, monkeypatch, one_thread):
     import torch
 
-    from masq_fx.calibration.calibrate import Calibrate
+    from masq_fx import sequential
 
-    counts = {"export": 0, "calibrate": 0}
-    export, run = torch.export.export, Calibrate.__call__
+    counts = {"export": 0, "float layer passes": 0}
+    export, collect = torch.export.export, sequential.collect_stats
 
     def counted_export(*args, **kwargs):
         counts["export"] += 1
         return export(*args, **kwargs)
 
-    def counted_calibrate(self, gm, context):
-        counts["calibrate"] += 1
-        return run(self, gm, context)
+    def counted_collect(gm):
+        counts["float layer passes"] += 1
+        return collect(gm)
 
     monkeypatch.setattr(torch.export, "export", counted_export)
-    monkeypatch.setattr(Calibrate, "__call__", counted_calibrate)
+    monkeypatch.setattr(sequential, "collect_stats", counted_collect)
     out = tmp_path / "cmp"
     argv = ["quantize", TINY, "--recipe", "masquant-w4a8", "--compare", "smoothquant-w4a8-gptq", "rtn-w8a8", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     table = capsys.readouterr().out.strip().splitlines()[-5:-1]
     assert [row.split()[0] for row in table] == ["FP32", "masquant-w4a8", "smoothquant-w4a8-gptq", "rtn-w8a8"]
-    assert counts == {"export": 1, "calibrate": 1}
+    assert counts == {"export": 1, "float layer passes": 2}  # the tiny model's two layers, once for all recipes

@@ -36,7 +36,7 @@ from masq_fx.backends import CompiledGraph, Int8QuantLinear, LoweringReport, com
 from masq_fx.errors import InputError
 from masq_fx.generation import CachedDecoder, capture_cached, full_attention_mask
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs, ModelAdapter
+from masq_fx.models import DecoderInputs, ModelAdapter, model_device
 from masq_fx.nn.quant_linear import QuantLinear
 
 #: inductor's count of int8 GEMMs it rewrote into oneDNN qlinear with a prepacked weight
@@ -140,16 +140,17 @@ def intra_op_threads(threads: int) -> Iterator[None]:
 
 
 def text_prompt(adapter: ModelAdapter, tokens: int, seed: int = 0) -> DecoderInputs:
-    """One row of ``tokens`` text tokens (ids drawn from ``seed``) as decoder inputs."""
+    """One row of ``tokens`` text tokens (ids drawn from ``seed``) as decoder inputs, on the model's device."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(adapter.text_config().vocab_size, (1, tokens), generator=generator)
+    device = model_device(adapter.model)
+    ids = torch.randint(adapter.text_config().vocab_size, (1, tokens), generator=generator).to(device)
     with torch.no_grad():
         embeds = adapter.embed(ids)
     return DecoderInputs(
         inputs_embeds=embeds,
-        position_ids=adapter.default_position_ids(1, tokens),
-        modality_ids=torch.full((1, tokens), int(Modality.TEXT)),
-        attention_mask=torch.ones(1, tokens, dtype=torch.long),
+        position_ids=adapter.default_position_ids(1, tokens, device),
+        modality_ids=torch.full((1, tokens), int(Modality.TEXT), device=device),
+        attention_mask=torch.ones(1, tokens, dtype=torch.long, device=device),
     )
 
 
@@ -157,13 +158,14 @@ def step_inputs(prompt: DecoderInputs, max_cache_len: int) -> tuple[tuple[Tensor
     """Graph inputs of the prefill (``prompt`` at slot 0) and of one decoded text token right after it."""
     batch, tokens = prompt.attention_mask.shape
     mask = full_attention_mask(prompt.attention_mask, max_cache_len)
-    prefill = (prompt.inputs_embeds, prompt.position_ids, prompt.modality_ids, mask, torch.tensor([0]))
+    device = prompt.inputs_embeds.device
+    prefill = (prompt.inputs_embeds, prompt.position_ids, prompt.modality_ids, mask, torch.tensor([0], device=device))
     decode = (
         prompt.inputs_embeds[:, -1:],
         prompt.position_ids[..., -1:] + 1,
-        torch.full((batch, 1), int(Modality.TEXT)),
+        torch.full((batch, 1), int(Modality.TEXT), device=device),
         mask,
-        torch.tensor([tokens]),
+        torch.tensor([tokens], device=device),
     )
     return prefill, decode
 
@@ -189,6 +191,12 @@ def compile_graphs(
     return compiled, fused, time.perf_counter() - start
 
 
+def _synchronize(result: object) -> None:
+    """Wait for the GPU work that produced ``result`` (a CUDA tensor; anything else: nothing to wait for)."""
+    if isinstance(result, Tensor) and result.is_cuda:
+        torch.cuda.synchronize(result.device)
+
+
 def interleaved_medians(
     calls: Mapping[str, Callable[[], object]], runs: int, warmup: int, desc: str = "time", progress: bool = True
 ) -> dict[str, float]:
@@ -197,7 +205,7 @@ def interleaved_medians(
     for round_ in tqdm(range(warmup + runs), desc=desc, unit="round", disable=not progress):
         for name, call in calls.items():
             start = time.perf_counter()
-            call()
+            _synchronize(call())
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(seconds) for name, seconds in times.items()}

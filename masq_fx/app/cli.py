@@ -141,7 +141,7 @@ def _check_calibration(path: Path | None) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from masq_fx.api import apply, calibrate
+    from masq_fx.api import apply_all, calibrate
     from masq_fx.app.run_report import build as build_report
     from masq_fx.app.sources import load_source
     from masq_fx.recipes import resolve_recipe
@@ -154,22 +154,22 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     # the checkpoint records the dtype; eval, generate and bench load the model in it
-    source = load_source(args.model, replace(_sizes(args), calibration_tokens=args.calib_tokens), args.calib, getattr(torch, args.dtype))
+    sizes = replace(_sizes(args), calibration_tokens=args.calib_tokens)
+    source = load_source(args.model, sizes, args.calib, getattr(torch, args.dtype), args.device)
     print(f"{source.title}\nrecipe {args.recipe} → {out}")
-    # one capture and one calibration, with the statistics every recipe needs; the float graph is the
-    # FP32 row and the report's SQNR reference
+    # one capture; the float graph is the FP32 row and the report's SQNR reference
     calibrated = calibrate(
         source.model, source.calibration, recipes.values(), progress=not args.quiet, data_hashes=source.calibration_hashes
     )
     rows: dict[str, dict[str, float]] = {}
     if not args.no_eval:
         rows["FP32" if args.dtype == "float32" else "BF16"] = source.evaluate(calibrated.captured)
-    for name, recipe in recipes.items():
-        start = time.perf_counter()
-        quantized = apply(calibrated, recipe, progress=not args.quiet)
-        print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
+    # every recipe in one layer-by-layer pass: the float statistics are computed once for all of them
+    start = time.perf_counter()
+    applied = apply_all(calibrated, list(recipes.values()), progress=not args.quiet)
+    print(f"{', '.join(recipes)}: quantized in {time.perf_counter() - start:.0f} s")
+    for name, quantized in zip(recipes, applied):
         if name == args.recipe:
-            # built now, so the saved model need not stay in memory while the compared recipes run, and
             # published with the checkpoint (its metrics filled in at the end): an interrupt after saving
             # never leaves a checkpoint without its report, nor a replaced one's old report
             report = build_report(
@@ -225,7 +225,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _eval_data(args)
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory))
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device)
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
     print(source.title)
@@ -246,7 +246,7 @@ def _eval_data(args: argparse.Namespace) -> int:
         raise InputError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
     require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory))
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device)
     quantized = load(args.directory, source.model)
     decoders: dict[str, DecoderFn] = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
     rows = {
@@ -267,7 +267,7 @@ def _generate(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             kind = "PNG/JPEG image" if option == "--image" else "16 kHz WAV"
             raise MissingFileError(f"{option} {path} does not exist: give the path of a {kind} file")
-    source = load_source(_checkpoint_model(args), dtype=_checkpoint_dtype(args.directory))
+    source = load_source(_checkpoint_model(args), dtype=_checkpoint_dtype(args.directory), device=args.device)
     batch = source.prompt(args.prompt, args.image, args.audio)
     quantized = load(args.directory, source.model)
     if args.int8:
@@ -283,7 +283,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import load_source
     from masq_fx.models import adapter_for
 
-    source = load_source(args.model, _sizes(args))
+    source = load_source(args.model, _sizes(args), device=args.device)
     adapter = adapter_for(source.model)
     samples = [adapter.decoder_inputs(batch) for batch in source.calibration]
     print(inspect_model(source.model, samples, title=source.title, top_k=args.top_k, progress=not args.quiet))
@@ -296,7 +296,8 @@ def _bench(args: argparse.Namespace) -> int:
     from masq_fx.app.sources import Sizes, load_source
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, runs=args.runs, threads=args.threads)
-    source = load_source(_checkpoint_model(args), Sizes(calibration=1, evaluation=1, eval_windows=1), dtype=_checkpoint_dtype(args.directory))
+    sizes = Sizes(calibration=1, evaluation=1, eval_windows=1)
+    source = load_source(_checkpoint_model(args), sizes, dtype=_checkpoint_dtype(args.directory), device=args.device)
     quantized = load(args.directory, source.model)
     print(source.title)
     print(format_table(bench(quantized, config, progress=not args.quiet)))
@@ -314,6 +315,21 @@ def _list(args: argparse.Namespace) -> int:
     print("families (a local HF folder of one of these): " + ", ".join(supported_families()))
     print("models by name: default (built-in tri-modal thinker), smollm2 (SmolLM2-135M-Instruct), " + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
     return 0
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None, help="where the model runs: cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Resolve ``--device`` (its default included) and refuse one this machine lacks, before any model is loaded."""
+    if not hasattr(args, "device"):
+        return
+    from masq_fx.models.device import default_device, resolve_device
+
+    args.device = resolve_device(default_device() if args.device is None else args.device)
 
 
 def _data_options(parser: argparse.ArgumentParser, calib: int) -> None:
@@ -362,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--calib-tokens", type=int, default=None, help="token budget of the --calib samples, split equally between their modalities"
     )
+    _device_option(quantize)
     quantize.set_defaults(func=_quantize)
 
     evaluate = commands.add_parser(
@@ -378,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(evaluate, calib=1)
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    _device_option(evaluate)
     evaluate.set_defaults(func=_eval)
 
     generate = commands.add_parser(
@@ -396,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate at most")
     generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels")
+    _device_option(generate)
     generate.set_defaults(func=_generate)
 
     inspect = commands.add_parser(
@@ -413,11 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     inspect.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     _data_options(inspect, calib=8)
+    _device_option(inspect)
     inspect.set_defaults(func=_inspect)
 
     speed = commands.add_parser(
         "bench",
-        help="time a saved checkpoint against FP32 on this CPU (prefill and decode, compiled)",
+        help="time a saved checkpoint against FP32 on --device (prefill and decode, compiled)",
         description=(
             "Load a checkpoint, put its W8A8/W4A8 linears on torchao int8 kernels, compile the FP32 and the "
             "quantized KV-cache graphs and print median prefill and decode latency, measured interleaved. "
@@ -431,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each graph (the table shows medians)")
     speed.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads while compiling and timing")
     speed.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_option(speed)
     speed.set_defaults(func=_bench)
     return parser
 
@@ -452,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # model loading's bars too
     try:
+        _check_device(args)
         return args.func(args)
     except CalibrationMemoryError as error:
         print(f"masq-fx {args.command}: error: {error} (lower --calib-samples, --calib-tokens or --seq-len)", file=sys.stderr)

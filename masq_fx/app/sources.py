@@ -29,7 +29,8 @@ from masq_fx.errors import InputError, MissingFileError
 from masq_fx.eval.accuracy import Accuracy, exact_match
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.eval.sqnr import sqnr_db
-from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models import DecoderInputs, adapter_for, place, resolve_device
+from masq_fx.models.device import check_dtype
 
 TINY_PREFIX = "tiny:"
 #: samples per processed batch of file calibration data
@@ -155,12 +156,13 @@ def _left_padded(rows: Sequence[Tensor], pad_id: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype) -> ModelSource:
+def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device) -> ModelSource:
     from masq_fx.builtin.trimodal import accuracy, calibration_batches, load_set, load_trimodal
     from masq_fx.builtin.trimodal.processing import IM_END
 
     model, processor = load_trimodal()
     cast(nn.Module, model).to(dtype)  # PreTrainedModel.to is typed as a plain function
+    place(model, device)
     adapter = adapter_for(model)
     evaluation = load_set("evaluation")
     windows = token_windows(processor.tokenizer, "evaluation", window=512, count=sizes.eval_windows)
@@ -219,7 +221,7 @@ def _trimodal_file_sample(processor, sample: FileSample):
     return _trimodal_sample(processor, text, sample.image, sample.audio)
 
 
-def _tiny_source(family: str, sizes: Sizes, calibration: Path | None, dtype: torch.dtype) -> ModelSource:
+def _tiny_source(family: str, sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device) -> ModelSource:
     from masq_fx.models.tiny import tiny_model
 
     if calibration is not None:
@@ -227,10 +229,11 @@ def _tiny_source(family: str, sizes: Sizes, calibration: Path | None, dtype: tor
 
     tiny = tiny_model(family, seed=0, batch_size=2)
     tiny.model.to(dtype)
+    place(tiny.model, device)
     adapter = adapter_for(tiny.model)
     inputs = adapter.decoder_inputs(tiny.batch)
     with torch.no_grad():
-        reference = tiny.model(**tiny.batch).logits
+        reference = tiny.model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in tiny.batch.items()}).logits
     keep = inputs.attention_mask.bool()
     return ModelSource(
         name=TINY_PREFIX + family,
@@ -255,33 +258,44 @@ def _no_processor() -> Batch:
     )
 
 
-def load_source(name: str, sizes: Sizes = Sizes(), calibration: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ModelSource:
-    """The model called ``name`` on the command line (see the module docstring).
+def load_source(
+    name: str,
+    sizes: Sizes = Sizes(),
+    calibration: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ModelSource:
+    """The model called ``name`` on the command line (see the module docstring), in ``dtype`` on ``device``.
 
     ``calibration``: a JSONL file or folder of samples (:mod:`masq_fx.data.samples`) to calibrate on
     instead of the built-in split; ``sizes.calibration`` caps its samples per modality and
-    ``sizes.calibration_tokens`` balances them across modalities.
+    ``sizes.calibration_tokens`` balances them across modalities. Batches stay on the CPU (the API
+    moves them to the model's device).
     """
+    device = resolve_device(device)  # before any model is loaded
+    check_dtype(device, dtype)
     if sizes.calibration < 1 or sizes.evaluation < 1:
         raise InputError(f"calibration and evaluation sizes must be at least 1, got {sizes.calibration} and {sizes.evaluation}")
     if sizes.calibration_tokens is not None and calibration is None:
         raise InputError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
     calibration = None if calibration is None else Path(calibration)
     if name == "default":
-        return _trimodal_source(sizes, calibration, dtype)
+        return _trimodal_source(sizes, calibration, dtype, device)
     if name == "smollm2":
         from masq_fx.builtin.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype)
+        place(model, device)
         return _text_source(name, "SmolLM2-135M-Instruct (real weights, dequantized from the shipped Q4_1 GGUF)", model, tokenizer, sizes, calibration)
     if name.startswith(TINY_PREFIX):
-        return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration, dtype)
+        return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration, dtype, device)
     folder = Path(name)
     if not folder.is_dir():
         raise MissingFileError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    place(model, device)
     return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes, calibration)
 
 

@@ -51,9 +51,12 @@ codes and nearly every scale differ from the float32 quantization of the same va
 Weights of fewer than 8 bits (W4A8) keep their integer codes on the int8 kernel: resident as one byte
 per weight (checkpoints pack 4-bit codes two per byte), computed exactly as the reference computes them.
 
-Anything else (asymmetric or group-wise weights, static per-tensor or restricted-grid
-activations, weight-only, quantizers off) stays a QuantLinear, and the :class:`LoweringReport` says
-which and why (a warning is raised as well).
+Weight-only linears of at most 4 bits (W4A16) go to PyTorch's int4 weight-only CPU kernel instead
+(:class:`~masq_fx.backends.int4_cpu.Int4CpuLinear`, bfloat16 activations in the kernel by default).
+
+Anything else (asymmetric or group-wise weights with quantized activations, static per-tensor or
+restricted-grid activations, weight-only of more than 4 bits, quantizers off) stays a QuantLinear, and
+the :class:`LoweringReport` says which and why (a warning is raised as well).
 
 :func:`compile_graph` compiles a (lowered or float) graph with ``fullgraph=True`` and :data:`INDUCTOR_OPTIONS`.
 """
@@ -73,6 +76,7 @@ from torchao.quantization import Int8Tensor, PerRow
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
+from masq_fx.backends.int4_cpu import KERNEL_DTYPES, Int4CpuLinear, int4_unsupported_reason
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
 from masq_fx.modality import Modality
@@ -116,8 +120,8 @@ def unsupported_reason(module: QuantLinear) -> str | None:
         return "no weight quantizer"
     if a is None:
         return (
-            f"weight-only W{w.bits}A16: the int8 kernels need activation quantization, and torchao 0.18 has no "
-            "CPU int4 weight-only kernel (plain needs mslk, plain_int32 is not on CPU, tile_packed_to_4d needs CUDA)"
+            f"weight-only W{w.bits}A16: the int8 kernels need activation quantization (lower_to_torchao puts weight-only "
+            "linears of at most 4 bits on the int4 CPU kernel, masq_fx.backends.int4_cpu)"
         )
     if not w.symmetric:
         return "asymmetric weights (torchao's int8 kernels take symmetric weights)"
@@ -161,7 +165,7 @@ def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor
     rows = sorted(branches)
     left = torch.cat([branches[r][0].detach().float() for r in rows], dim=1)
     right = torch.cat([branches[r][1].detach().float() for r in rows], dim=0)
-    owner = torch.cat([torch.full((branches[r][0].shape[1],), r) for r in rows])
+    owner = torch.cat([torch.full((branches[r][0].shape[1],), r, device=left.device) for r in rows])
     return left, right, owner
 
 
@@ -203,13 +207,14 @@ class _Int8Branches:
         order = sorted(codes)
         lefts, rights = [codes[r][0] for r in order], [codes[r][1] for r in order]
         out_features = rights[0].qdata.shape[0]
-        unit = torch.ones(out_features, 1)
-        right_scale = torch.zeros(rows, out_features)
+        device = rights[0].qdata.device
+        unit = torch.ones(out_features, 1, device=device)
+        right_scale = torch.zeros(rows, out_features, device=device)
         for r, right in zip(order, rights):
             right_scale[r] = right.scale[:, 0]
         left_codes, left_scale = torch.cat([w.qdata for w in lefts]), torch.cat([w.scale for w in lefts])
         right_codes = torch.cat([w.qdata for w in rights], dim=1)
-        owner = torch.cat([torch.full((w.qdata.shape[0],), r) for r, w in zip(order, lefts)])
+        owner = torch.cat([torch.full((w.qdata.shape[0],), r, device=device) for r, w in zip(order, lefts)])
         if len(owner) == 1:  # a zero column no token owns
             left_codes, left_scale = F.pad(left_codes, (0, 0, 0, 1)), F.pad(left_scale, (0, 0, 0, 1), value=1.0)
             right_codes, owner = _pad_one_column(right_codes), F.pad(owner, (0, 1), value=-1)
@@ -380,15 +385,23 @@ class LoweringReport:
 
     lowered: list[str] = field(default_factory=list)
     unlowered: dict[str, str] = field(default_factory=dict)
+    #: those of ``lowered`` on the int4 weight-only CPU kernel (the others are on torchao int8)
+    int4: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"lowered {len(self.lowered)} QuantLinears to torchao int8, left {len(self.unlowered)} on the reference path"]
+        int8 = len(self.lowered) - len(self.int4)
+        kernels = "torchao int8" if not self.int4 else "the int4 CPU kernel" if not int8 else f"torchao int8 ({int8}) and the int4 CPU kernel ({len(self.int4)})"
+        lines = [f"lowered {len(self.lowered)} QuantLinears to {kernels}, left {len(self.unlowered)} on the reference path"]
         lines += [f"  {name}: {reason}" for name, reason in self.unlowered.items()]
         return "\n".join(lines)
 
 
-def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: BranchLayout = "indexed") -> LoweringReport:
-    """Replace (in place) every lowerable QuantLinear of a transformed graph by an :class:`Int8QuantLinear`.
+def lower_to_torchao(
+    target: CapturedDecoder | fx.GraphModule, branch_layout: BranchLayout = "indexed", int4_dtype: torch.dtype = torch.bfloat16
+) -> LoweringReport:
+    """Replace (in place) every lowerable QuantLinear of a transformed graph by an :class:`Int8QuantLinear`, or,
+    weight-only of at most 4 bits, an :class:`~masq_fx.backends.int4_cpu.Int4CpuLinear` (``int4_dtype``: its
+    kernel's activation dtype, bfloat16 (fast) or float32 (the reference's numbers, a slow scalar kernel)).
 
     With ``branch_layout="indexed"`` and CMC branches, the graph gains the per-modality positions
     inputs (:mod:`masq_fx.capture.positions`; a call with the usual inputs computes them). The float weights (shared with
@@ -398,17 +411,25 @@ def lower_to_torchao(target: CapturedDecoder | fx.GraphModule, branch_layout: Br
     gm = target.graph_module if isinstance(target, CapturedDecoder) else target
     if branch_layout not in ("indexed", "masked"):
         raise ValueError(f"branch_layout must be 'indexed' or 'masked', got {branch_layout!r}")
+    if int4_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"int4_dtype must be torch.bfloat16 (fast) or torch.float32 (the reference's numbers, slow), got {int4_dtype}")
     report = LoweringReport()
     indexed: list[fx.Node] = []
     for node in gm.graph.find_nodes(op="call_module"):
         module = gm.get_submodule(str(node.target))
         if not isinstance(module, QuantLinear):
             continue
-        reason = unsupported_reason(module)
+        weight_only = module.quantizers_enabled and module.state.weight_quant is not None and module.state.act_quant is None
+        reason = int4_unsupported_reason(module) if weight_only else unsupported_reason(module)
         if reason is not None:
             report.unlowered[module.name] = reason
             continue
-        lowered = Int8QuantLinear.from_quant_linear(module)
+        lowered: Int8QuantLinear | Int4CpuLinear
+        if weight_only:
+            lowered = Int4CpuLinear.from_quant_linear(module, int4_dtype)
+            report.int4.append(module.name)
+        else:
+            lowered = Int8QuantLinear.from_quant_linear(module)
         gm.add_submodule(str(node.target), lowered)
         report.lowered.append(module.name)
         if branch_layout == "indexed" and lowered.takes_positions:
@@ -443,7 +464,8 @@ class CompiledGraph:
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        _register_torchao_x86_int8_pattern()
+        if any(t.device.type == "cpu" for t in gm.parameters()):  # a oneDNN (CPU) rewrite; it checks no device
+            _register_torchao_x86_int8_pattern()
         self.positions = CompletePositions.of(gm)
         self.compiled = torch.compile(gm, fullgraph=True)
 

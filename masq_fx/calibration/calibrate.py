@@ -19,6 +19,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from masq_fx.calibration.observer import ModalityObserver
+from masq_fx.calibration.stats import ModalityStats
 from masq_fx.capture.decoder import MODULE_KEY
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
@@ -51,6 +52,8 @@ class InsertObservers:
         # linears whose inputs come from the same node (q/k/v; gate/up: one site) share one observer,
         # which watches the tensor the first of them actually reads
         for index, site in enumerate(context.captured.groups(include_head=self.include_head)):
+            if not context.in_scope(site.linears[0]):
+                continue
             tensor = nodes[site.linears[0]].args[0]
             assert isinstance(tensor, fx.Node)
             target = f"{OBSERVER_PREFIX}{index}"
@@ -93,23 +96,33 @@ class Calibrate:
             with torch.no_grad():
                 for sample in tqdm(context.calibration, desc="calibrate", unit="sample", disable=not self.progress):
                     gm(*sample.args())
-            for node in nodes:
-                observer = gm.get_submodule(str(node.target))
-                assert isinstance(observer, ModalityObserver)
-                stats = observer.stats
-                if stats is None:
-                    continue
-                if not bool(torch.isfinite(stats.absmax).all()):
-                    raise InputError(
-                        f"NaN/Inf activations reach {', '.join(node.meta[_SITES_KEY])}: the float model already "
-                        "overflows on the calibration data (check the inputs, and the dtype: use bfloat16 or "
-                        "float32, not float16)"
-                    )
-                for module in node.meta[_SITES_KEY]:
-                    context.stats[module] = stats
+            context.stats.update(collect_stats(gm))
         finally:
             remove_observers(gm)
         return gm
+
+
+def collect_stats(gm: fx.GraphModule) -> dict[str, ModalityStats]:
+    """Module name of every linear an observer of ``gm`` watched → what it recorded (shared per site).
+
+    Raises :class:`InputError` when a site saw NaN/Inf activations.
+    """
+    found: dict[str, ModalityStats] = {}
+    for node in observer_nodes(gm):
+        observer = gm.get_submodule(str(node.target))
+        assert isinstance(observer, ModalityObserver)
+        stats = observer.stats
+        if stats is None:
+            continue
+        if not bool(torch.isfinite(stats.absmax).all()):
+            raise InputError(
+                f"NaN/Inf activations reach {', '.join(node.meta[_SITES_KEY])}: the float model already "
+                "overflows on the calibration data (check the inputs, and the dtype: use bfloat16 or "
+                "float32, not float16)"
+            )
+        for module in node.meta[_SITES_KEY]:
+            found[module] = stats
+    return found
 
 
 def calibration_tokens(samples: Iterable) -> dict[Modality, int]:

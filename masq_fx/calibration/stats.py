@@ -182,6 +182,10 @@ class ModalityStats:
             moment=self.moments.get(m),
         )
 
+    def without_moments(self) -> ModalityStats:
+        """These statistics without their second moments (what a layer-sequential run keeps of a finished layer)."""
+        return ModalityStats(self.absmax, self.min, self.max, self.count, {})
+
     def all_tokens(self) -> ChannelStats:
         """Statistics of all tokens, whatever their modality.
 

@@ -47,10 +47,11 @@ _LAYER_PATH = re.compile(r"^decoder\.layers\.(\d+)$")
 class _ExportableDecoder(nn.Module):
     """The decoder and LM head behind the four-tensor signature of a captured graph."""
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, adapter: ModelAdapter) -> None:
         super().__init__()
-        self.decoder = decoder
-        self.lm_head = lm_head
+        self.adapter = adapter  # runs ``self.decoder`` (its language model), adding injected features
+        self.decoder = adapter.language_model()
+        self.lm_head = adapter.lm_head()
 
     def forward(
         self,
@@ -59,12 +60,7 @@ class _ExportableDecoder(nn.Module):
         modality_ids: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
-        hidden = self.decoder(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, use_cache=False)
         return self.lm_head(hidden)
 
 
@@ -88,6 +84,8 @@ class CapturedDecoder:
     #: produced it (:func:`~masq_fx.capture.dataflow.smoothing_groups`, the head included); observers,
     #: smoothing and the memory estimate read them
     sites: tuple[SmoothingGroup, ...] = field(default=(), repr=False)
+    #: module name of each linear → its decoder layer (``None`` for the head)
+    linear_layers: dict[str, int | None] = field(default_factory=dict, repr=False)
 
     def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
         return self.graph_module(*inputs.args())
@@ -168,9 +166,16 @@ def annotate(gm: fx.GraphModule) -> None:
                 node.meta[MODULE_KEY] = module_name_of(attr)
 
 
-def _dynamic_shapes(example: DecoderInputs) -> tuple[dict[int, Dim], ...]:
-    batch = Dim("batch", min=1, max=1024)
-    seq = Dim("seq", min=1, max=32768)
+def dynamic_dim(limit: int) -> Any:
+    """An export dimension of ``1 … limit``, dynamic: ``Dim.DYNAMIC`` (export fails if the model specialises it)
+    rather than a named ``Dim``, whose stricter check refuses guards some torch versions cannot prove for
+    every value in range (torch 2.11: ``Min(16*s, 32*s) == 16*s`` from a contiguity check)."""
+    return Dim.DYNAMIC(min=1, max=limit)
+
+
+def _dynamic_shapes(example: DecoderInputs) -> tuple[dict[int, Any], ...]:
+    batch = dynamic_dim(1024)
+    seq = dynamic_dim(32768)
     pos = {1: batch, 2: seq} if example.position_ids.dim() == 3 else {0: batch, 1: seq}
     return ({0: batch, 1: seq}, pos, {0: batch, 1: seq}, {0: batch, 1: seq})
 
@@ -190,29 +195,30 @@ def drop_unused_attributes(gm: fx.GraphModule) -> None:
 
 
 def example_inputs(adapter: ModelAdapter, batch: int = 2, seq: int = 8) -> DecoderInputs:
-    """Random text-only decoder inputs of the model's width and dtype, used to trace."""
-    cfg = adapter.text_config()
-    dtype = next(adapter.language_model().parameters()).dtype
+    """Random text-only decoder inputs of the model's width, dtype and device, used to trace."""
+    parameter = next(adapter.language_model().parameters())
+    dtype, device = parameter.dtype, parameter.device
     return DecoderInputs(
-        inputs_embeds=torch.randn(batch, seq, cfg.hidden_size, dtype=dtype),
-        position_ids=adapter.default_position_ids(batch, seq),
-        modality_ids=torch.zeros(batch, seq, dtype=torch.long),
-        attention_mask=torch.ones(batch, seq, dtype=torch.long),
+        inputs_embeds=torch.randn(batch, seq, adapter.embed_width(), dtype=dtype, device=device),
+        position_ids=adapter.default_position_ids(batch, seq, device),
+        modality_ids=torch.zeros(batch, seq, dtype=torch.long, device=device),
+        attention_mask=torch.ones(batch, seq, dtype=torch.long, device=device),
     )
 
 
 def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedDecoder:
     """Export ``model``'s language decoder (and LM head) with dynamic batch and sequence length.
 
-    ``example`` fixes nothing but dtypes and ranks; a random text-only example is used if omitted.
-    The model is put in eval mode. Its parameters are shared with the graph, not copied.
+    ``example`` fixes nothing but dtypes, ranks and the device (the graph runs where it was captured); a
+    random text-only example on the model's device is used if omitted. The model is put in eval mode.
+    Its parameters are shared with the graph, not copied.
     """
     from masq_fx.capture.dataflow import smoothing_groups  # dataflow reads this module's node tags
 
     adapter = adapter_for(model)
     model.eval()
     example = example or example_inputs(adapter)
-    wrapper = _ExportableDecoder(adapter.language_model(), adapter.lm_head())
+    wrapper = _ExportableDecoder(adapter)
     start = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(
@@ -233,6 +239,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         capture_seconds=seconds,
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
+    captured.linear_layers = {name: node.meta.get(LAYER_KEY) for name, node in captured.linear_nodes().items()}
     captured.float_tensors = (*gm.parameters(), *gm.buffers())
     captured.sites = tuple(smoothing_groups(gm, include_head=True))
     return captured

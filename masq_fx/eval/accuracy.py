@@ -28,16 +28,11 @@ DecoderFn = Callable[[DecoderInputs], torch.Tensor]
 def eager_decoder(model: nn.Module) -> DecoderFn:
     """The HF model's own language model and head as a decoder function (the FP reference)."""
     adapter = adapter_for(model)
-    decoder, head = adapter.language_model(), adapter.lm_head()
+    head = adapter.lm_head()
 
     @torch.no_grad()
     def run(inputs: DecoderInputs) -> torch.Tensor:
-        hidden = decoder(
-            inputs_embeds=inputs.inputs_embeds,
-            position_ids=inputs.position_ids,
-            attention_mask=inputs.attention_mask,
-            use_cache=False,
-        ).last_hidden_state
+        hidden = adapter.run_decoder(inputs.inputs_embeds, inputs.position_ids, inputs.attention_mask, use_cache=False)
         return head(hidden)
 
     return run
@@ -65,7 +60,7 @@ def greedy_decode(
     Stops early once every row has produced ``stop_id`` (``None``: never).
     """
     inputs, out = prompt, []
-    done = torch.zeros(prompt.attention_mask.shape[0], dtype=torch.bool)
+    done = torch.zeros(prompt.attention_mask.shape[0], dtype=torch.bool, device=prompt.attention_mask.device)
     for _ in range(max_new_tokens):
         token = decoder(inputs)[:, -1].argmax(-1)
         out.append(token)

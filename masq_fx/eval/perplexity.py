@@ -23,7 +23,7 @@ def perplexity(captured: DecoderFn, adapter: ModelAdapter, windows: torch.Tensor
         ids = row[None]
         inputs = adapter.decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         logits = captured(inputs)
-        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum")
         total += float(loss)
         count += ids.shape[1] - 1
     return math.exp(total / count)

@@ -1,7 +1,8 @@
 """Model adapters, one module per architecture family. Importing this package registers them all."""
 
-from masq_fx.models import llama, llava, qwen_audio, qwen_omni, qwen_vl  # noqa: F401  (registration)
+from masq_fx.models import llama, llava, qwen3, qwen3_vl, qwen_audio, qwen_omni, qwen_vl  # noqa: F401  (registration)
 from masq_fx.models.base import DecoderInputs, ModelAdapter
+from masq_fx.models.device import default_device, model_device, place, resolve_device
 from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, supported_families
 
 __all__ = [
@@ -9,6 +10,10 @@ __all__ = [
     "ModelAdapter",
     "UnsupportedModelError",
     "adapter_for",
+    "default_device",
+    "model_device",
+    "place",
     "register_adapter",
+    "resolve_device",
     "supported_families",
 ]

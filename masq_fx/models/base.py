@@ -6,7 +6,8 @@ An adapter answers four questions about a model, and nothing else:
   hidden states) and which module is the LM head;
 * how the decoder's inputs are made: :meth:`ModelAdapter.decoder_inputs` runs the model's own
   forward (so the real vision/audio towers, embedding merge and position-id code run eagerly)
-  and catches the arguments that reach the decoder;
+  and catches the arguments that reach the decoder, features added after decoder layers (DeepStack)
+  included (:meth:`ModelAdapter.injection_layers`, :meth:`ModelAdapter.run_decoder`);
 * the placeholder token ids of each modality (read from the config by default);
 * the shape of the decoder's position ids (``[batch, seq]``, or ``[3, batch, seq]`` for M-RoPE).
 
@@ -26,13 +27,19 @@ from transformers import PreTrainedModel
 
 from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
+from masq_fx.models.device import model_device
 
 
 @dataclass(frozen=True)
 class DecoderInputs:
-    """The four inputs of a captured decoder graph, in graph order."""
+    """The four inputs of a captured decoder graph, in graph order.
 
-    inputs_embeds: torch.Tensor  # [batch, seq, hidden]
+    For a model that adds per-token features to the hidden states after some decoder layers (DeepStack:
+    :meth:`ModelAdapter.injection_layers`), ``inputs_embeds`` carries them after the token embeddings on
+    the last axis (``[batch, seq, hidden * (1 + layers)]``, zeros on the tokens without features).
+    """
+
+    inputs_embeds: torch.Tensor  # [batch, seq, ModelAdapter.embed_width()]
     position_ids: torch.Tensor  # [batch, seq] or [3, batch, seq]
     modality_ids: torch.Tensor  # [batch, seq], Modality codes
     attention_mask: torch.Tensor  # [batch, seq], 1 = real token, 0 = padding
@@ -92,7 +99,58 @@ class ModelAdapter(ABC):
         return cast(PreTrainedModel, self.model).get_output_embeddings()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return cast(PreTrainedModel, self.model).get_input_embeddings()(input_ids)
+        """Decoder-input embeddings of text tokens (:meth:`embed_width` wide: no injected features)."""
+        return self.pack(cast(PreTrainedModel, self.model).get_input_embeddings()(input_ids))
+
+    def injection_layers(self) -> tuple[int, ...]:
+        """Decoder layers after whose output the model adds per-token features to the hidden states, in order.
+
+        DeepStack models (Qwen3-VL) add visual features of several vision-tower depths after their first
+        decoder layers; the features reach the graph in ``inputs_embeds`` (see :class:`DecoderInputs`) so that
+        every graph keeps its four inputs, and :meth:`run_decoder` adds them. None by default.
+        """
+        return ()
+
+    def embed_width(self) -> int:
+        """The last dimension of ``DecoderInputs.inputs_embeds``: the hidden size, once more per injection layer."""
+        return int(self.text_config().hidden_size) * (1 + len(self.injection_layers()))
+
+    def injected_features(self, caught: Mapping[str, Any], embeds: torch.Tensor) -> torch.Tensor | None:
+        """The features ``[len(injection_layers()), batch, seq, hidden]`` the model's forward passed its decoder.
+
+        ``caught`` holds the decoder's keyword arguments, ``embeds`` its ``inputs_embeds``; ``None`` when the
+        forward passed none (a text-only batch). Adapters with :meth:`injection_layers` override it.
+        """
+        return None
+
+    def pack(self, embeds: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ``embeds`` ``[batch, seq, hidden]`` and their injected ``features`` (zeros if ``None``) as ``inputs_embeds``."""
+        layers = len(self.injection_layers())
+        if not layers:
+            return embeds
+        if features is None:
+            features = embeds.new_zeros(layers, *embeds.shape)
+        return torch.cat([embeds, *features.to(embeds.dtype)], dim=-1)
+
+    def run_decoder(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The decoder's last hidden state for graph-layout ``inputs_embeds``; ``kwargs`` go to the decoder (cache).
+
+        Injected features are split off and added to the outputs of :meth:`injection_layers` by forward
+        hooks (removed again), as the model's own forward adds them; captures trace through this method.
+        """
+        decoder = self.language_model()
+        layers = self.injection_layers()
+        features: list[torch.Tensor] = []
+        if layers:
+            embeds, *features = inputs_embeds.split(int(self.text_config().hidden_size), dim=-1)
+            inputs_embeds = embeds
+        hooks = [self.layers()[index].register_forward_hook(_adds(feature)) for index, feature in zip(layers, features)]
+        try:
+            out = decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out.last_hidden_state
 
     def layers(self) -> nn.ModuleList:
         return cast(nn.ModuleList, self.language_model().layers)
@@ -121,10 +179,13 @@ class ModelAdapter(ABC):
         """Run the model's own forward on a processed ``batch`` up to its decoder and return the decoder's inputs.
 
         ``batch`` is what the model's processor returns (``input_ids``, ``attention_mask``,
-        ``pixel_values``, ``input_features``, ``mm_token_type_ids``, ...). The towers run eagerly.
+        ``pixel_values``, ``input_features``, ``mm_token_type_ids``, ...), on any device: its tensors are
+        moved to the model's. The towers run eagerly.
         """
         if "input_ids" not in batch:
             raise InputError("decoder_inputs needs 'input_ids' in the batch (the processor's output)")
+        device = model_device(self.model)
+        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
         caught: dict[str, Any] = {}
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -147,7 +208,8 @@ class ModelAdapter(ABC):
         input_ids = batch["input_ids"]
         embeds = caught.get("inputs_embeds")
         if embeds is None:
-            embeds = self.embed(caught["input_ids"])
+            embeds = cast(PreTrainedModel, self.model).get_input_embeddings()(caught["input_ids"])
+        embeds = self.pack(embeds, self.injected_features(caught, embeds))
         bsz, seq = input_ids.shape
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
@@ -168,6 +230,15 @@ class ModelAdapter(ABC):
             modality_ids=mods,
             attention_mask=attention_mask.long(),
         )
+
+
+def _adds(feature: torch.Tensor) -> Any:
+    """A forward hook adding ``feature`` to a decoder layer's output (a tensor, or a tuple led by one)."""
+
+    def hook(_module: nn.Module, _args: tuple, out: Any) -> Any:
+        return out + feature if isinstance(out, torch.Tensor) else (out[0] + feature, *out[1:])
+
+    return hook
 
 
 def config_token(config: Any, *names: str) -> int | None:

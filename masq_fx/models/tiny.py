@@ -18,6 +18,8 @@ family                      modalities in a row
 ``qwen2.5-vl``              text + image
 ``qwen2-audio``             text + audio
 ``qwen2.5-omni-thinker``    text + image + audio
+``qwen3``                   text
+``qwen3-vl``                text + image
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -36,6 +38,8 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5OmniThinkerConfig,
@@ -44,6 +48,10 @@ from transformers import (
     Qwen2AudioForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from masq_fx.errors import InputError
@@ -76,6 +84,8 @@ _IMAGE_TOKENS = _GRID[0] * _GRID[1] * _GRID[2] // _MERGE**2
 _MEL_BINS = 16
 _AUDIO_FRAMES = 40
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16
+# Qwen3-VL: frequencies of the three rows interleaved (T H W T H W ...), 8 per head of 16
+_MROPE_INTERLEAVED = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
 
 
 @dataclass
@@ -202,18 +212,27 @@ def _mm_token_types(ids: torch.Tensor) -> torch.Tensor:
     return types
 
 
-def tiny_llama(seed: int = 0, batch_size: int = 2) -> TinyModel:
-    """``LlamaForCausalLM``; text-only rows of 12 and 9 tokens."""
-    model = _build(LlamaConfig(**_text_decoder()), LlamaForCausalLM, seed)
+def tiny_llama(seed: int = 0, batch_size: int = 2, sliding_window: int | None = None) -> TinyModel:
+    """``LlamaForCausalLM``; text-only rows of 12 and 9 tokens. With a ``sliding_window``, ``MistralForCausalLM``
+    (the same family) attending over windows of that many tokens."""
+    if sliding_window is None:
+        model = _build(LlamaConfig(**_text_decoder()), LlamaForCausalLM, seed)
+    else:
+        model = _build(MistralConfig(**_text_decoder(sliding_window=sliding_window)), MistralForCausalLM, seed)
     rows = _Rows(seed, batch_size)
     batch = rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)])
     return TinyModel("llama", model, batch)
 
 
-def tiny_llava(seed: int = 0, batch_size: int = 2) -> TinyModel:
-    """``LlavaForConditionalGeneration`` (CLIP tower, Llama decoder); one 28x28 image (4 tokens) per row."""
+def tiny_llava(seed: int = 0, batch_size: int = 2, sliding_window: int | None = None) -> TinyModel:
+    """``LlavaForConditionalGeneration`` (CLIP tower, Llama decoder); one 28x28 image (4 tokens) per row. With a
+    ``sliding_window``, the decoder is Mistral's, attending over windows of that many tokens."""
     image_size, patch = 28, 14
     image_tokens = (image_size // patch) ** 2  # the CLS token is dropped ("default" feature strategy)
+    if sliding_window is None:
+        text = dict(model_type="llama", **_text_decoder())
+    else:
+        text = dict(model_type="mistral", **_text_decoder(sliding_window=sliding_window))
     config = LlavaConfig(
         vision_config=dict(
             model_type="clip_vision_model",
@@ -225,7 +244,7 @@ def tiny_llava(seed: int = 0, batch_size: int = 2) -> TinyModel:
             patch_size=patch,
             projection_dim=32,
         ),
-        text_config=dict(model_type="llama", **_text_decoder()),
+        text_config=text,
         image_token_index=TINY_TOKENS["image"],
         image_seq_length=image_tokens,
     )
@@ -237,10 +256,19 @@ def tiny_llava(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("llava", model, batch, (Modality.TEXT, Modality.VISION))
 
 
-def _qwen_vl(family: str, config_cls: type, model_cls: type[nn.Module], vision: dict, seed: int, batch_size: int) -> TinyModel:
+def _qwen_vl(
+    family: str,
+    config_cls: type,
+    model_cls: type[nn.Module],
+    vision: dict,
+    seed: int,
+    batch_size: int,
+    text: dict | None = None,
+    video: bool = False,
+) -> TinyModel:
     t = TINY_TOKENS
     config = config_cls(
-        text_config=_text_decoder(rope_parameters=dict(_MROPE)),
+        text_config=text or _text_decoder(rope_parameters=dict(_MROPE)),
         vision_config=vision,
         image_token_id=t["image"],
         video_token_id=t["video"],
@@ -250,8 +278,15 @@ def _qwen_vl(family: str, config_cls: type, model_cls: type[nn.Module], vision: 
     model = _build(config, model_cls, seed)
     rows = _Rows(seed, batch_size)
     image = _image_span(_IMAGE_TOKENS)
-    batch = rows.left_pad([rows.text(i, 3, 2) + image + rows.text(i, 4, 2) for i in range(batch_size)])
+    tokens = [rows.text(i, 3, 2) + image + rows.text(i, 4, 2) for i in range(batch_size)]
+    if video:  # then a one-frame clip (4 merged tokens) and text
+        clip = [t["vision_start"]] + [t["video"]] * _IMAGE_TOKENS + [t["vision_end"]]
+        tokens = [row + clip + rows.text(i, 2, 1) for i, row in enumerate(tokens)]
+    batch = rows.left_pad(tokens)
     batch.update(_qwen_image_inputs(rows.gen, batch_size))
+    if video:
+        clips = _qwen_image_inputs(rows.gen, batch_size)
+        batch.update(pixel_values_videos=clips["pixel_values"], video_grid_thw=clips["image_grid_thw"])
     batch["mm_token_type_ids"] = _mm_token_types(batch["input_ids"])
     return TinyModel(family, model, batch, (Modality.TEXT, Modality.VISION))
 
@@ -276,6 +311,34 @@ def tiny_qwen25_vl(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return _qwen_vl(
         "qwen2.5-vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, _qwen_vision_tower(), seed, batch_size
     )
+
+
+def tiny_qwen3(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen3ForCausalLM``; text-only rows of 12 and 9 tokens."""
+    model = _build(Qwen3Config(**_text_decoder(head_dim=16)), Qwen3ForCausalLM, seed)
+    rows = _Rows(seed, batch_size)
+    batch = rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)])
+    return TinyModel("qwen3", model, batch)
+
+
+def tiny_qwen3_vl(seed: int = 0, batch_size: int = 2, video: bool = False) -> TinyModel:
+    """``Qwen3VLForConditionalGeneration``; one 1x4x4-patch image (4 merged tokens) per row, and with ``video``
+    a one-frame clip after it. Its 2-block tower's DeepStack features of both blocks are added after decoder
+    layers 0 and 1."""
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=HIDDEN,
+        patch_size=_PATCH,
+        spatial_merge_size=_MERGE,
+        temporal_patch_size=_TEMPORAL_PATCH,
+        num_position_embeddings=_GRID[1] * _GRID[2],  # a 4x4 learned grid, interpolated to each image's
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = _text_decoder(head_dim=16, rope_parameters=dict(_MROPE_INTERLEAVED))
+    return _qwen_vl("qwen3-vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, seed, batch_size, text, video)
 
 
 def tiny_qwen2_audio(seed: int = 0, batch_size: int = 2) -> TinyModel:
@@ -342,6 +405,8 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "qwen2.5-vl": tiny_qwen25_vl,
     "qwen2-audio": tiny_qwen2_audio,
     "qwen2.5-omni-thinker": tiny_qwen25_omni_thinker,
+    "qwen3": tiny_qwen3,
+    "qwen3-vl": tiny_qwen3_vl,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order

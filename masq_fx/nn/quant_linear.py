@@ -199,7 +199,7 @@ class QuantLinear(nn.Module):
         self.weight = weight
         self.bias = bias
         self.scales: nn.Parameter | None = None
-        self.register_buffer("row_of_modality", torch.zeros(NUM_MODALITIES, dtype=torch.long))
+        self.register_buffer("row_of_modality", torch.zeros(NUM_MODALITIES, dtype=torch.long, device=weight.device))
         self._state = QuantLinearState()
         #: False (within :meth:`quantizers_off`): the smoothed float linear
         self._quantizers_on = True
@@ -347,7 +347,7 @@ class QuantLinear(nn.Module):
         rows = torch.zeros(NUM_MODALITIES, dtype=torch.long) if row_of_modality is None else row_of_modality.long()
         if scales is not None and int(rows.max()) >= scales.shape[0]:
             raise ValueError(f"{self.name}: row_of_modality points past the {scales.shape[0]} scale rows")
-        self.row_of_modality = rows.to(self.row_of_modality.device)
+        self.row_of_modality = rows.to(self.weight.device)
         self._solved = None
         self.clip_ratios = None
         self.branches = {}
@@ -419,7 +419,7 @@ class QuantLinear(nn.Module):
         if self.clip_ratios is None:
             rows = 1 if self.scales is None else self.scales.shape[0]
             groups = 1 if self.weight_quant.group_size is None else self.in_features // self.weight_quant.group_size
-            self.clip_ratios = nn.Parameter(torch.ones(rows, self.out_features, groups))
+            self.clip_ratios = nn.Parameter(torch.ones(rows, self.out_features, groups, device=self.weight.device))
         self._drop_cache()
         return self.clip_ratios
 
@@ -436,6 +436,11 @@ class QuantLinear(nn.Module):
         finally:
             self._quantizers_on = previous
         self._cache_key = self._tensor_versions()
+
+    def release(self) -> None:
+        """Drop the cache of the quantized weights (rebuilt when next due): a layer-sequential run keeps only the
+        compact state of the layers it has done."""
+        self._drop_cache()
 
     def _drop_cache(self) -> None:
         self._cache = self._cache_key = None

@@ -24,7 +24,7 @@ class ModalityScale(nn.Module):
     def __init__(self, scales: nn.Parameter, row_of_modality: Tensor) -> None:
         super().__init__()
         self.scales = scales
-        self.register_buffer("row_of_modality", row_of_modality.clone())
+        self.register_buffer("row_of_modality", row_of_modality.to(scales.device).clone())
 
     def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
         return (x.float() / row_scales(self.scales, self.row_of_modality, modality_ids)).to(x.dtype)

@@ -123,7 +123,7 @@ class Whitening:
     def from_moment(cls, moment: Tensor, scale: Tensor, damping: float) -> Whitening:
         inv = 1.0 / scale.double()
         c = moment.double() * inv[:, None] * inv[None, :]
-        c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype)
+        c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
         eigenvalues, u = torch.linalg.eigh(c)
         # eigenvalues under eigh's resolution (n·eps·λ_max) are numerically zero: a singular moment
         # (damping 0 and fewer tokens than channels) would otherwise give T⁻¹ ~ 1/√tiny = inf in float32
@@ -133,8 +133,8 @@ class Whitening:
         return cls(t=eigenvalues.sqrt()[:, None] * u.T, t_inv=u * eigenvalues.rsqrt()[None, :])
 
     @classmethod
-    def identity(cls, channels: int) -> Whitening:
-        eye = torch.eye(channels, dtype=torch.float64)
+    def identity(cls, channels: int, device: torch.device | str = "cpu") -> Whitening:
+        eye = torch.eye(channels, dtype=torch.float64, device=device)
         return cls(t=eye, t_inv=eye)
 
 
@@ -229,6 +229,8 @@ class ProjectScales:
             raise ValueError("ProjectScales needs CMCConfig.own_channels (an int or 'rank'); None keeps every channel")
         tables: dict[int, list[QuantLinear]] = {}
         for module in compensated(gm):
+            if not context.in_scope(module.name):
+                continue
             tables.setdefault(id(module.scales), []).append(module)
         for sharing in tables.values():
             first = sharing[0]
@@ -250,12 +252,14 @@ class CrossModalCompensation:
     name: str = "cmc"
     requires: tuple[Capability, ...] = (SCALES, WEIGHT_QUANT)
     provides: tuple[Capability, ...] = (CMC,)
+    #: one per branch of the last run (of every layer so far, in a layer-sequential run)
     reports: list[BranchReport] = field(default_factory=list, init=False)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        self.reports = []
+        if context.layer is None or context.layer == 0:  # a layer-sequential run gathers its layers' reports
+            self.reports = []
         skipped: set[Modality] = set()
-        linears = compensated(gm)
+        linears = [m for m in compensated(gm) if context.in_scope(m.name)]
         if self.config.own_channels is not None and SCALES_PROJECTED not in context.provided:
             ProjectScales(self.config)(gm, context)
         for module in linears:
@@ -299,7 +303,7 @@ class CrossModalCompensation:
         whitening = (
             Whitening.from_moment(moment, scale, cfg.damping)
             if cfg.whiten and moment is not None
-            else Whitening.identity(module.in_features)
+            else Whitening.identity(module.in_features, module.weight.device)
         )
         rank = cfg.rank_for(module.in_features, module.out_features)
         left, right, sigma = low_rank_factors(error_t, whitening, rank)

@@ -70,9 +70,9 @@ def gptq_codes(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += gptq.damping * h.diagonal().mean() * torch.eye(columns, dtype=h.dtype)
+    h += gptq.damping * h.diagonal().mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
     # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve (torch.cholesky_inverse is ~100x slower on CPU)
-    l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(columns, dtype=h.dtype), upper=False)
+    l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(columns, dtype=h.dtype, device=h.device), upper=False)
     h_inv = torch.linalg.cholesky(l_inv.T @ l_inv, upper=True).float()
     group = columns if config.group_size is None else config.group_size
     block = max(group, gptq.block_size // group * group) if group < columns else gptq.block_size
@@ -139,8 +139,8 @@ class GPTQWeights:
     provides: tuple[Capability, ...] = (SOLVED_WEIGHTS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        modules = [m for m in quant_linears(gm) if m.weight_quant is not None]
-        for module in tqdm(modules, desc="GPTQ", unit="linear", disable=not self.progress):
+        modules = [m for m in quant_linears(gm) if m.weight_quant is not None and context.in_scope(m.name)]
+        for module in tqdm(modules, desc="GPTQ", unit="linear", disable=not self.progress or context.layer is not None):
             stats = context.stats.get(module.name)
             if stats is None:
                 raise ValueError(f"no calibration statistics for {module.name}: run Calibrate before GPTQ")

@@ -1,10 +1,11 @@
 """MAS learning: per-modality smoothing scales learned layer by layer (MASQuant, spec §5.7–5.8).
 
-The prepared graph is split into one submodule per decoder layer (plus the ops before and after
-them) with ``torch.fx.passes.split_module``. Calibration samples then flow through it twice:
+Calibration samples flow through the prepared graph one decoder layer at a time
+(:mod:`masq_fx.capture.layers` segments), in two streams:
 
-* the float stream: each layer with its quantizers off (smoothing kept, so it is the float layer
-  up to rounding);
+* the float stream: in a layer-sequential run (:mod:`masq_fx.sequential`), the float model's own
+  layers; run on the whole graph, each layer with its quantizers off (smoothing kept, so it is the
+  float layer up to rounding);
 * the quantized stream: each layer as quantized so far.
 
 For layer ``i``, its scales (float32 master copies) are learned with AdamW to minimise the
@@ -37,19 +38,17 @@ learned scales then already satisfy the constraint, so the projection that follo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import safetensors.torch
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, fx, nn
-from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
-from masq_fx.capture.decoder import LAYER_KEY
+from masq_fx.capture.layers import PRE, Env, Segment, Segments, advance, start
 from masq_fx.files import write_bytes_atomically
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear, quantizers_off
@@ -128,55 +127,9 @@ def modality_weighted_mae(
     return total / norm if normalization == "modality_mean" and norm > 0 else total
 
 
-class _Layers:
-    """The prepared graph split into ``pre``, one submodule per decoder layer, and ``post``."""
-
-    def __init__(self, gm: fx.GraphModule, num_layers: int) -> None:
-        started = False
-
-        def partition(node: fx.Node) -> int:
-            nonlocal started
-            layer = node.meta.get(LAYER_KEY)
-            if layer is not None:
-                started = True
-                return layer + 1
-            return num_layers + 1 if started else 0
-
-        self.split = split_module(gm, gm, partition, keep_original_order=True)
-        self.layer_nodes = {
-            node: int(str(node.target).split("_")[1]) - 1
-            for node in self.split.graph.find_nodes(op="call_module")
-            if str(node.target).startswith("submod_") and 1 <= int(str(node.target).split("_")[1]) <= num_layers
-        }
-        nodes = list(self.split.graph.nodes)
-        # only what feeds a decoder layer is evaluated (the head after the last layer is not)
-        needed: set[fx.Node] = set(self.layer_nodes)
-        for node in reversed(nodes):
-            if node in needed:
-                needed.update(node.all_input_nodes)
-        nodes = [n for n in nodes if n in needed]
-        position = {node: i for i, node in enumerate(nodes)}
-        self.last_use = {node: max((position[u] for u in node.users if u in position), default=-1) for node in nodes}
-        self.order = nodes
-
-
-def _value(split: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-    if node.op == "call_module":
-        return split.get_submodule(str(node.target))(*args, **kwargs)
-    if node.op == "call_function":
-        return cast(Callable[..., Any], node.target)(*args, **kwargs)
-    if node.op == "get_attr":
-        owner, _, name = str(node.target).rpartition(".")
-        return getattr(split.get_submodule(owner), name)
-    raise RuntimeError(f"unexpected node {node.op} {node.target} in the split graph")
-
-
-def _outputs(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    return [v for v in value if isinstance(v, Tensor) and v.is_floating_point()]
+def _floating(values: Env, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The floating-point tensors among a segment's results (what the loss compares)."""
+    return {n: values[n] for n in names if isinstance(values[n], Tensor) and values[n].is_floating_point()}
 
 
 def _quantized_linears(module: nn.Module) -> list[QuantLinear]:
@@ -233,6 +186,8 @@ class LearnMAS:
     progress: bool = True
     cmc: CMCConfig | None = None
     name: str = "learn_mas"
+    #: a layer-sequential run gives it the activations entering each layer from the layers already quantized
+    quantized_stream: bool = True
     requires: tuple[Capability, ...] = (SCALES, WEIGHT_QUANT, CALIBRATION_DATA)
     provides: tuple[Capability, ...] = (LEARNED_SCALES,)
     invalidates: tuple[Capability, ...] = (Capability.SOLVED_WEIGHTS, Capability.CMC)
@@ -244,36 +199,20 @@ class LearnMAS:
                 "own_channels_in_loop learns under the CMC's own_channels constraint: pass LearnMAS(cmc=CMCConfig("
                 "own_channels=...)) (a recipe with cmc.own_channels set does), or turn own_channels_in_loop off"
             )
-        layers = _Layers(gm, context.captured.num_layers)
-        done = self._resume(gm)
         samples = list(context.calibration)
-        fp_envs = [self._inputs(layers, s) for s in samples]
-        q_envs = [dict(env) for env in fp_envs]
-        bar = tqdm(total=len(layers.layer_nodes), desc="MAS layers", unit="layer", disable=not self.progress)
-        for index, node in enumerate(layers.order):
-            if node.op in ("placeholder", "output"):
-                continue
-            layer = layers.layer_nodes.get(node)
-            module = layers.split.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if layer is not None and layer not in done:
-                self._learn(layer, module, node, layers.split, fp_envs, q_envs, samples, context.stats)
-                self._save(gm, layer)
-            with torch.no_grad():
-                for fp_env, q_env in zip(fp_envs, q_envs):
-                    with quantizers_off(module):
-                        fp_env[node] = _value(layers.split, node, fp_env)
-                    q_env[node] = _value(layers.split, node, q_env)
-                    for env in (fp_env, q_env):
-                        for arg in list(env):
-                            if layers.last_use.get(arg, -1) <= index and arg.op != "placeholder":
-                                del env[arg]
-            if layer is not None:
-                bar.update(1)
-                if layer in self.losses:
-                    bar.set_postfix_str(f"layer {layer} loss {self.losses[layer][0]:.4g} → {self.losses[layer][1]:.4g}")
-        bar.close()
+        done = self._resume(gm, context)
+        if context.layer is None:
+            self._learn_all(gm, context, samples, done)
+        else:
+            data = context.layer_data
+            if data is None or data.quantized_inputs is None:
+                raise RuntimeError("a layer-sequential run must give LearnMAS the layer's float outputs and quantized inputs")
+            segment = Segments(gm, context.captured.num_layers)(context.layer)
+            if context.layer not in done:
+                self._learn(context.layer, segment, data.quantized_inputs, data.float_outputs, samples, context.stats)
+                self._save(gm, context.layer)
         for module in gm.modules():
-            if isinstance(module, QuantLinear):
+            if isinstance(module, QuantLinear) and context.in_scope(module.name):
                 if module.scales is not None:
                     module.scales.requires_grad_(False)
                 if module.act_quant is not None and module.act_quant.granularity == "per_tensor":
@@ -281,29 +220,52 @@ class LearnMAS:
                     module.set_quantizers(static_scale=calibrate_static_scale(_smoothed_absmax(module, context), module.act_quant))
         return gm
 
-    @staticmethod
-    def _inputs(layers: _Layers, sample) -> dict[fx.Node, Any]:
-        placeholders = layers.split.graph.find_nodes(op="placeholder")
-        return dict(zip(placeholders, sample.args()))
+    def _learn_all(self, gm: fx.GraphModule, context: Context, samples: list, done: set[int]) -> None:
+        """Every layer in turn; the float stream is the graph itself with its quantizers off."""
+        segments = Segments(gm, context.captured.num_layers)
+        last = segments.last_reader()
+        with torch.no_grad():
+            pre = segments(PRE)
+            fp_envs = [advance(env, pre.run(env), PRE, last) for env in map(start, samples)]
+        q_envs = [dict(env) for env in fp_envs]
+        bar = tqdm(total=segments.num_layers, desc="MAS layers", unit="layer", disable=not self.progress)
+        for layer in range(segments.num_layers):
+            segment = segments(layer)
+            if layer not in done:
+                with torch.no_grad(), quantizers_off(segment.module):
+                    targets = [segment.run(env) for env in fp_envs]
+                self._learn(layer, segment, q_envs, targets, samples, context.stats)
+                self._save(gm, layer)
+            with torch.no_grad():
+                with quantizers_off(segment.module):
+                    fp_envs = [advance(env, segment.run(env), layer, last) for env in fp_envs]
+                q_envs = [advance(env, segment.run(env), layer, last) for env in q_envs]
+            bar.update(1)
+            if layer in self.losses:
+                bar.set_postfix_str(f"layer {layer} loss {self.losses[layer][0]:.4g} → {self.losses[layer][1]:.4g}")
+        bar.close()
 
-    def _learn(self, layer, module, node, split, fp_envs, q_envs, samples, stats) -> None:
+    def _learn(self, layer: int, segment: Segment, q_envs: list[Env], targets: list[Env], samples: list, stats: dict) -> None:
+        """Learn ``layer``'s scales (and clipping ratios): its ``segment`` fed ``q_envs`` against the float ``targets``."""
         cfg = self.config
+        module = segment.module
         params = _layer_scales(module)
         clips = [m.learn_clipping() for m in _quantized_linears(module)] if cfg.learn_clipping else []
         if not params and not clips:
             return
+        missing = [name for name in segment.outputs if name not in targets[0]]
+        if missing:
+            raise RuntimeError(f"MAS learning: the float stream has no value for {missing} at decoder layer {layer}")
         tied: list[_TiedRows] = []
         if cfg.own_channels_in_loop:
             assert self.cmc is not None  # checked in __call__
             found = [_TiedRows.of(module, p, self.cmc, stats) for p in params.values()]
             tied = [t for t in found if t is not None]
-        with torch.no_grad(), quantizers_off(module):
-            targets = [_outputs(_value(split, node, env)) for env in fp_envs]
         for p in [*params.values(), *clips]:
             p.requires_grad_(True)
         hooks = [t.table.register_hook(t.tie_gradient) for t in tied]
         try:
-            epoch_losses = self._optimise(layer, params, clips, tied, split, node, q_envs, targets, samples)
+            epoch_losses = self._optimise(layer, params, clips, tied, segment, q_envs, targets, samples)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -312,7 +274,7 @@ class LearnMAS:
         self.losses[layer] = (epoch_losses[0], epoch_losses[-1])
         _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
 
-    def _optimise(self, layer, params, clips, tied, split, node, q_envs, targets, samples) -> list[float]:
+    def _optimise(self, layer, params, clips, tied, segment: Segment, q_envs, targets, samples) -> list[float]:
         """AdamW on the layer's scales (and clipping ratios); the mean loss of every epoch."""
         cfg = self.config
         groups = [{"params": list(params.values()), "lr": cfg.lr}, {"params": clips, "lr": cfg.clip_lr}]
@@ -322,11 +284,11 @@ class LearnMAS:
             total = 0.0
             for env, target, sample in zip(q_envs, targets, samples):
                 self._clamp(params, clips, tied)
-                outputs = _outputs(_value(split, node, env))
+                outputs = _floating(segment.run(env), segment.outputs)
                 valid = sample.attention_mask.bool()
                 loss = cast(Tensor, sum(  # a layer has outputs: a Tensor, never the start 0
-                    modality_weighted_mae(o, t, sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
-                    for o, t in zip(outputs, target)
+                    modality_weighted_mae(o, target[name], sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
+                    for name, o in outputs.items()
                 ))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -365,14 +327,15 @@ class LearnMAS:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomically(path, safetensors.torch.save(state))
 
-    def _resume(self, gm: fx.GraphModule) -> set[int]:
+    def _resume(self, gm: fx.GraphModule, context: Context) -> set[int]:
+        """The layers the checkpoint file holds; their scales (and ratios) are loaded into the linears in scope."""
         path = self.config.checkpoint
         if path is None or not Path(path).exists():
             return set()
         state = load_file(str(path))
         completed = int(state.pop("completed_layers")[0])
         for module in gm.modules():
-            if not isinstance(module, QuantLinear):
+            if not isinstance(module, QuantLinear) or not context.in_scope(module.name):
                 continue
             saved = state.get(f"{module.name}.scales")
             if module.scales is not None and saved is not None and saved.shape == module.scales.shape:

@@ -77,12 +77,12 @@ class PrepareQuantLinears:
     provides: tuple[Capability, ...] = (QUANT_LINEARS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-        if any(True for _ in quant_linears(gm)):
+        if any(context.in_scope(m.name) for m in quant_linears(gm)):
             raise RuntimeError("the graph is already prepared: PrepareQuantLinears must run once")
         modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
         for node in list(gm.graph.nodes):
             name = node.meta.get(MODULE_KEY)
-            if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head):
+            if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head) or not context.in_scope(name):
                 continue
             weight, bias = float_linear(gm, node)
             install_linear(gm, node, QuantLinear(weight, bias, name), modality_ids)

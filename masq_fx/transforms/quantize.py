@@ -58,7 +58,7 @@ class QuantizeWeights:
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         for module in quant_linears(gm):
-            if self.modules(module.name):
+            if self.modules(module.name) and context.in_scope(module.name):
                 module.set_quantizers(weight=self.config)
         return gm
 
@@ -78,7 +78,7 @@ class QuantizeActivations:
         if static and not context.stats:
             raise ValueError("static per-tensor activation scales need calibration statistics: run Calibrate first")
         for module in quant_linears(gm):
-            if self.modules(module.name):
+            if self.modules(module.name) and context.in_scope(module.name):
                 scale = calibrate_static_scale(_smoothed_absmax(module, context), self.config) if static else None
                 module.set_quantizers(activation=self.config, static_scale=scale)
         return gm

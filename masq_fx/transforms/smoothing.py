@@ -102,7 +102,7 @@ class SmoothScales:
         nodes = module_nodes(gm)
         missing: set[Modality] = set()
         for group in context.captured.groups():
-            if group.kind not in self.config.kinds:
+            if group.kind not in self.config.kinds or not context.in_scope(group.linears[0]):
                 continue
             linears = [name for name in group.linears if name in nodes]
             if not linears:

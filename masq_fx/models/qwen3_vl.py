@@ -1,0 +1,50 @@
+"""Qwen3-VL (dense): a vision tower feeding a Qwen3 decoder with interleaved 3-row M-RoPE and DeepStack."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen3VLForConditionalGeneration
+
+from masq_fx.models.base import ModelAdapter
+from masq_fx.models.registry import register_adapter
+
+
+@register_adapter
+class Qwen3VLAdapter(ModelAdapter):
+    """``Qwen3VLForConditionalGeneration``: decoder at ``model.model.language_model``, head ``model.lm_head``.
+
+    Positions are ``[3, batch, seq]`` (temporal, height, width; the decoder's rotary embedding
+    interleaves the three rows' frequencies itself). Image and video placeholders are vision tokens
+    (the processor's ``mm_token_type_ids``, else the config's ``image_token_id``/``video_token_id``);
+    the vision-start/end markers are text.
+
+    DeepStack: the vision tower's intermediate features (one set per ``vision_config.deepstack_visual_indexes``
+    entry) are added to the hidden states of the visual tokens after decoder layers ``0 … k-1``. They
+    travel in ``inputs_embeds`` after the token embeddings (:class:`~masq_fx.models.DecoderInputs`,
+    zeros on other tokens and on decoded tokens) and are added back by :meth:`ModelAdapter.run_decoder`.
+    """
+
+    family = "qwen3-vl"
+    model_classes = (Qwen3VLForConditionalGeneration,)
+    position_rows = 3
+
+    def language_model(self) -> nn.Module:
+        return self.model.get_submodule("model.language_model")
+
+    def injection_layers(self) -> tuple[int, ...]:
+        config: Any = self.model.config
+        return tuple(range(len(config.vision_config.deepstack_visual_indexes)))
+
+    def injected_features(self, caught: Mapping[str, Any], embeds: torch.Tensor) -> torch.Tensor | None:
+        """The decoder's ``deepstack_visual_embeds`` (``[visual tokens, hidden]`` each) scattered onto ``visual_pos_masks``."""
+        mask, features = caught.get("visual_pos_masks"), caught.get("deepstack_visual_embeds")
+        if mask is None or features is None:
+            return None
+        dense = embeds.new_zeros(len(features), *embeds.shape)
+        for layer, feature in enumerate(features):
+            dense[layer][mask] = feature.to(embeds.dtype)
+        return dense

@@ -1,0 +1,115 @@
+"""Layer-sequential execution: pipelines of layer-wise steps run one decoder layer at a time.
+
+For each decoder layer ``i``, in order:
+
+1. the float stream (each calibration sample's activations entering layer ``i`` of the float model)
+   runs through the float capture's layer ``i`` with observers on its linears' inputs: layer ``i``'s
+   statistics and the float layer's outputs;
+2. each pipeline's steps run with ``context.layer = i`` (they touch only layer ``i``'s linears and
+   read the streams from ``context.layer_data``);
+3. a pipeline with a step that asks for it (``quantized_stream = True``, as MAS learning does)
+   advances its quantized stream through its transformed layer ``i``;
+4. layer ``i``'s second moments and its linears' caches of dequantized weights are dropped (the
+   per-channel statistics, small, stay for reports; the caches are rebuilt when the model next runs)
+   and the float stream moves on.
+
+Only one layer's second moments and each stream's activations at one layer boundary are held at a
+time. Several pipelines (recipes) share one pass, so the float stream and the statistics are computed
+once for all of them. The statistics are bit-identical to those of a whole-graph calibration (the
+same float ops, one layer at a time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from masq_fx.calibration.calibrate import STATS, InsertObservers, collect_stats
+from masq_fx.capture.decoder import CapturedDecoder
+from masq_fx.capture.layers import PRE, Env, Segments, advance, start
+from masq_fx.modality import Modality
+from masq_fx.models import DecoderInputs
+from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.pipeline import CALIBRATION_DATA, Context, LayerData, Pipeline, StepRecord, Transform, run_step
+
+
+@dataclass
+class Job:
+    """One pipeline of layer-wise steps and the context (a copy of the float capture) it transforms."""
+
+    context: Context
+    steps: Sequence[Transform]
+
+    @property
+    def quantized_stream(self) -> bool:
+        return any(getattr(step, "quantized_stream", False) for step in self.steps)
+
+
+def run_layerwise(
+    float_capture: CapturedDecoder,
+    samples: Sequence[DecoderInputs],
+    jobs: Sequence[Job],
+    moment_modalities: tuple[Modality, ...],
+    progress: bool = True,
+) -> None:
+    """Run every job's steps layer by layer on its context, calibrating on ``samples`` once for all.
+
+    ``float_capture`` is read, never transformed. Each job's steps are validated first (statistics and
+    calibration data count as available); afterwards each context holds every layer's statistics
+    without second moments, and its history the steps' total times.
+    """
+    for job in jobs:
+        job.context.provided.update((STATS, CALIBRATION_DATA))
+        Pipeline(job.steps).validate(job.context.provided)
+    floats = Segments(float_capture.graph_module, float_capture.num_layers)
+    float_last = floats.last_reader()
+    job_last = [Segments(job.context.graph_module, job.context.captured.num_layers).last_reader() for job in jobs]
+    with torch.no_grad():
+        pre = floats(PRE)
+        float_envs = [advance(env, pre.run(env), PRE, float_last) for env in map(start, samples)]
+    quantized: list[list[Env] | None] = [[dict(env) for env in float_envs] if job.quantized_stream else None for job in jobs]
+    seconds: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
+    observe = InsertObservers(moment_modalities)
+    bar = tqdm(range(float_capture.num_layers), desc="layers", unit="layer", disable=not progress)
+    for layer in bar:
+        began = time.perf_counter()
+        segment = floats(layer)
+        observe(segment.module, Context(float_capture, layer=layer))
+        segment.module.recompile()
+        with torch.no_grad():
+            float_outputs = [segment.run(env) for env in float_envs]
+        observe_seconds = time.perf_counter() - began
+        stats = collect_stats(segment.module)
+        for index, job in enumerate(jobs):
+            seconds[index]["calibrate"] += observe_seconds
+            context = job.context
+            context.stats.update(stats)
+            context.layer = layer
+            context.layer_data = LayerData(float_envs, float_outputs, quantized[index])
+            for step in job.steps:
+                bar.set_postfix_str(step.name)
+                seconds[index][step.name] += run_step(step, context, recompile=False)
+            stream = quantized[index]
+            if stream is not None:
+                own = Segments(context.graph_module, context.captured.num_layers)(layer)
+                with torch.no_grad():
+                    quantized[index] = [advance(env, own.run(env), layer, job_last[index]) for env in stream]
+            for module in context.graph_module.modules():
+                if isinstance(module, QuantLinear) and context.in_scope(module.name):
+                    module.release()
+        light = {id(s): s.without_moments() for s in stats.values()}
+        for job in jobs:
+            job.context.stats.update({name: light[id(s)] for name, s in stats.items()})
+        float_envs = [advance(env, out, layer, float_last) for env, out in zip(float_envs, float_outputs)]
+    for index, job in enumerate(jobs):
+        context = job.context
+        context.layer = None
+        context.layer_data = None
+        context.graph_module.graph.lint()
+        context.graph_module.recompile()
+        context.history.extend(StepRecord(name, s) for name, s in seconds[index].items())
