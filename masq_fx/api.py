@@ -4,7 +4,7 @@
 >>> calibrated = calibrate(model, calibration_batches, recipes=["masquant-w4a8", "smoothquant-w4a8-gptq"])
 >>> qm = apply(calibrated, "masquant-w4a8")                        # one capture, one calibration for all recipes
 >>> qm = quantize(model, "masquant-w4a8", calibration_batches)   # the same for one recipe
->>> qm.lower()                                                     # W8A8 / W4A8 onto torchao int8 kernels
+>>> qm.lower()                                                     # W8A8 / W4A8 onto torchao int8, W4A16 onto int4 CPU kernels
 >>> tokens = qm.generate(processor_batch, max_new_tokens=16)       # KV-cache graph, mixed-modality prefill
 >>> qm.save("out/")                                                # safetensors + manifest, atomic
 >>> qm = load("out/", model)                                       # refuses another model
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
@@ -39,6 +40,7 @@ from masq_fx.generation import CachedDecoder, capture_cached, generate, transpla
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for, model_device, place
+from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
 from masq_fx.sequential import Job, run_layerwise
@@ -79,7 +81,8 @@ class QuantizedModel:
             return self.decoder(self.decoder_inputs(batch))
 
     def lower(self) -> LoweringReport:
-        """Move the quantized linears onto torchao int8 kernels (W8A8, W4A8); others stay reference, with a warning."""
+        """Move the quantized linears onto integer kernels (torchao int8 for W8A8/W4A8, the int4 CPU kernel for W4A16);
+        others stay reference, with a warning."""
         if self.lowering is None:
             self.lowering = lower_to_torchao(self.decoder)
             self._cached.clear()
@@ -131,10 +134,11 @@ class QuantizedModel:
         )
 
 
-def calibration_inputs(model: nn.Module, batches: Iterable[Batch]) -> list[DecoderInputs]:
+def calibration_inputs(model: nn.Module, batches: Iterable[Batch], progress: bool = False) -> list[DecoderInputs]:
+    """The decoder inputs of processed ``batches`` (the towers and the embedding run eagerly)."""
     adapter = adapter_for(model)
     with torch.no_grad():
-        inputs = [adapter.decoder_inputs(batch) for batch in batches]
+        inputs = [adapter.decoder_inputs(batch) for batch in tqdm(batches, desc="decoder inputs", unit="batch", disable=not progress)]
     for index, sample in enumerate(inputs):
         adapter.check_length(sample.attention_mask.shape[1], f"calibration batch {index}", "use shorter calibration samples (--seq-len)")
     if not inputs:
@@ -199,12 +203,12 @@ def calibrate(
     moved there; the captures, statistics and quantized state then live on it.
     """
     place(model, device)
-    del progress  # capturing and running the towers are short; apply() shows the long work
     resolved = [resolve_recipe(r) for r in recipes]
     batches = list(calibration)
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
-    samples = calibration_inputs(model, batches)
+    samples = calibration_inputs(model, batches, progress)
+    release(model.parameters())  # the towers and embeddings ran; mapped pages are read again when needed
     moments = tuple(m for m in Modality if m in set(moment_modalities))
     return Calibrated(model, captured, samples, moments, tuple(data_hashes))
 

@@ -199,7 +199,15 @@ def _calibration(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -
 
 
 def _versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in _LIBRARIES}
+    """Installed versions of the libraries that made the checkpoint (informational; ``"not installed"`` for
+    one imported from a source checkout without being installed)."""
+    found = {}
+    for name in _LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 # ----------------------------------------------------------------------------- collect (save)

@@ -226,7 +226,7 @@ def _masquant_w4(abits: int) -> Recipe:
 #: solve the weights with GPTQ and keep one stored weight plus CMC branches (each measured to help on
 #: the tri-modal model and SmolLM2; README "Measured"). ``masquant-w4a8-paper`` is the paper's method as
 #: the official code runs it (:func:`_paper_w4a8`), for reproduction.
-#: W8A8 and W4A8 run on torchao int8 kernels after ``lower()``; W4A6 and W4A16 are reference numerics.
+#: After ``lower()`` W8A8 and W4A8 run on torchao int8 kernels, W4A16 on the int4 CPU kernel; W4A6 stays reference numerics.
 PRESETS: dict[str, Recipe] = {
     "rtn-w8a8": preset("rtn", 8, 8),
     "smoothquant-w8a8": preset("smoothquant", 8, 8),

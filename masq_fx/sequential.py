@@ -10,8 +10,9 @@ For each decoder layer ``i``, in order:
 3. a pipeline with a step that asks for it (``quantized_stream = True``, as MAS learning does)
    advances its quantized stream through its transformed layer ``i``;
 4. layer ``i``'s second moments and its linears' caches of dequantized weights are dropped (the
-   per-channel statistics, small, stay for reports; the caches are rebuilt when the model next runs)
-   and the float stream moves on.
+   per-channel statistics, small, stay for reports; the caches are rebuilt when the model next runs),
+   the pages of its float weights are given back where they are mapped from a safetensors file
+   (:mod:`masq_fx.pages`), and the float stream moves on.
 
 Only one layer's second moments and each stream's activations at one layer boundary are held at a
 time. Several pipelines (recipes) share one pass, so the float stream and the statistics are computed
@@ -35,6 +36,7 @@ from masq_fx.capture.layers import PRE, Env, Segments, advance, start
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
 from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.pages import release
 from masq_fx.pipeline import CALIBRATION_DATA, Context, LayerData, Pipeline, StepRecord, Transform, run_step
 
 
@@ -102,6 +104,7 @@ def run_layerwise(
             for module in context.graph_module.modules():
                 if isinstance(module, QuantLinear) and context.in_scope(module.name):
                     module.release()
+        release(segment.module.state_dict(keep_vars=True).values())  # this layer's float weights, where mapped
         light = {id(s): s.without_moments() for s in stats.values()}
         for job in jobs:
             job.context.stats.update({name: light[id(s)] for name, s in stats.items()})

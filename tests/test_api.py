@@ -83,15 +83,15 @@ def test_empty_calibration_is_refused(omni):
         quantize(omni[0], "rtn-w8a8", [])
 
 
-def test_weight_only_preset_round_trips_and_stays_on_the_reference_path(omni, tmp_path, one_thread):
+def test_weight_only_preset_round_trips_and_lowers_onto_the_int4_cpu_kernel(omni, tmp_path, one_thread):
     model, batch = omni
     qm = quantize(model, "masquant-w4a16", [batch], progress=False)
     assert qm.recipe.activation is None and qm.recipe.weight.group_size == 64
     qm.save(tmp_path / "w4a16")
     loaded = load(tmp_path / "w4a16", model)
     assert torch.equal(loaded.logits(batch), qm.logits(batch))
-    with pytest.warns(UserWarning, match="no CPU int4 weight-only kernel"):
-        assert len(loaded.lower().unlowered) == 14
+    report = loaded.lower()
+    assert len(report.int4) == len(report.lowered) == 14 and not report.unlowered
 
 
 def test_excluded_modules_stay_float_and_survive_save_and_load(omni, tmp_path, one_thread):

@@ -68,7 +68,7 @@ def test_bench_times_compiled_fp32_and_int8_graphs(checkpoint, one_thread):
     assert 0.25 <= result.resident_ratio < 0.3, "one byte per weight plus per-channel scales"
     assert result.compile_seconds > 0 and torch.get_num_threads() == 1
     table = format_table(result)
-    assert "rtn W8A8: 14 of 14 decoder linears on torchao int8 kernels" in table
+    assert "rtn W8A8: 14 of 14 decoder linears on integer kernels" in table
     assert [line.split()[0] for line in table.splitlines()[3:5]] == ["fp32", "rtn"]
 
 
@@ -163,7 +163,7 @@ def test_table_ratios_and_notes():
     full = _result(LoweringReport(lowered=LINEARS))
     assert (full.prefill_speedup, full.decode_speedup, full.resident_ratio) == (2.0, 2.0, 0.25)
     table = format_table(full)
-    assert "mas W4A8: 14 of 14 decoder linears on torchao int8 kernels" in table and "note:" not in table
+    assert "mas W4A8: 14 of 14 decoder linears on integer kernels" in table and "note:" not in table
     assert "4 of 2 x 14" in table and "1.00 MiB = 0.250x of FP32 4.00 MiB" in table
     assert "2.00x" in table.splitlines()[4]
     partial = _result(LoweringReport(lowered=LINEARS[1:], unlowered={LINEARS[0]: "asymmetric weights"}))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: every room below the API
 LIBRARY = set(
-    "checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files errors".split()
+    "checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages errors".split()
 )
 
 #: room → the other rooms its modules may import (bottom floor first; the same table as docs/architecture.md)
@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     # numerics and shared vocabulary
     "errors": set(),
     "files": set(),
+    "pages": set(),
     "modality": {"errors"},
     "quantizers": {"errors"},
     # what a model is, and the modules a transformed graph holds
@@ -45,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "calibration": {"pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
-    "sequential": {"calibration", "pipeline", "capture", "nn", "models", "modality", "errors"},
+    "sequential": {"calibration", "pipeline", "capture", "nn", "models", "modality", "pages", "errors"},
     # stage 4 and running / persisting a transformed graph
     "backends": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},

@@ -32,7 +32,7 @@ from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from masq_fx.api import QuantizedModel
-from masq_fx.backends import CompiledGraph, Int8QuantLinear, LoweringReport, compile_graph
+from masq_fx.backends import CompiledGraph, Int4CpuLinear, Int8QuantLinear, LoweringReport, compile_graph
 from masq_fx.errors import InputError
 from masq_fx.generation import CachedDecoder, capture_cached, full_attention_mask
 from masq_fx.modality import Modality
@@ -242,7 +242,8 @@ def measure(graphs: Mapping[str, CachedDecoder], prompt: DecoderInputs, config: 
 def resident_linear_bytes(gm: nn.Module) -> tuple[int, int]:
     """(bytes the decoder linears of ``gm`` hold for their weights, those linears' FP32 weight bytes).
 
-    An int8-kernel linear holds its integer codes and per-channel scales; a reference QuantLinear
+    An int8-kernel linear holds its integer codes and per-channel scales, an int4-kernel linear its packed
+    codes and scale/offset tables; a reference QuantLinear
     its cached fake-quantized weights (or the float weight when not frozen).
     """
     held = fp32 = 0
@@ -250,6 +251,8 @@ def resident_linear_bytes(gm: nn.Module) -> tuple[int, int]:
         if isinstance(module, Int8QuantLinear):
             for weight in module.weights:
                 held += weight.qdata.nbytes + weight.scale.nbytes
+        elif isinstance(module, Int4CpuLinear):
+            held += module.weight_bytes
         elif isinstance(module, QuantLinear):
             cached = module.cached_weights
             held += (cached if cached is not None else module.weight).nbytes
@@ -309,7 +312,7 @@ def format_table(result: BenchResult) -> str:
     linears = len(lowering.lowered) + len(lowering.unlowered)
     lines = [
         (
-            f"{result.label}: {len(lowering.lowered)} of {linears} decoder linears on torchao int8 kernels; "
+            f"{result.label}: {len(lowering.lowered)} of {linears} decoder linears on integer kernels; "
             f"{config.threads} threads, {config.runs} interleaved runs after {config.warmup} warm-ups; "
             f"compile + first calls {result.compile_seconds:.0f} s"
         ),

@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default'")
     generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate at most")
-    generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels")
+    generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels, W4A16 on the int4 CPU kernel")
     _device_option(generate)
     generate.set_defaults(func=_generate)
 

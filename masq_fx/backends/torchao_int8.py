@@ -228,6 +228,19 @@ class _Int8Branches:
         )
 
 
+#: CUDA's int8 GEMM (``torch._int_mm``) needs more than this many rows
+_CUDA_INT_MM_MIN_ROWS = 16
+
+
+def _int8_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear`` with int8 weights; on CUDA, inputs of at most 16 tokens (decode) are padded with zero rows."""
+    tokens = x.numel() // x.shape[-1]
+    if x.device.type != "cuda" or tokens > _CUDA_INT_MM_MIN_ROWS:
+        return F.linear(x, weight)
+    rows = F.pad(x.reshape(tokens, x.shape[-1]), (0, 0, 0, _CUDA_INT_MM_MIN_ROWS + 1 - tokens))
+    return F.linear(rows, weight)[:tokens].reshape(*x.shape[:-1], -1)
+
+
 class Int8QuantLinear(nn.Module):
     """W8A8/W4A8 counterpart of a QuantLinear on torchao int8 kernels: ``forward(x, modality_ids, *positions) -> y``.
 
@@ -329,12 +342,12 @@ class Int8QuantLinear(nn.Module):
         if self.scales is not None:
             xs = xs / self.scales[rows]
         token_rows = rows.unsqueeze(-1)
-        y = F.linear(xs, self.weights[0])
+        y = _int8_linear(xs, self.weights[0])
         hidden = None
         if self.int8_right is not None:
             y, hidden = y[..., : self.out_features], y[..., self.out_features :]
         for row in range(1, len(self.weights)):
-            y = torch.where(token_rows == row, F.linear(xs, self.weights[row]), y)
+            y = torch.where(token_rows == row, _int8_linear(xs, self.weights[row]), y)
         source = xs
         if self.branch_left is not None and self.branch_input == "quantized":
             source = fake_quant_act(xs, self.act_quant)
@@ -347,7 +360,7 @@ class Int8QuantLinear(nn.Module):
         elif hidden is not None:
             assert self.int8_right is not None and self.int8_right_scale is not None  # set with the hidden columns
             hidden = hidden * (token_rows == self.branch_rows)
-            y = y + F.linear(hidden, self.int8_right) * self.int8_right_scale[rows]
+            y = y + _int8_linear(hidden, self.int8_right) * self.int8_right_scale[rows]
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
@@ -367,7 +380,7 @@ class Int8QuantLinear(nn.Module):
                 assert self.int8_right_scale is not None  # set with the hidden columns
                 h = hidden.reshape(-1, hidden.shape[-1])[tokens, start:stop]
                 h = F.pad(h, (0, 1)) if stop - start == 1 else h
-                part = F.linear(h, self.int8_right_rows[str(row)]) * self.int8_right_scale[row]
+                part = _int8_linear(h, self.int8_right_rows[str(row)]) * self.int8_right_scale[row]
             flat = flat.index_add(0, tokens, part)
         return flat.view(y.shape)
 

@@ -154,11 +154,25 @@ class BranchReport:
 
 
 def low_rank_factors(error_t: Tensor, whitening: Whitening, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, R, singular values) of the rank-``rank`` whitened approximation of ``error_t`` = Eᵀ [in, out]."""
-    u, sigma, vh = torch.linalg.svd(whitening.t @ error_t.double(), full_matrices=False)
-    left = whitening.t_inv @ u[:, :rank]
-    right = sigma[:rank, None] * vh[:rank]
-    return left, right, sigma
+    """(L, R, singular values) of the rank-``rank`` whitened approximation of ``error_t`` = Eᵀ [in, out].
+
+    The singular vectors come from the eigendecomposition of the smaller Gram matrix of ``A = T·Eᵀ``
+    (``AAᵀ`` or ``AᵀA``, float64) rather than an SVD of ``A``: the same rank-``rank`` projection, several
+    times faster for the wide matrices of real models (a 2048 × 11008 gate_proj error: one GEMM and a
+    2048² eigh instead of a 2048 × 11008 SVD).
+    """
+    a = whitening.t @ error_t.double()
+    if a.shape[0] <= a.shape[1]:
+        eigenvalues, u = torch.linalg.eigh(a @ a.T)  # ascending
+        u = u.flip(-1)[:, :rank]
+        right = u.T @ a  # σ·vᵀ of the top singular triplets
+    else:
+        eigenvalues, v = torch.linalg.eigh(a.T @ a)
+        v = v.flip(-1)[:, :rank]
+        u = torch.linalg.qr(a @ v).Q  # an orthonormal basis of the top directions' span, however A is conditioned
+        right = u.T @ a
+    sigma = eigenvalues.flip(-1).clamp_min(0).sqrt()
+    return whitening.t_inv @ u, right, sigma
 
 
 def _effective_rank(sigma: Tensor) -> float:
