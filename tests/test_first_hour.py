@@ -312,3 +312,22 @@ def test_an_interrupt_after_saving_keeps_the_checkpoint_and_its_report(tmp_path,
     report = (out / "report.md").read_text()
     assert "smoothquant-w8a8" in report and "rtn-w8a8" not in report, "the new checkpoint's own report"
     assert (out / "sqnr.png").is_file() and leftovers(tmp_path, "ckpt") == []
+
+
+def test_model_folders_the_command_line_cannot_use_are_refused_plainly(tmp_path, capsys):
+    from masq_fx.models.tiny import tiny_model
+
+    multimodal = tmp_path / "vl"
+    tiny_model("qwen2.5-vl", seed=0).model.save_pretrained(multimodal)
+    text = tmp_path / "text"
+    tiny_model("llama", seed=0).model.save_pretrained(text)  # weights and config, no tokenizer
+    capsys.readouterr()
+    expected = {
+        multimodal: "Qwen2_5_VLForConditionalGeneration, not a text-only causal LM",
+        text: "has no usable tokenizer",
+        tmp_path: "needs a config.json",
+    }
+    for folder, message in expected.items():
+        assert main(["quantize", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error

@@ -292,11 +292,29 @@ def load_source(
     folder = Path(name)
     if not folder.is_dir():
         raise MissingFileError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{folder} is not an HF model folder transformers can read ({_first_line(error)}): it needs a config.json") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        kind = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise InputError(
+            f"{folder} holds a {kind}, not a text-only causal LM: the command line quantizes text-only model folders so far; "
+            "quantize a multimodal one through the Python API (masq_fx.quantize(model, recipe, batches) with batches from its processor)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(f"{folder} has no usable tokenizer ({_first_line(error)}): copy the model's tokenizer files into it") from None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     place(model, device)
-    return _text_source(name, folder.name, model, AutoTokenizer.from_pretrained(folder), sizes, calibration)
+    return _text_source(name, folder.name, model, tokenizer, sizes, calibration)
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__).rstrip(":")
 
 
 def exact_match_per_kind(
