@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from masq_fx.calibration.calibrate import STATS, InsertObservers, collect_stats
+from masq_fx.calibration.calibrate import STATS, InsertObservers, collect_stats, remove_observers
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.layers import PRE, Env, Segments, advance, start
 from masq_fx.modality import Modality
@@ -87,6 +87,7 @@ def run_layerwise(
             float_outputs = [segment.run(env) for env in float_envs]
         observe_seconds = time.perf_counter() - began
         stats = collect_stats(segment.module)
+        remove_observers(segment.module)  # a graph module sits in a reference cycle: drop what it holds now
         for index, job in enumerate(jobs):
             seconds[index]["calibrate"] += observe_seconds
             context = job.context
@@ -109,6 +110,7 @@ def run_layerwise(
         for job in jobs:
             job.context.stats.update({name: light[id(s)] for name, s in stats.items()})
         float_envs = [advance(env, out, layer, float_last) for env, out in zip(float_envs, float_outputs)]
+        del stats, light, segment  # this layer's second moments go before the next layer's are collected
     for index, job in enumerate(jobs):
         context = job.context
         context.layer = None
