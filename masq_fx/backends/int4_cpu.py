@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masq_fx.capture.positions import POSITION_MODALITIES
+from masq_fx.backends.branches import branch_layout, stacked_branches
 from masq_fx.errors import InputError
-from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.quantizers import QuantizedWeight
 
@@ -189,22 +188,11 @@ class Int4CpuLinear(nn.Module):
         branches = branches or {}
         order = sorted(branches)
         self.branch_ranks = {row: int(branches[row][0].shape[1]) for row in order}
-        #: scale row → its branch's columns ``[start, stop)`` of the stacked factors
-        self.branch_spans: dict[int, tuple[int, int]] = {}
-        start = 0
-        for row, rank in self.branch_ranks.items():
-            self.branch_spans[row] = (start, start + rank)
-            start += rank
-        rows = [int(r) for r in self.row_of_modality]
-        #: (index into the positions inputs, scale row) of each modality whose tokens take a branch; empty
-        #: (masked only) if text's row has one, as text tokens have no positions input
-        self.position_rows: tuple[tuple[int, int], ...] = ()
-        if rows[Modality.TEXT] not in self.branch_spans:
-            self.position_rows = tuple((i, rows[m]) for i, m in enumerate(POSITION_MODALITIES) if rows[m] in self.branch_spans)
-        self.register_buffer("branch_left", torch.cat([branches[r][0].detach().float() for r in order], 1) if order else None)
-        self.register_buffer("branch_right", torch.cat([branches[r][1].detach().float() for r in order], 0) if order else None)
-        owner = [torch.full((self.branch_ranks[r],), r) for r in order]
-        self.register_buffer("branch_rows", torch.cat(owner) if order else None)
+        self.branch_spans, self.position_rows = branch_layout(self.branch_ranks, self.row_of_modality)
+        left, right, owner = stacked_branches(branches) if order else (None, None, None)
+        self.register_buffer("branch_left", left)
+        self.register_buffer("branch_right", right)
+        self.register_buffer("branch_rows", owner)
 
     @classmethod
     def from_quant_linear(cls, module: QuantLinear, kernel_dtype: torch.dtype = torch.bfloat16) -> Int4CpuLinear:

@@ -76,10 +76,10 @@ from torchao.quantization import Int8Tensor, PerRow
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
+from masq_fx.backends.branches import branch_layout, stacked_branches
 from masq_fx.backends.int4_cpu import KERNEL_DTYPES, Int4CpuLinear, int4_unsupported_reason
 from masq_fx.capture.decoder import CapturedDecoder
-from masq_fx.capture.positions import POSITION_MODALITIES, CompletePositions, add_position_inputs
-from masq_fx.modality import Modality
+from masq_fx.capture.positions import CompletePositions, add_position_inputs
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, fake_quant_act
 
@@ -157,16 +157,6 @@ def _int8_weight(module: QuantLinear, row: int) -> Int8Tensor:
             f"scales (max deviation {float(error):.3g}); was the weight quantizer changed after freezing?"
         )
     return _int8_tensor(codes.qdata.float(), codes.scale.float())
-
-
-def stacked_branches(branches: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """CMC branches as one pair of factors: ``left [in, R]``, ``right [R, out]`` and the scale row of each
-    of the ``R`` rank columns (``R`` = the ranks summed)."""
-    rows = sorted(branches)
-    left = torch.cat([branches[r][0].detach().float() for r in rows], dim=1)
-    right = torch.cat([branches[r][1].detach().float() for r in rows], dim=0)
-    owner = torch.cat([torch.full((branches[r][0].shape[1],), r, device=left.device) for r in rows])
-    return left, right, owner
 
 
 def _int8_tensor(codes: Tensor, scale: Tensor, act: QuantizeTensorToInt8Kwargs = _INT8_ACT) -> Int8Tensor:
@@ -290,18 +280,8 @@ class Int8QuantLinear(nn.Module):
             self.branch_ranks = {row: int(left.qdata.shape[0]) for row, (left, _) in sorted(branch_codes.items())}
         else:
             self.branch_ranks = {row: int(left.shape[1]) for row, (left, _) in sorted((branches or {}).items())}
-        #: scale row → its branch's columns ``[start, stop)`` of the stacked factors (and of the hidden)
-        self.branch_spans: dict[int, tuple[int, int]] = {}
-        start = 0
-        for row, rank in self.branch_ranks.items():
-            self.branch_spans[row] = (start, start + rank)
-            start += rank
-        #: (index into the positions inputs, scale row) of each modality whose tokens take a branch; empty
-        #: (masked only) if text's row has one, as text tokens have no positions input
-        rows = [int(r) for r in self.row_of_modality]
-        self.position_rows: tuple[tuple[int, int], ...] = ()
-        if rows[Modality.TEXT] not in self.branch_spans:
-            self.position_rows = tuple((i, rows[m]) for i, m in enumerate(POSITION_MODALITIES) if rows[m] in self.branch_spans)
+        #: scale row → its columns of the stacked factors (and of the hidden); the positions inputs' rows
+        self.branch_spans, self.position_rows = branch_layout(self.branch_ranks, self.row_of_modality)
         left, right, owner = stacked_branches(branches) if branches else (None, None, None)
         self.register_buffer("branch_left", left)
         self.register_buffer("branch_right", right)
