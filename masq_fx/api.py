@@ -44,6 +44,7 @@ from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
 from masq_fx.sequential import Job, run_layerwise
+from masq_fx.transforms.rotation import rotate
 
 Batch = Mapping[str, Tensor]
 
@@ -231,8 +232,9 @@ def apply_all(
     extra_steps: Sequence[Transform] = (),
 ) -> list[QuantizedModel]:
     """Apply every recipe of ``recipes`` in one layer-by-layer pass: the float activations and statistics
-    are computed once for all of them. ``extra_steps`` run on each whole graph afterwards (they see the
-    statistics without second moments)."""
+    are computed once for all of them (once per distinct rotation: a rotated recipe calibrates on its
+    rotated float graph). ``extra_steps`` run on each whole graph afterwards (they see the statistics
+    without second moments)."""
     resolved = [resolve_recipe(r) for r in recipes]
     absent = calibrated.missing_modalities()
     for recipe in resolved:
@@ -248,17 +250,21 @@ def apply_all(
             recipe.modules.require_match(calibrated.captured.decoder_linears())
     wanted = set(calibrated.moment_modalities).union(*(r.moment_modalities for r in resolved))
     moments = tuple(m for m in Modality if m in wanted)
-    jobs = [Job(Context(calibrated.captured.copy(), calibrated.samples), recipe_steps(r, progress=False)) for r in resolved]
-    with warnings.catch_warnings():
-        if absent:  # said once above, in plain words
-            warnings.simplefilter("ignore", CoverageWarning)
-        run_layerwise(calibrated.captured, calibrated.samples, jobs, moments, progress=progress)
-        for job in jobs:
-            if extra_steps:
-                Pipeline(extra_steps).run(job.context, progress=False)
+    jobs: dict[int, Job] = {}
+    for rotation in dict.fromkeys(r.rotation for r in resolved):  # one float pass per float graph: plain, and each rotation
+        floats = calibrated.captured if rotation is None else rotate(calibrated.captured, rotation)
+        group = {i: Job(Context(floats.copy(), calibrated.samples), recipe_steps(r, progress=False)) for i, r in enumerate(resolved) if r.rotation == rotation}
+        with warnings.catch_warnings():
+            if absent:  # said once above, in plain words
+                warnings.simplefilter("ignore", CoverageWarning)
+            run_layerwise(floats, calibrated.samples, list(group.values()), moments, progress=progress)
+            for job in group.values():
+                if extra_steps:
+                    Pipeline(extra_steps).run(job.context, progress=False)
+        jobs.update(group)
     return [
-        QuantizedModel(calibrated.model, job.context.captured, recipe, job.context, data_hashes=calibrated.data_hashes)
-        for job, recipe in zip(jobs, resolved)
+        QuantizedModel(calibrated.model, jobs[i].context.captured, recipe, jobs[i].context, data_hashes=calibrated.data_hashes)
+        for i, recipe in enumerate(resolved)
     ]
 
 

@@ -44,7 +44,8 @@ the content hashes of the calibration samples when known, see :mod:`masq_fx.data
 eval/generate/bench`` reload); ``graph``: per linear its shape, ``state``
 (:meth:`QuantLinearState.to_dict <masq_fx.nn.quant_linear.QuantLinearState.to_dict>`: quantizer
 configs, static activation scale, stored weight rows, flags), table key, stored and branch rows and
-``branch_bits``; the routers; the replaced graph attributes. The same inputs and seed give the same bytes.
+``branch_bits``; the routers; the replaced graph attributes; ``rotation`` (format 4, rotated graphs only). The same
+inputs and seed give the same bytes.
 
 Integrity: ``manifest.json`` and ``quantized.safetensors`` vouch for each other. The manifest records
 a content hash of the tensors (names, dtypes, shapes, bytes), and the safetensors file's
@@ -54,7 +55,10 @@ An edited manifest (e.g. a linear's activation bits changed by hand) is refused 
 would otherwise load silently with other numerics; records that disagree with the tensors or the
 model (shapes, bit widths) are refused too, before anything is replayed.
 
-Format versions: 3 (this one). Version 2 is version 3 without the manifest hash: its ``tensors``
+Format versions: 4 (this one): ``graph.rotation`` records the float graph's rotation (its
+:class:`~masq_fx.transforms.rotation.RotationConfig` and :class:`~masq_fx.transforms.rotation.RotationPlan`),
+which :func:`load` re-applies to the fresh capture before replaying; version 3 is version 4 with no
+rotation (read as is). Version 2 is version 3 without the manifest hash: its ``tensors``
 record holds the file's ``bytes`` and ``sha256`` (of the whole file), which is still how its tensor
 file is checked; it is read as is (migration is free: nothing else changed), only its manifest is
 not covered. Version 1 (per-linear flags and configs at the record's top level,
@@ -91,6 +95,7 @@ from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor
 from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
 from masq_fx.replay import GraphEdits, LinearRecord, Router, check_float_weights, graph_edits, replay
+from masq_fx.transforms.rotation import RotationConfig, RotationPlan
 
 if TYPE_CHECKING:
     from masq_fx.pipeline import Context
@@ -112,7 +117,7 @@ __all__ = [
 ]
 
 FORMAT = "masq_fx.checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"
 #: key of the safetensors ``__metadata__`` entry holding the sha256 of ``manifest.json``'s bytes (format 3)
@@ -298,6 +303,9 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
     for path, tensor in edits.attributes.items():
         tensors[f"graph/{path}"] = tensor.detach().clone()
     graph = {"include_head": _HEAD in linears, "linears": linears, "routers": routers, "replaced": list(edits.attributes)}
+    if edits.rotation is not None:
+        config, plan = edits.rotation
+        graph["rotation"] = {"config": asdict(config), "plan": plan.to_dict()}
     return _Collected(tensors, graph)
 
 
@@ -688,7 +696,18 @@ def _graph_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdit
             for r in graph["routers"]
         ],
         attributes={path: tensors[f"graph/{path}"] for path in graph["replaced"]},
+        rotation=_rotation(graph.get("rotation")),
     )
+
+
+def _rotation(record: dict[str, Any] | None) -> tuple[RotationConfig, RotationPlan] | None:
+    """The manifest's rotation record (format 4; ``None``: the graph was not rotated)."""
+    if record is None:
+        return None
+    try:
+        return RotationConfig(**record["config"]), RotationPlan.from_dict(record["plan"])
+    except (KeyError, TypeError, ValueError, InputError) as error:
+        raise CheckpointError(f"the manifest's rotation record is malformed ({error}); save the checkpoint again") from None
 
 
 def _scale_tables(tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:

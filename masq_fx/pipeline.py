@@ -37,6 +37,8 @@ class Capability(StrEnum):
 
     #: the captured float graph (every context has it)
     GRAPH = "graph"
+    #: the float graph's rotations (:mod:`masq_fx.transforms.rotation`)
+    ROTATED = "rotated"
     #: decoder inputs of calibration samples
     CALIBRATION_DATA = "calibration_data"
     OBSERVERS = "observers"

@@ -32,6 +32,7 @@ from masq_fx.transforms.cmc import CMCConfig, CrossModalCompensation, ProjectSca
 from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 from masq_fx.transforms.quantize import ModuleFilter
+from masq_fx.transforms.rotation import RotationConfig
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
 #: version of :meth:`Recipe.to_dict`'s layout; bumped whenever a field is renamed, removed or changes meaning
@@ -52,6 +53,8 @@ class Recipe:
     gptq: GPTQConfig | None = None
     #: which decoder linears are quantized, by module-name regex (``layers.3.mlp.up_proj``); the LM head never is
     modules: ModuleFilter = field(default_factory=ModuleFilter)
+    #: rotations of the float graph before calibration (None: none); the other steps run on the rotated graph
+    rotation: RotationConfig | None = None
 
     @property
     def moment_modalities(self) -> tuple[Modality, ...]:
@@ -82,6 +85,8 @@ class Recipe:
             label += " +GPTQ"
         if self.cmc is not None:
             label += " +CMC"
+        if self.rotation is not None:
+            label += " +rot"
         return label
 
     def __post_init__(self) -> None:
@@ -89,6 +94,8 @@ class Recipe:
             raise InputError(f"unknown method {self.method!r}; expected fp, rtn, smoothquant, mas-init or mas")
         if self.gptq is not None and self.method == "fp":
             raise InputError("GPTQ needs quantized weights: pick a method other than 'fp'")
+        if self.rotation is not None and self.method == "fp":
+            raise InputError("a rotation alone changes no numbers: pick a quantization method, or drop the rotation")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
             raise InputError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
         if self.method == "mas" and self.learning.own_channels_in_loop and (self.cmc is None or self.cmc.own_channels is None):
@@ -132,6 +139,7 @@ class Recipe:
             cmc=section("cmc", CMCConfig),
             gptq=section("gptq", GPTQConfig),
             modules=section("modules", ModuleFilter),
+            rotation=section("rotation", RotationConfig),
         )
 
 

@@ -4,7 +4,8 @@ A transformed graph's results live in the graph's modules, keyed by module name:
 module (a :class:`~masq_fx.nn.quant_linear.QuantLinear` with its state, scale table, integer
 weights and CMC factors, or a lowered module), the routers of tied per-modality smoothing
 (:mod:`masq_fx.nn.routing`), and the graph parameters a transform replaced (norm weights a smoothing
-was folded into). :func:`graph_edits` reads them into a :class:`GraphEdits`; :func:`replay` installs
+was folded into), and the float graph's rotation (:mod:`masq_fx.transforms.rotation`), which is re-applied
+first. :func:`graph_edits` reads them into a :class:`GraphEdits`; :func:`replay` installs
 one onto a float capture (:func:`~masq_fx.capture.decoder.capture` or the KV-cache graph of
 :func:`~masq_fx.generation.capture_cached`): every named float linear becomes its module, the
 routers are re-inserted before the linears reading them (sharing their tables), and the replaced
@@ -29,6 +30,7 @@ from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState
 from masq_fx.nn.routing import insert_routers, routers
 from masq_fx.quantizers import QuantizedWeight
 from masq_fx.transforms.prepare import float_linear, install_linear
+from masq_fx.transforms.rotation import RotationConfig, RotationPlan, apply_rotation, is_produced, rotation_record
 
 __all__ = ["GraphEdits", "LinearRecord", "Router", "check_float_weights", "graph_edits", "replaced_attributes", "replay"]
 
@@ -94,8 +96,10 @@ class GraphEdits:
     #: module name → the linear's module (installed as is, shared) or record (rebuilt around the float weights)
     linears: dict[str, nn.Module | LinearRecord]
     routers: list[Router] = field(default_factory=list)
-    #: graph path → a parameter or buffer that differs from the float model's
+    #: graph path → a parameter or buffer that differs from the float model's (the rotated float model's, if rotated)
     attributes: dict[str, Tensor] = field(default_factory=dict)
+    #: the float graph's rotation, re-applied before anything else (``None``: not rotated)
+    rotation: tuple[RotationConfig, RotationPlan] | None = None
 
 
 def _owners(adapter: ModelAdapter) -> dict[str, nn.Module]:
@@ -113,12 +117,13 @@ def _model_tensor(owners: Mapping[str, nn.Module], path: str) -> Tensor | None:
 
 
 def replaced_attributes(gm: fx.GraphModule, adapter: ModelAdapter) -> dict[str, Tensor]:
-    """Graph parameters and buffers, outside the linear modules and routers, that differ from the model's (sorted paths)."""
+    """Graph parameters and buffers, outside the graph's modules (linears, routers, rotations), that differ from the
+    model's, or from what the graph's rotation produced (sorted paths)."""
     skip = tuple(f"{node.target}." for node in gm.graph.find_nodes(op="call_module"))
     owners = _owners(adapter)
     replaced = {}
     for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
-        if path.startswith(skip):
+        if path.startswith(skip) or is_produced(gm, path, tensor):
             continue
         original = _model_tensor(owners, path)
         if original is None or not (original is tensor or torch.equal(original, tensor)):
@@ -127,11 +132,11 @@ def replaced_attributes(gm: fx.GraphModule, adapter: ModelAdapter) -> dict[str, 
 
 
 def check_float_weights(gm: fx.GraphModule, adapter: ModelAdapter) -> None:
-    """Raise ``ValueError`` unless every QuantLinear of ``gm`` computes with the model's float weight."""
+    """Raise ``ValueError`` unless every QuantLinear of ``gm`` computes with the model's float weight (rotated, if the graph is)."""
     owners = _owners(adapter)
     for name, node in module_nodes(gm).items():
         module = gm.get_submodule(str(node.target))
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, QuantLinear) or is_produced(gm, f"{node.target}.weight", module.weight):
             continue
         original = _model_tensor(owners, f"{node.target}.weight")
         if original is None or not (original is module.weight or torch.equal(original, module.weight)):
@@ -139,11 +144,13 @@ def check_float_weights(gm: fx.GraphModule, adapter: ModelAdapter) -> None:
 
 
 def graph_edits(gm: fx.GraphModule, adapter: ModelAdapter) -> GraphEdits:
-    """The edits of a transformed graph of ``adapter``'s model: its live linear modules, routers and replaced attributes."""
+    """The edits of a transformed graph of ``adapter``'s model: its live linear modules, routers, replaced attributes and rotation."""
+    record = rotation_record(gm)
     return GraphEdits(
         linears={name: gm.get_submodule(str(node.target)) for name, node in module_nodes(gm).items()},
         routers=[Router(tuple(readers), router.scales, router.row_of_modality) for router, readers in routers(gm)],
         attributes=replaced_attributes(gm, adapter),
+        rotation=None if record is None else (record.config, record.plan),
     )
 
 
@@ -152,6 +159,9 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
 
     Raises ``ValueError`` naming what does not match (a linear or attribute the capture lacks).
     """
+    if edits.rotation is not None:  # live modules are rotated already: only records need rotated float weights
+        live = [name for name, module in edits.linears.items() if not isinstance(module, LinearRecord)]
+        apply_rotation(gm, *edits.rotation, skip=live)
     for path, value in edits.attributes.items():
         _set_attribute(gm, path, value)
     modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")

@@ -52,7 +52,7 @@ ALLOWED: dict[str, set[str]] = {
     "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "generation": {"replay", "backends", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "recipes": {"transforms", "calibration", "pipeline", "backends", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
-    "checkpoint": {"replay", "recipes", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
+    "checkpoint": {"replay", "recipes", "transforms", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "eval": {"generation", "data", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "memory": {"recipes", "transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     # the API and the package's face

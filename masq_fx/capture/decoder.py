@@ -73,6 +73,8 @@ class CapturedDecoder:
     num_layers: int
     hidden_size: int
     position_rows: int
+    #: the width of one attention head
+    head_dim: int = 0
     #: the modalities the model has placeholder tokens for (text always)
     modalities: tuple[Modality, ...] = (Modality.TEXT,)
     capture_seconds: float = 0.0
@@ -235,6 +237,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         num_layers=len(adapter.layers()),
         hidden_size=cfg.hidden_size,
         position_rows=adapter.position_rows,
+        head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
         modalities=model_modalities(adapter),
         capture_seconds=seconds,
     )

@@ -1,0 +1,317 @@
+"""Rotations of the float decoder graph: exact float rewrites that spread activation outliers over channels.
+
+An orthogonal ``Q`` leaves a linear unchanged when its input is rotated and its weight counter-rotated
+(``x Wᵀ = (x Q)(W Q)ᵀ``); quantizing the rotated input and weight then loses much less where a few
+channels carry outliers. Three rotations, each a field of :class:`RotationConfig` (QuaRot's R1, R2, R4):
+
+* ``residual``: the residual stream is rotated by one ``Q`` of the hidden width. Each norm's γ is folded
+  into the linears reading it (γ becomes 1, so the RMSNorm commutes with ``Q``); the decoder's input
+  embeddings are rotated by a node at the graph's entry (every hidden-width block: DeepStack features
+  enter the stream too); the linears reading the stream after a norm (q/k/v, gate/up, the LM head) take
+  ``W Q``; the linears writing into it (o_proj, down_proj) take ``Qᵀ W`` and ``b Q``.
+* ``heads``: each value head is rotated by one ``H`` of the head width (``v_proj`` rows) and ``o_proj``'s
+  columns of every query head counter-rotated; attention is linear in the values, so nothing else changes.
+* ``down``: an online rotation of ``down_proj``'s input (a :class:`~masq_fx.nn.hadamard.Rotation` node in
+  the graph, fast Kronecker factors) with ``down_proj``'s weight counter-rotated.
+
+The rotation runs on the *float* graph, before calibration: the rotated graph is the same float model
+with other weights, so the statistics, smoothing (MAS, SmoothQuant: smoothing *after* the rotation, on
+the rotated channels), clipping, GPTQ and CMC all see the rotated activations. Which linears play which
+role is found once from the graph's dataflow (:func:`plan_rotation`, never by name) and kept, with the
+config, in a :class:`RotationRecord` module of the graph; :mod:`masq_fx.replay` re-applies the record
+to a fresh capture (a KV-cache graph, a model loaded from a checkpoint), which the seed makes exact.
+Norms must be RMSNorms (a LayerNorm's mean subtraction does not commute with ``Q``); linears reading
+the residual stream with no norm between (a site of kind ``"other"``) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from masq_fx.capture.dataflow import PASSTHROUGH, SmoothingGroup
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, CapturedDecoder, is_linear
+from masq_fx.errors import InputError
+from masq_fx.nn.hadamard import Rotation, RotationKind
+from masq_fx.pipeline import GRAPH, Capability, Context
+from masq_fx.transforms.prepare import QUANT_LINEARS, quant_linears
+
+aten = torch.ops.aten
+ROTATED = Capability.ROTATED
+RECORD = "masq_fx_rotation"
+_ONLINE_PREFIX = "masq_fx_online_rotation_"
+_ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention})
+#: ops a value head passes through between v_proj and attention (reshapes, GQA's repeat)
+_VALUE_PATH = PASSTHROUGH | {aten.expand, aten.slice, aten.repeat, aten.repeat_interleave}
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """Which rotations to apply (see the module docstring) and how they are drawn.
+
+    ``kind``: ``"hadamard"`` (random-signed Hadamard, fast online) or ``"orthogonal"`` (dense random);
+    ``seed`` draws the signs (and any random factor), so the same seed gives the same rotation everywhere.
+    """
+
+    kind: RotationKind = "hadamard"
+    seed: int = 0
+    residual: bool = True
+    heads: bool = True
+    down: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hadamard", "orthogonal"):
+            raise InputError(f"rotation kind must be 'hadamard' or 'orthogonal', got {self.kind!r}")
+        if not (self.residual or self.heads or self.down):
+            raise InputError("a rotation with residual, heads and down all off does nothing: set rotation to null instead")
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """The role of each linear in a rotation, found from a float graph's dataflow (module names, graph paths)."""
+
+    hidden_size: int
+    head_dim: int
+    #: (linear, γ path of the norm it reads or ``None``): the linears reading the residual stream
+    readers: tuple[tuple[str, str | None], ...]
+    #: the linears writing into the residual stream
+    writers: tuple[str, ...]
+    #: (v_proj, o_proj) of each attention
+    heads: tuple[tuple[str, str], ...]
+    #: the linears whose input is rotated online
+    online: tuple[str, ...]
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """The γ paths folded into their readers (each once, graph order)."""
+        return tuple(dict.fromkeys(path for _, path in self.readers if path is not None))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RotationPlan:
+        return cls(
+            hidden_size=int(data["hidden_size"]),
+            head_dim=int(data["head_dim"]),
+            readers=tuple((str(a), None if b is None else str(b)) for a, b in data["readers"]),
+            writers=tuple(map(str, data["writers"])),
+            heads=tuple((str(a), str(b)) for a, b in data["heads"]),
+            online=tuple(map(str, data["online"])),
+        )
+
+
+def _value_linear(attention: fx.Node) -> str | None:
+    """The linear whose output is the value input of an attention node (past reshapes and GQA's repeat)."""
+    arg: Any = attention.args[2] if len(attention.args) > 2 else None
+    while isinstance(arg, fx.Node) and not is_linear(arg):
+        target = arg.target
+        if arg.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in _VALUE_PATH:
+            return None
+        arg = arg.args[0]
+    return arg.meta.get(MODULE_KEY) if isinstance(arg, fx.Node) else None
+
+
+def _attention_node(gm: fx.GraphModule, site: SmoothingGroup) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == site.source)
+
+
+def plan_rotation(gm: fx.GraphModule, sites: Iterable[SmoothingGroup], config: RotationConfig, hidden_size: int, head_dim: int) -> RotationPlan:
+    """Find each linear's role from the float graph's linear ``sites`` (the head's included); refuses graphs it cannot rotate."""
+    readers: list[tuple[str, str | None]] = []
+    writers: list[str] = []
+    heads: list[tuple[str, str]] = []
+    online: list[str] = []
+    for site in sites:
+        if site.kind == "norm":
+            if site.norm_bias is not None:
+                raise InputError(
+                    f"{site.linears[0]} reads a LayerNorm (it has a bias β): rotations need RMSNorm decoders; quantize without rotation"
+                )
+            readers.extend((name, site.norm_weight) for name in site.linears)
+        elif site.kind in ("attention", "activation"):
+            writers.extend(site.linears)
+            if site.kind == "activation" and config.down:
+                online.extend(site.linears)
+            if site.kind == "attention" and config.heads:
+                value = _value_linear(_attention_node(gm, site))
+                if value is None or len(site.linears) != 1:
+                    raise InputError(
+                        f"cannot find the value projection feeding {site.linears[0]}'s attention: "
+                        "set rotation.heads to false for this model"
+                    )
+                heads.append((value, site.linears[0]))
+        else:
+            raise InputError(
+                f"{', '.join(site.linears)} read the residual stream with no norm before them: the residual rotation cannot "
+                "fold into them; quantize this model without rotation"
+            )
+    if not any(name == "lm_head" for name, _ in readers):
+        raise InputError("the LM head does not read a norm's output: this decoder's residual stream cannot be rotated")
+    return RotationPlan(hidden_size, head_dim, tuple(readers), tuple(writers), tuple(heads), tuple(online))
+
+
+class RotationRecord(Rotation):
+    """The graph-entry rotation of the residual stream (identity when ``config.residual`` is off), and the record
+    of what the rotation did: its config, its plan, and the graph tensors it produced (by graph path), which
+    replay and checkpoints recognise as the rotated float model's own rather than as edits."""
+
+    def __init__(self, config: RotationConfig, plan: RotationPlan) -> None:
+        super().__init__(plan.hidden_size, config.kind, config.seed)
+        self.config = config
+        self.plan = plan
+        self.produced: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.config.residual else x
+
+
+def rotation_record(gm: fx.GraphModule) -> RotationRecord | None:
+    """The graph's rotation record, if it was rotated."""
+    record = getattr(gm, RECORD, None)
+    return record if isinstance(record, RotationRecord) else None
+
+
+def is_produced(gm: fx.GraphModule, path: str, tensor: Tensor) -> bool:
+    """Whether ``tensor`` at graph ``path`` is what the graph's rotation produced there (not a later edit)."""
+    record = rotation_record(gm)
+    return record is not None and record.produced.get(path) is tensor
+
+
+def _get(gm: fx.GraphModule, path: str) -> Tensor:
+    owner, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _weight_paths(node: fx.Node) -> tuple[str, str | None]:
+    weight, bias = (list(node.args[1:]) + [None])[:2]
+    assert isinstance(weight, fx.Node) and weight.op == "get_attr", f"{node} has no parameter weight"
+    return str(weight.target), (str(bias.target) if isinstance(bias, fx.Node) else None)
+
+
+def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPlan, skip: Iterable[str] = ()) -> RotationRecord:
+    """Rotate the float graph ``gm`` (in place) as ``plan`` says: new weights and γs, the entry and online nodes.
+
+    The linears named in ``skip`` keep their weights (replay installs already-rotated modules there). The
+    HF model's tensors are never modified: the graph gets new parameters, computed in float64.
+    """
+    if rotation_record(gm) is not None:
+        raise InputError("the graph is already rotated: rotate a fresh float capture")
+    record = RotationRecord(config, plan)
+    linears = {n.meta[MODULE_KEY]: n for n in gm.graph.nodes if MODULE_KEY in n.meta and is_linear(n)}
+    missing = ({name for name, _ in plan.readers} | set(plan.writers)) - set(linears)
+    if missing:
+        raise ValueError(f"the graph has no float linear {sorted(missing)[0]}: capture the model the rotation was planned on")
+    skipped = set(skip)
+    q = record.matrix() if config.residual else None
+    h = Rotation(plan.head_dim, config.kind, config.seed + 1).matrix() if config.heads else None
+    new: dict[str, Tensor] = {}  # graph path → float64 value
+
+    def value(path: str) -> Tensor:
+        return new.get(path, _get(gm, path).detach().double())
+
+    for name, norm in plan.readers:
+        if name in skipped:
+            continue
+        path, _ = _weight_paths(linears[name])
+        w = value(path)
+        if norm is not None:
+            w = w * _get(gm, norm).detach().double()[None, :]
+        new[path] = w if q is None else w @ q
+    if q is not None:
+        for name in plan.writers:
+            if name in skipped:
+                continue
+            path, bias = _weight_paths(linears[name])
+            new[path] = q.T @ value(path)
+            if bias is not None:
+                new[bias] = value(bias) @ q
+    if h is not None:
+        for v_name, o_name in plan.heads:
+            if v_name not in skipped:
+                path, bias = _weight_paths(linears[v_name])
+                w = value(path)
+                new[path] = (h.T @ w.reshape(-1, plan.head_dim, w.shape[1])).reshape(w.shape)
+                if bias is not None:
+                    new[bias] = (value(bias).reshape(-1, plan.head_dim) @ h).reshape(-1)
+            if o_name not in skipped:
+                path, _ = _weight_paths(linears[o_name])
+                w = value(path)
+                new[path] = (w.reshape(w.shape[0], -1, plan.head_dim) @ h).reshape(w.shape)
+    for path in plan.norms:
+        new[path] = torch.ones_like(_get(gm, path), dtype=torch.float64)
+    online = {name: Rotation(int(_get(gm, _weight_paths(linears[name])[0]).shape[1]), config.kind, config.seed + 2) for name in plan.online}
+    for name, rotation in online.items():
+        if name not in skipped:
+            path, _ = _weight_paths(linears[name])
+            new[path] = value(path) @ rotation.matrix()
+    for path, tensor in new.items():
+        record.produced[path] = _set(gm, path, tensor)
+    _insert_nodes(gm, record, {name: (linears[name], rotation) for name, rotation in online.items()})
+    return record
+
+
+def _set(gm: fx.GraphModule, path: str, tensor: Tensor) -> nn.Parameter:
+    owner_path, _, name = path.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    old = getattr(owner, name)
+    parameter = nn.Parameter(tensor.to(dtype=old.dtype, device=old.device), requires_grad=False)
+    setattr(owner, name, parameter)
+    return parameter
+
+
+def _insert_nodes(gm: fx.GraphModule, record: RotationRecord, online: Mapping[str, tuple[fx.Node, Rotation]]) -> None:
+    """The entry node after ``inputs_embeds`` and an online rotation node before each of ``online``'s linears."""
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    gm.add_submodule(RECORD, record.to(device))
+    embeds = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "inputs_embeds")
+    with gm.graph.inserting_after(embeds):
+        entry = gm.graph.call_module(RECORD, (embeds,))
+    embeds.replace_all_uses_with(entry, delete_user_cb=lambda user: user is not entry)
+    for name, (node, rotation) in online.items():
+        target = _ONLINE_PREFIX + name.replace(".", "_")
+        gm.add_submodule(target, rotation.to(device))
+        with gm.graph.inserting_before(node):
+            rotated = gm.graph.call_module(target, (node.args[0],))
+        if LAYER_KEY in node.meta:
+            rotated.meta[LAYER_KEY] = node.meta[LAYER_KEY]
+        node.args = (rotated, *node.args[1:])
+    gm.graph.lint()
+    gm.recompile()
+
+
+def rotate(captured: CapturedDecoder, config: RotationConfig) -> CapturedDecoder:
+    """A rotated copy of the float capture ``captured`` (which is left as it was): the same float model, other weights."""
+    if any(True for _ in quant_linears(captured.graph_module)):
+        raise InputError("rotate the float capture, before any quantization step (PrepareQuantLinears)")
+    rotated = captured.copy()
+    plan = plan_rotation(rotated.graph_module, rotated.sites, config, rotated.hidden_size, rotated.head_dim)
+    record = apply_rotation(rotated.graph_module, config, plan)
+    gm = rotated.graph_module
+    rotated.weights = {name: _get(gm, _weight_paths(node)[0]) for name, node in rotated.linear_nodes().items()}
+    rotated.float_tensors = (*captured.float_tensors, *record.produced.values())
+    return rotated
+
+
+@dataclass
+class Rotate:
+    """Pipeline step: rotate the context's float graph (before calibration: the statistics must see the rotated
+    activations). Layer-sequential recipes rotate with :func:`rotate` instead, once for all of their layers."""
+
+    config: RotationConfig = field(default_factory=RotationConfig)
+    name: str = "rotate"
+    requires: tuple[Capability, ...] = (GRAPH,)
+    provides: tuple[Capability, ...] = (ROTATED,)
+    invalidates: tuple[Capability, ...] = (Capability.STATS,)
+
+    def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        if QUANT_LINEARS in context.provided:
+            raise InputError("rotate the float graph before PrepareQuantLinears and calibration")
+        captured = context.captured
+        plan = plan_rotation(gm, captured.sites, self.config, captured.hidden_size, captured.head_dim)
+        apply_rotation(gm, self.config, plan)
+        return gm
