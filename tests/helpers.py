@@ -97,3 +97,19 @@ def calibrated_tiny(family: str) -> CalibratedTiny:
     with torch.no_grad():
         fp = calibrated.captured(calibrated.samples[0])
     return CalibratedTiny(tiny.model, calibrated, fp)
+
+
+def prefix_greedy(graph, adapter, prompt: DecoderInputs, steps: int) -> torch.Tensor:
+    """Greedy tokens by re-running the whole prefix through a cache-free graph (the reference loop)."""
+    inputs, out = prompt, []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = graph(inputs)[:, -1].argmax(-1)
+        out.append(token)
+        inputs = DecoderInputs(
+            inputs_embeds=torch.cat([inputs.inputs_embeds, adapter.embed(token[:, None])], dim=1),
+            position_ids=torch.cat([inputs.position_ids, inputs.position_ids[..., -1:] + 1], dim=-1),
+            modality_ids=torch.cat([inputs.modality_ids, torch.zeros_like(token[:, None])], dim=1),
+            attention_mask=torch.cat([inputs.attention_mask, torch.ones_like(token[:, None])], dim=1),
+        )
+    return torch.stack(out, dim=1)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import prefix_greedy
 
 from masq_fx.backends import compile_graph, lower_to_torchao
 from masq_fx.calibration.calibrate import observe
@@ -15,7 +16,7 @@ from masq_fx.capture.decoder import capture
 from masq_fx.capture.positions import POSITION_INPUTS, position_placeholders
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models import adapter_for
 from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset, recipe_steps
@@ -24,22 +25,6 @@ from masq_fx.transforms.cmc import CMCConfig
 NEW_TOKENS = 5
 CACHE = 32
 LOGIT_RTOL = 2e-2
-
-
-def _prefix_greedy(graph, adapter, prompt: DecoderInputs, steps: int) -> torch.Tensor:
-    """Greedy tokens by re-running the whole prefix through a cache-free graph (the reference loop)."""
-    inputs, out = prompt, []
-    for _ in range(steps):
-        with torch.no_grad():
-            token = graph(inputs)[:, -1].argmax(-1)
-        out.append(token)
-        inputs = DecoderInputs(
-            inputs_embeds=torch.cat([inputs.inputs_embeds, adapter.embed(token[:, None])], dim=1),
-            position_ids=torch.cat([inputs.position_ids, inputs.position_ids[..., -1:] + 1], dim=-1),
-            modality_ids=torch.cat([inputs.modality_ids, torch.zeros_like(token[:, None])], dim=1),
-            attention_mask=torch.cat([inputs.attention_mask, torch.ones_like(token[:, None])], dim=1),
-        )
-    return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -100,7 +85,7 @@ def test_transplanted_cache_graph_computes_the_prefill_graph(omni, name, lowered
     assert (logits - reference).abs().max() <= LOGIT_RTOL * reference.abs().max()
     assert (logits - reference).norm() < (reference - fp).norm()
     adapter = adapter_for(tiny.model)
-    assert torch.equal(generate(cached, prompt, NEW_TOKENS), _prefix_greedy(quantized, adapter, prompt, NEW_TOKENS))
+    assert torch.equal(generate(cached, prompt, NEW_TOKENS), prefix_greedy(quantized, adapter, prompt, NEW_TOKENS))
 
 
 def test_lowered_cached_graph_compiles_fullgraph_for_prefill_and_decode(omni, one_thread):

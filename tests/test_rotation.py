@@ -1,0 +1,206 @@
+"""Rotations: the fast Hadamard equals its dense matrix, every rotation leaves the float model's logits unchanged
+on every family (prefill and KV-cache graphs, mixed-modality inputs), and rotated quantized models generate,
+lower, save and load like any other."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import prefix_greedy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masq_fx.api import apply_all, calibrate, load
+from masq_fx.capture.dataflow import SmoothingGroup
+from masq_fx.capture.decoder import capture
+from masq_fx.errors import InputError
+from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
+from masq_fx.models import adapter_for
+from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
+from masq_fx.nn.hadamard import Rotation, paley, sylvester
+from masq_fx.pipeline import Context, Pipeline
+from masq_fx.recipes import Recipe, preset
+from masq_fx.transforms.rotation import Rotate, RotationConfig, apply_rotation, plan_rotation, rotate, rotation_record
+
+FLOAT_RTOL = 1e-4
+#: widths of real models (SmolLM2, Qwen2.5-VL-3B/7B hidden and MLP), small Paley orders, odd parts with no Paley order
+WIDTHS = [1, 2, 12, 16, 20, 28, 36, 44, 64, 96, 172, 576, 1536, 2048, 3584, 11008]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("order", [12, 20, 24, 28, 36, 44, 60, 76, 148])
+def test_paley_matrices_are_hadamard(order):
+    h = paley(order)
+    assert h is not None and set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, order * torch.eye(order, dtype=torch.float64))
+
+
+def test_sylvester_is_hadamard_and_refuses_other_orders():
+    h = sylvester(64)
+    assert torch.equal(h @ h.T, 64 * torch.eye(64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="power of two"):
+        sylvester(12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(width=st.sampled_from(WIDTHS), kind=st.sampled_from(["hadamard", "orthogonal"]), seed=st.integers(0, 2**31 - 1), blocks=st.integers(1, 3))
+def test_fast_rotation_equals_its_dense_orthogonal_matrix(width, kind, seed, blocks):
+    if kind == "orthogonal" and width > 2048:
+        return  # a dense random matrix that wide is slow to draw and says nothing new
+    rotation = Rotation(width, kind, seed)
+    q = rotation.matrix()
+    assert (q @ q.T - torch.eye(width, dtype=torch.float64)).abs().max() < 1e-6
+    x = torch.randn(2, 3, blocks * width, dtype=torch.float64)
+    expected = (x.reshape(2, 3, blocks, width) @ q).reshape(x.shape)
+    assert (rotation(x.float()).double() - expected).abs().max() < 1e-5 * max(1.0, float(x.abs().max()))
+    assert torch.equal(Rotation(width, kind, seed).matrix(), q)  # the seed alone decides
+
+
+def test_hadamard_factors_stay_small():
+    for width, sizes in {1536: (12, 16, 8), 3584: (28, 16, 8), 11008: (43, 16, 16), 2048: (64, 32)}.items():
+        assert Rotation(width, "hadamard", 0).sizes == sizes
+
+
+CONFIGS = st.builds(
+    lambda kind, seed, parts: RotationConfig(kind, seed, *parts),
+    st.sampled_from(["hadamard", "orthogonal"]),
+    st.integers(0, 1000),
+    st.tuples(st.booleans(), st.booleans(), st.booleans()).filter(any),
+)
+
+
+@functools.cache
+def _family(family: str) -> tuple:
+    """A tiny family's float32 model, capture and mixed-modality decoder inputs, with the float logits."""
+    tiny = tiny_model(family, seed=0, batch_size=2)
+    model = tiny.model.float()
+    captured = capture(model)
+    inputs = adapter_for(model).decoder_inputs(tiny.batch)
+    with torch.no_grad():
+        return tiny, captured, inputs, captured(inputs)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@settings(max_examples=3, deadline=None)
+@given(config=CONFIGS)
+def test_rotations_leave_the_float_logits_unchanged(family, config):
+    tiny, captured, inputs, fp = _family(family)
+    rotated = rotate(captured, config)
+    with torch.no_grad():
+        logits = rotated(inputs)
+        assert torch.equal(captured(inputs), fp)  # the float capture is left as it was
+    assert _relative(logits, fp) <= FLOAT_RTOL
+    plan = rotation_record(rotated.graph_module).plan
+    changed = [name for name in rotated.decoder_linears() if not torch.equal(rotated.weights[name], captured.weights[name])]
+    expected = set(plan.writers) if config.residual else {o for _, o in plan.heads} | set(plan.online)
+    assert expected <= set(changed)
+    assert (len(plan.heads), len(plan.online)) == (captured.num_layers * config.heads, captured.num_layers * config.down)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2.5-vl", "qwen2.5-omni-thinker", "qwen3-vl"])
+def test_rotations_leave_the_cached_graph_unchanged(family):
+    """The plan found on the prefill graph, applied to the KV-cache graph: the same logits, prefill and decode."""
+    tiny, captured, inputs, _ = _family(family)
+    config = RotationConfig(seed=3)
+    plan = plan_rotation(captured.graph_module, captured.sites, config, captured.hidden_size, captured.head_dim)
+    plain = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
+    rotated = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
+    apply_rotation(rotated.graph_module, config, plan)
+    prompt = replace(inputs, attention_mask=full_attention_mask(inputs.attention_mask, 32))
+    length = inputs.attention_mask.shape[1]
+    token = adapter_for(tiny.model).embed(torch.tensor([[3], [5]]))
+    step = replace(prompt, inputs_embeds=token, position_ids=inputs.position_ids[..., -1:] + 1, modality_ids=torch.zeros(2, 1, dtype=torch.long))
+    with torch.no_grad():
+        for args, start in ((prompt, 0), (step, length)):  # prefill, then one decode step into the same cache slots
+            assert _relative(rotated(args, start), plain(args, start)) <= FLOAT_RTOL
+
+
+def test_rotate_step_in_a_whole_graph_pipeline_equals_rotate():
+    _, captured, inputs, _ = _family("qwen2.5-vl")
+    config = RotationConfig(seed=5)
+    context = Pipeline([Rotate(config)]).run(Context(captured.copy(), [inputs]), progress=False)
+    with torch.no_grad():
+        assert torch.equal(context.captured(inputs), rotate(captured, config)(inputs))
+    with pytest.raises(InputError, match="already rotated"):
+        Pipeline([Rotate(config)]).run(context, progress=False)
+
+
+def test_unrotatable_graphs_are_refused_with_the_fix():
+    _, captured, _, _ = _family("llama")
+    gm = captured.graph_module
+    other = [SmoothingGroup("other", "x", ("layers.0.mlp.up_proj",), layer=0)]
+    with pytest.raises(InputError, match="no norm before them.*without rotation"):
+        plan_rotation(gm, other, RotationConfig(), 64, 16)
+    layer_norm = [SmoothingGroup("norm", "x", ("lm_head",), "decoder.norm.weight", "decoder.norm.bias")]
+    with pytest.raises(InputError, match="LayerNorm"):
+        plan_rotation(gm, layer_norm, RotationConfig(), 64, 16)
+    with pytest.raises(InputError, match="does nothing"):
+        RotationConfig(residual=False, heads=False, down=False)
+    with pytest.raises(InputError, match="rotation alone"):
+        Recipe("fp", rotation=RotationConfig())
+
+
+def test_recipe_rotation_round_trips_and_labels():
+    recipe = replace(preset("mas-init", 4, 8), rotation=RotationConfig(kind="orthogonal", seed=7, heads=False))
+    data = json.loads(json.dumps(recipe.to_dict()))
+    assert Recipe.from_dict(data) == recipe
+    assert recipe.label.endswith("+rot")
+    with pytest.raises(InputError, match="rotation kind"):
+        Recipe.from_dict({**data, "rotation": {"kind": "givens"}})
+
+
+@pytest.fixture(scope="module")
+def rotated_omni():
+    """The tri-modal tiny model quantized W8A8 MAS-init, with and without rotation, from one calibration."""
+    tiny = tiny_model("qwen2.5-omni-thinker", seed=0, batch_size=2)
+    recipes = [preset("mas-init", 8, 8), replace(preset("mas-init", 8, 8), rotation=RotationConfig(seed=1))]
+    calibrated = calibrate(tiny.model, [tiny.batch], recipes, progress=False)
+    plain, rotated = apply_all(calibrated, recipes, progress=False)
+    return tiny, calibrated, plain, rotated
+
+
+def test_rotated_recipes_calibrate_on_the_rotated_graph(rotated_omni):
+    tiny, calibrated, plain, rotated = rotated_omni
+    assert rotation_record(rotated.decoder.graph_module) is not None and rotation_record(plain.decoder.graph_module) is None
+    name = "layers.0.mlp.down_proj"  # its input is rotated online: other statistics, the same tokens
+    a, b = plain.context.stats[name], rotated.context.stats[name]
+    assert torch.equal(a.count, b.count) and not torch.allclose(a.all_tokens().absmax, b.all_tokens().absmax)
+    fp = calibrated.captured(calibrated.samples[0])
+    for quantized in (plain, rotated):
+        assert _relative(quantized.logits(tiny.batch), fp) < 0.05
+
+
+def test_rotated_model_generates_what_its_prefill_graph_computes(rotated_omni):
+    tiny, _, _, rotated = rotated_omni
+    prompt = rotated.decoder_inputs(tiny.batch)
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=32)
+    transplant(rotated.decoder, cached)
+    assert torch.equal(generate(cached, prompt, 4), prefix_greedy(rotated.decoder, adapter_for(tiny.model), prompt, 4))
+
+
+def test_rotated_checkpoint_round_trips_bit_exactly(rotated_omni, tmp_path):
+    tiny, _, _, rotated = rotated_omni
+    rotated.save(tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["format_version"] == 4 and manifest["graph"]["rotation"]["config"]["seed"] == 1
+    assert not [path for path in manifest["graph"]["replaced"] if path.startswith("lm_head")]  # re-derived, not stored
+    loaded = load(tmp_path / "ckpt", tiny.model)
+    assert torch.equal(loaded.logits(tiny.batch), rotated.logits(tiny.batch))
+    assert torch.equal(loaded.generate(tiny.batch, max_new_tokens=3), rotated.generate(tiny.batch, max_new_tokens=3))
+
+
+def test_lowered_rotated_model_stays_close(rotated_omni):
+    tiny, _, plain, _ = rotated_omni
+    recipe = replace(preset("mas-init", 8, 8), rotation=RotationConfig(seed=1))
+    calibrated = calibrate(tiny.model, [tiny.batch], [recipe], progress=False)
+    quantized = apply_all(calibrated, [recipe], progress=False)[0]
+    reference = quantized.logits(tiny.batch)
+    assert not quantized.lower().unlowered
+    assert _relative(quantized.logits(tiny.batch), reference) < 2e-2
