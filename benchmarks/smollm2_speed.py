@@ -17,6 +17,8 @@ Protocol:
   absolute times across runs);
 - memory: resident bytes of the lowered decoder linears, and checkpoint bytes of their weights
   (:func:`masq_fx.checkpoint.linear_bytes`; 4-bit codes packed two per byte) against FP32;
+- ``--rotation``: a W4A8 graph with :class:`~masq_fx.transforms.rotation.RotationConfig` too (fused rotations
+  are only other weights; the online down_proj Hadamard and the entry rotation run in the compiled graph);
 - sanity: perplexity of the FP32, reference fake-quant and lowered prefill graphs on 2 evaluation
   windows, and the first 16 greedy tokens of 3 prompts through the (eager) generation graphs.
 
@@ -44,6 +46,7 @@ from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, generate, transplant
 from masq_fx.models import adapter_for
 from masq_fx.recipes import preset
+from masq_fx.transforms.rotation import RotationConfig
 
 PROMPTS = (
     "What is the capital of France?",
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=21)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rotation", action="store_true", help="also W4A8 with RotationConfig() (its online down_proj Hadamard runs in the graph)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -81,9 +85,9 @@ def main() -> None:
     ppl = {"fp32": perplexity(fp, adapter, evaluation)}
     memory: dict[str, tuple[int, int]] = {}
     stored: dict[str, LinearBytes] = {}
-    for bits in (8, 4):
-        name = f"w{bits}a8"
-        recipe = preset(args.recipe, bits, 8)
+    variants = [("w8a8", 8, None), ("w4a8", 4, None)] + [("w4a8+rot", 4, RotationConfig())] * args.rotation
+    for name, bits, rotation in variants:
+        recipe = replace(preset(args.recipe, bits, 8), rotation=rotation)
         if args.recipe != "rtn":  # down_proj too: without it padded prompts derail (tests/test_smollm2_quantize.py)
             recipe = replace(recipe, smoothing=replace(recipe.smoothing, kinds=("norm", "attention", "activation")))
         quantized = apply(calibrated, recipe, progress=False)

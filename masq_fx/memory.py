@@ -10,7 +10,9 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
   current layer only (the largest layer's are counted);
 * the calibration streams at one layer boundary: for every batch the float activations entering
   and leaving the layer and, for MAS learning, the quantized ones, each ``rows × seq × hidden``;
-* one forward pass of the largest batch: its attention scores and MLP intermediates.
+* one forward pass of the largest batch: its attention scores and MLP intermediates;
+* the rotated copy of the decoder's linear weights that each distinct rotation of the recipes makes
+  (:mod:`masq_fx.transforms.rotation`: the rotated float graph).
 
 Model weights are already loaded when this runs, so they are not counted; nor are the copies of
 the decoder weights that transforms make (quantized codes, per-modality rows).
@@ -53,10 +55,12 @@ class MemoryEstimate:
     streams: int
     #: one forward pass of the largest batch
     activations: int
+    #: the rotated decoder weights of the recipes' distinct rotations
+    rotated_weights: int = 0
 
     @property
     def total(self) -> int:
-        return self.decoder_inputs + self.statistics + self.streams + self.activations
+        return self.decoder_inputs + self.statistics + self.streams + self.activations + self.rotated_weights
 
     def parts(self) -> str:
         """The terms, largest first, for messages."""
@@ -67,6 +71,7 @@ class MemoryEstimate:
             + (f" (float64 second moments of {moments} at {self.moment_sites} sites)" if self.moment_sites else ""): self.statistics,
             "calibration streams": self.streams,
             "one forward pass of the largest batch": self.activations,
+            "rotated weights": self.rotated_weights,
         }
         return ", ".join(f"{name} {_gib(size)}" for name, size in sorted(terms.items(), key=lambda t: -t[1]) if size)
 
@@ -102,6 +107,8 @@ def estimate_calibration_memory(
     heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
     widest = max(channels, default=hidden)
     activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
+    rotations = {r.rotation for r in recipes} - {None}
+    weight_bytes = sum(w.numel() * w.element_size() for w in captured.weights.values())
     return MemoryEstimate(
         batches=len(shapes),
         tokens=tokens,
@@ -111,6 +118,7 @@ def estimate_calibration_memory(
         moment_modalities=tuple(moments),
         streams=streams,
         activations=activations,
+        rotated_weights=len(rotations) * weight_bytes,
     )
 
 

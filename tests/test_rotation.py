@@ -19,6 +19,7 @@ from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import capture
 from masq_fx.errors import InputError
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
+from masq_fx.memory import estimate_calibration_memory
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.nn.hadamard import Rotation, paley, sylvester
@@ -204,3 +205,14 @@ def test_lowered_rotated_model_stays_close(rotated_omni):
     reference = quantized.logits(tiny.batch)
     assert not quantized.lower().unlowered
     assert _relative(quantized.logits(tiny.batch), reference) < 2e-2
+
+
+def test_memory_estimate_counts_each_rotations_weight_copy():
+    tiny, captured, _, _ = _family("llama")
+    plain = preset("rtn", 8, 8)
+    rotated = [replace(plain, rotation=RotationConfig(seed=seed)) for seed in (0, 0, 1)]
+    weights = sum(w.numel() * w.element_size() for w in captured.weights.values())
+    base = estimate_calibration_memory(tiny.model, captured, [plain], [tiny.batch])
+    both = estimate_calibration_memory(tiny.model, captured, [plain, *rotated], [tiny.batch])
+    assert both.rotated_weights == 2 * weights and both.total == base.total + 2 * weights
+    assert "rotated weights" in both.parts()
