@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masq_fx.api import apply_all, calibrate, load
+from masq_fx.app.cli import main
+from masq_fx.backends import lower_to_torchao
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import capture
 from masq_fx.errors import InputError
@@ -198,13 +200,12 @@ def test_rotated_checkpoint_round_trips_bit_exactly(rotated_omni, tmp_path):
 
 
 def test_lowered_rotated_model_stays_close(rotated_omni):
-    tiny, _, plain, _ = rotated_omni
-    recipe = replace(preset("mas-init", 8, 8), rotation=RotationConfig(seed=1))
-    calibrated = calibrate(tiny.model, [tiny.batch], [recipe], progress=False)
-    quantized = apply_all(calibrated, [recipe], progress=False)[0]
-    reference = quantized.logits(tiny.batch)
-    assert not quantized.lower().unlowered
-    assert _relative(quantized.logits(tiny.batch), reference) < 2e-2
+    tiny, calibrated, _, rotated = rotated_omni
+    lowered = rotated.decoder.copy()
+    assert not lower_to_torchao(lowered).unlowered
+    with torch.no_grad():
+        reference = rotated.decoder(calibrated.samples[0])
+        assert _relative(lowered(calibrated.samples[0]), reference) < 2e-2
 
 
 def test_memory_estimate_counts_each_rotations_weight_copy():
@@ -216,3 +217,14 @@ def test_memory_estimate_counts_each_rotations_weight_copy():
     both = estimate_calibration_memory(tiny.model, captured, [plain, *rotated], [tiny.batch])
     assert both.rotated_weights == 2 * weights and both.total == base.total + 2 * weights
     assert "rotated weights" in both.parts()
+
+
+def test_cli_rotates_the_recipe_and_the_checkpoint_reloads(tmp_path, capsys):
+    out = tmp_path / "rot"
+    tiny = "tiny:qwen2.5-omni-thinker"
+    assert main(["quantize", tiny, "--recipe", "rtn-w8a8", "--rotate", "3", "--compare", "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["rotation"]["seed"] == 3 and manifest["graph"]["rotation"]["config"]["seed"] == 3
+    quantized = float(capsys.readouterr().out.strip().splitlines()[-2].split()[-1])
+    assert main(["eval", str(out), "--model", tiny]) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1]) == pytest.approx(quantized, abs=1e-3)

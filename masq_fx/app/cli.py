@@ -148,7 +148,12 @@ def _quantize(args: argparse.Namespace) -> int:
 
     # everything that can be checked without the model is, before the model loads and calibrates
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
-    out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}")
+    if args.rotate is not None:
+        from masq_fx.transforms.rotation import RotationConfig
+
+        recipes[args.recipe] = replace(recipes[args.recipe], rotation=RotationConfig(seed=args.rotate))
+    suffix = "" if args.rotate is None else "-rot"
+    out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}{suffix}")
     _check_output(out, args.overwrite, args.model)
     _check_calibration(args.calib)
     import torch
@@ -362,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
     quantize.add_argument("--recipe", default=DEFAULT_RECIPE, help="preset name (see masq_fx.PRESETS) or a recipe .json file")
     quantize.add_argument("--compare", nargs="*", default=list(DEFAULT_COMPARE), help="further recipes to evaluate (not saved)")
-    quantize.add_argument("--out", default=None, help="checkpoint folder (default: runs/MODEL-RECIPE)")
+    quantize.add_argument(
+        "--rotate", nargs="?", type=int, const=0, default=None, metavar="SEED",
+        help="rotate the float graph before --recipe (residual stream, value heads, online down_proj Hadamard; seeded, default 0)",
+    )  # fmt: skip
+    quantize.add_argument("--out", default=None, help="checkpoint folder (default: runs/MODEL-RECIPE, -rot when rotated)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     quantize.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     quantize.add_argument("--quiet", action="store_true", help="no progress bars")
