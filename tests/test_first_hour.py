@@ -76,7 +76,7 @@ def test_the_manifest_hash_is_recorded_and_saving_stays_deterministic(saved, tmp
     from masq_fx.api import quantize
 
     manifest = read_manifest(saved)
-    assert manifest["format_version"] == checkpoint.FORMAT_VERSION == 3 and "content_sha256" in manifest["tensors"]
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION == 4 and "content_sha256" in manifest["tensors"]
     with open(saved / checkpoint.TENSORS, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"][checkpoint.MANIFEST_SHA256_KEY] == hashlib.sha256((saved / checkpoint.MANIFEST).read_bytes()).hexdigest()
@@ -156,6 +156,16 @@ def test_format_version_2_still_loads(copied, omni, saved):
     with pytest.raises(CheckpointError, match="is corrupt: its sha256"):
         load(copied, omni.model)
 
+
+
+def test_format_version_3_loads_as_unrotated(copied, omni, saved):
+    """Version 3 is version 4 without a rotation record."""
+    edit_manifest(copied, lambda manifest: manifest.update(format_version=3), resign=True)
+    import torch
+
+    from masq_fx.api import load as api_load
+
+    assert torch.equal(api_load(copied, omni.model).logits(omni.batch), api_load(saved, omni.model).logits(omni.batch))
 
 # ----------------------------------------------------------------------------- 2. the model from the checkpoint
 
