@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from masq_fx.api import apply_all, calibrate, load
 from masq_fx.app.cli import main
-from masq_fx.backends import lower_to_torchao
+from masq_fx.backends import compile_graph, lower_to_torchao
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import capture
 from masq_fx.errors import InputError
@@ -199,13 +199,17 @@ def test_rotated_checkpoint_round_trips_bit_exactly(rotated_omni, tmp_path):
     assert torch.equal(loaded.generate(tiny.batch, max_new_tokens=3), rotated.generate(tiny.batch, max_new_tokens=3))
 
 
-def test_lowered_rotated_model_stays_close(rotated_omni):
+def test_lowered_rotated_model_stays_close_and_compiles(rotated_omni, one_thread):
+    """The entry and online rotations are plain graph modules: they lower and compile (fullgraph) with the rest."""
     tiny, calibrated, _, rotated = rotated_omni
     lowered = rotated.decoder.copy()
     assert not lower_to_torchao(lowered).unlowered
+    sample = calibrated.samples[0]
     with torch.no_grad():
-        reference = rotated.decoder(calibrated.samples[0])
-        assert _relative(lowered(calibrated.samples[0]), reference) < 2e-2
+        reference = rotated.decoder(sample)
+        eager = lowered(sample)
+        assert _relative(eager, reference) < 2e-2
+        assert _relative(compile_graph(lowered.graph_module)(*sample.args()), eager) < 2e-2
 
 
 def test_memory_estimate_counts_each_rotations_weight_copy():
