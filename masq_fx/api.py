@@ -34,6 +34,7 @@ from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
 from masq_fx.calibration import ModalityStats, calibration_tokens, observe
 from masq_fx.calibration.calibrate import STATS
+from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
@@ -248,8 +249,11 @@ def apply_all(
             )
         if recipe.method != "fp":
             recipe.modules.require_match(calibrated.captured.decoder_linears())
-    wanted = set(calibrated.moment_modalities).union(*(r.moment_modalities for r in resolved))
-    moments = tuple(m for m in Modality if m in wanted)
+
+    def site_moments(site: SmoothingGroup) -> tuple[Modality, ...]:  # collected only where a recipe reads them
+        wanted = set(calibrated.moment_modalities).union(*(r.site_moments(site) for r in resolved))
+        return tuple(m for m in Modality if m in wanted)
+
     jobs: dict[int, Job] = {}
     for rotation in dict.fromkeys(r.rotation for r in resolved):  # one float pass per float graph: plain, and each rotation
         floats = calibrated.captured if rotation is None else rotate(calibrated.captured, rotation)
@@ -257,7 +261,7 @@ def apply_all(
         with warnings.catch_warnings():
             if absent:  # said once above, in plain words
                 warnings.simplefilter("ignore", CoverageWarning)
-            run_layerwise(floats, calibrated.samples, list(group.values()), moments, progress=progress)
+            run_layerwise(floats, calibrated.samples, list(group.values()), (), progress=progress, site_moments=site_moments)
             for job in group.values():
                 if extra_steps:
                     Pipeline(extra_steps).run(job.context, progress=False)

@@ -5,8 +5,8 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
 * the decoder inputs of every calibration batch (embeddings, position, modality and attention
   tensors), held from calibration to the last layer;
 * the observers' statistics: per observed site (linears reading one input share one) min, max
-  and absmax tables, kept for every layer, plus a float64 ``d × d`` second moment per modality the
-  recipe collects (:attr:`~masq_fx.recipes.Recipe.moment_modalities`: CMC, GPTQ), held for the
+  and absmax tables, kept for every layer, plus a float64 ``d × d`` second moment per modality a
+  recipe reads there (:meth:`~masq_fx.recipes.Recipe.site_moments`: CMC, GPTQ), held for the
   current layer only (the largest layer's are counted);
 * the calibration streams at one layer boundary: for every batch the float activations entering
   and leaving the layer and, for MAS learning, the quantized ones, each ``rows × seq × hidden``;
@@ -100,8 +100,11 @@ def estimate_calibration_memory(
     moments = tuple(m for m in Modality if any(m in r.moment_modalities for r in recipes))
     tables = NUM_MODALITIES * _INT64  # token counts
     per_layer: dict[int | None, int] = {}
+    moment_sites = 0
     for site, c in zip(captured.groups(), channels):
-        per_layer[site.layer] = per_layer.get(site.layer, 0) + len(moments) * c * c * _FLOAT64
+        kept = len(set().union(*(r.site_moments(site) for r in recipes)))
+        moment_sites += kept > 0
+        per_layer[site.layer] = per_layer.get(site.layer, 0) + kept * c * c * _FLOAT64
     statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 for c in channels) + max(per_layer.values(), default=0)
     streams = (2 + sum(r.method == "mas" for r in recipes)) * tokens * hidden * width
     heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
@@ -114,7 +117,7 @@ def estimate_calibration_memory(
         tokens=tokens,
         decoder_inputs=tokens * per_token,
         statistics=statistics,
-        moment_sites=len(channels) if moments else 0,
+        moment_sites=moment_sites,
         moment_modalities=tuple(moments),
         streams=streams,
         activations=activations,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.errors import InputError, MissingFileError
 from masq_fx.modality import Modality
 from masq_fx.pipeline import Transform
@@ -58,10 +59,21 @@ class Recipe:
 
     @property
     def moment_modalities(self) -> tuple[Modality, ...]:
-        """Modalities whose second moment calibration must collect for this recipe."""
+        """Modalities whose second moment calibration must collect for this recipe (at some site)."""
         if self.gptq is not None:
             return tuple(Modality)
         return (Modality.VISION, Modality.AUDIO) if self.cmc is not None else ()
+
+    def site_moments(self, site: SmoothingGroup) -> tuple[Modality, ...]:
+        """The second moments this recipe reads at one linear site: every modality's where GPTQ solves its
+        weights; vision's and audio's where CMC compensates (per-modality smoothing rows: a smoothed kind);
+        none elsewhere (e.g. down_proj under MAS + CMC, which is not smoothed by default)."""
+        if self.method == "fp" or not any(self.modules(name) for name in site.linears):
+            return ()
+        if self.gptq is not None:
+            return tuple(Modality)
+        compensated = self.cmc is not None and self.smoothing.per_modality and site.kind in self.smoothing.kinds
+        return (Modality.VISION, Modality.AUDIO) if compensated else ()
 
     @property
     def modality_aware(self) -> bool:

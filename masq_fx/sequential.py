@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from masq_fx.calibration.calibrate import STATS, InsertObservers, collect_stats, remove_observers
+from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.layers import PRE, Env, Segments, advance, start
 from masq_fx.modality import Modality
@@ -58,10 +59,12 @@ def run_layerwise(
     jobs: Sequence[Job],
     moment_modalities: tuple[Modality, ...],
     progress: bool = True,
+    site_moments: Callable[[SmoothingGroup], Iterable[Modality]] | None = None,
 ) -> None:
     """Run every job's steps layer by layer on its context, calibrating on ``samples`` once for all.
 
-    ``float_capture`` is read, never transformed. Each job's steps are validated first (statistics and
+    Second moments of ``moment_modalities`` are collected at every site, or of ``site_moments(site)`` where
+    given. ``float_capture`` is read, never transformed. Each job's steps are validated first (statistics and
     calibration data count as available); afterwards each context holds every layer's statistics
     without second moments, and its history the steps' total times.
     """
@@ -76,7 +79,7 @@ def run_layerwise(
         float_envs = [advance(env, pre.run(env), PRE, float_last) for env in map(start, samples)]
     quantized: list[list[Env] | None] = [[dict(env) for env in float_envs] if job.quantized_stream else None for job in jobs]
     seconds: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
-    observe = InsertObservers(moment_modalities)
+    observe = InsertObservers(moment_modalities, site_moments=site_moments)
     bar = tqdm(range(float_capture.num_layers), desc="layers", unit="layer", disable=not progress)
     for layer in bar:
         began = time.perf_counter()

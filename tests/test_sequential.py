@@ -25,6 +25,8 @@ from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import PRESETS, preset, recipe_steps
 from masq_fx.sequential import Job, run_layerwise
 from masq_fx.transforms.cmc import CMCConfig
+from masq_fx.transforms.gptq import GPTQConfig
+from masq_fx.transforms.quantize import ModuleFilter
 
 #: recipes whose statistics come from the float model only: the sequential result is the whole-graph one
 SAME_MATH = {
@@ -171,3 +173,32 @@ def test_peak_memory_does_not_grow_with_the_layers_beyond_their_own_share(tmp_pa
     moments_per_layer = 3 * (3 * 512**2 + 2048**2) * 8 / 2**20
     per_extra_layer = (growth(16) - growth(8)) / 8
     assert per_extra_layer < 0.25 * moments_per_layer, (per_extra_layer, moments_per_layer)
+
+
+@dataclass
+class _MomentProbe:
+    """A layer-wise step that records which modalities' second moments each of the layer's linears has."""
+
+    seen: dict[str, tuple]
+    name: str = "moment_probe"
+    requires: tuple = (STATS,)
+    provides: tuple = ()
+
+    def __call__(self, gm, context: Context):
+        self.seen.update({name: tuple(s.moments) for name, s in context.stats.items() if context.in_scope(name)})
+        return gm
+
+
+def test_second_moments_are_collected_only_where_a_recipe_reads_them(calibrated):
+    """MAS-init + CMC reads vision/audio moments at the smoothed sites only (not down_proj); GPTQ every modality's
+    at every quantized site; a module filter's unquantized linears need none."""
+    cmc = replace(preset("mas-init", 4, 8), cmc=CMCConfig(rank=2), modules=ModuleFilter(exclude=(r"layers\.0\..*",)))
+    seen: dict[str, tuple] = {}
+    job = Job(Context(calibrated.captured.copy(), calibrated.samples), [_MomentProbe(seen)])
+    run_layerwise(calibrated.captured, calibrated.samples, [job], (), progress=False, site_moments=cmc.site_moments)
+    for name, moments in seen.items():
+        wanted = () if name.startswith("layers.0.") or name.endswith("down_proj") else (Modality.VISION, Modality.AUDIO)
+        assert moments == wanted, name
+    gptq = replace(preset("rtn", 4, 8), gptq=GPTQConfig())
+    assert all(gptq.site_moments(site) == tuple(Modality) for site in calibrated.captured.groups())
+    assert preset("rtn", 8, 8).site_moments(calibrated.captured.groups()[0]) == ()

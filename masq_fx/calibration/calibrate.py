@@ -11,7 +11,7 @@ float64) whatever the model's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from masq_fx.calibration.observer import ModalityObserver
 from masq_fx.calibration.stats import ModalityStats
+from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import MODULE_KEY
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
@@ -36,11 +37,14 @@ class InsertObservers:
     """Insert a modality-partitioned observer on the input of every decoder linear.
 
     ``moment_modalities``: modalities whose second moment ``Σ xᵀx`` is tracked (the CMC
-    whitening needs the non-text ones). ``include_head``: observe ``lm_head``'s input too.
+    whitening needs the non-text ones); ``site_moments``, if given, names them per site instead (only
+    where a step reads them: a ``d × d`` float64 matrix per site and modality is the bulk of calibration
+    memory). ``include_head``: observe ``lm_head``'s input too.
     """
 
     moment_modalities: tuple[Modality, ...] = (Modality.VISION, Modality.AUDIO)
     include_head: bool = False
+    site_moments: Callable[[SmoothingGroup], Iterable[Modality]] | None = None
     name: str = "insert_observers"
     requires: tuple[Capability, ...] = (GRAPH,)
     provides: tuple[Capability, ...] = (OBSERVERS,)
@@ -57,7 +61,8 @@ class InsertObservers:
             tensor = nodes[site.linears[0]].args[0]
             assert isinstance(tensor, fx.Node)
             target = f"{OBSERVER_PREFIX}{index}"
-            gm.add_submodule(target, ModalityObserver(self.moment_modalities))
+            moments = self.moment_modalities if self.site_moments is None else self.site_moments(site)
+            gm.add_submodule(target, ModalityObserver(moments))
             with graph.inserting_after(tensor):
                 observer = graph.call_module(target, (tensor, placeholders["modality_ids"], placeholders["attention_mask"]))
             observer.meta[_SITES_KEY] = site.linears
