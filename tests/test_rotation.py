@@ -25,6 +25,7 @@ from masq_fx.memory import estimate_calibration_memory
 from masq_fx.models import adapter_for
 from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.nn.hadamard import Rotation, paley, sylvester
+from masq_fx.nn.quant_linear import quantizers_off
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset
 from masq_fx.transforms.rotation import Rotate, RotationConfig, apply_rotation, plan_rotation, rotate, rotation_record
@@ -232,3 +233,10 @@ def test_cli_rotates_the_recipe_and_the_checkpoint_reloads(tmp_path, capsys):
     quantized = float(capsys.readouterr().out.strip().splitlines()[-2].split()[-1])
     assert main(["eval", str(out), "--model", tiny]) == 0
     assert float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1]) == pytest.approx(quantized, abs=1e-3)
+
+
+def test_rotated_quantized_model_with_quantizers_off_is_the_float_model(rotated_omni):
+    tiny, calibrated, _, rotated = rotated_omni
+    sample = calibrated.samples[0]
+    with torch.no_grad(), quantizers_off(rotated.decoder.graph_module):
+        assert _relative(rotated.decoder(sample), calibrated.captured(sample)) <= FLOAT_RTOL
