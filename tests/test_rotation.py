@@ -108,7 +108,7 @@ def test_rotations_leave_the_float_logits_unchanged(family, config):
     assert (len(plan.heads), len(plan.online)) == (captured.num_layers * config.heads, captured.num_layers * config.down)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2.5-vl", "qwen2.5-omni-thinker", "qwen3-vl"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_rotations_leave_the_cached_graph_unchanged(family):
     """The plan found on the prefill graph, applied to the KV-cache graph: the same logits, prefill and decode."""
     tiny, captured, inputs, _ = _family(family)
