@@ -72,14 +72,14 @@ def smollm2_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, dic
     model, tokenizer = load_smollm2()
     adapter = adapter_for(model)
     evaluation = token_windows(tokenizer, "evaluation", window=512, count=args.windows)
-    pool = token_windows(tokenizer, "calibration", window=256, count=args.calib_samples * args.seeds)
+    pool = token_windows(tokenizer, "calibration", window=256, count=args.calib_samples * (args.first_seed + args.seeds))
     rows = recipes(methods, text_only=True)
     results: dict[str, dict[str, list[float]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         windows = pool[seed * args.calib_samples : (seed + 1) * args.calib_samples]
         batches = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
         calibrated = calibrate(model, batches, [r for _, r in rows], progress=False)
-        if seed == 0:
+        if "FP32" not in results:
             results["FP32"] = {"perplexity": [perplexity(calibrated.captured, adapter, evaluation)]}
         start = time.perf_counter()
         quantized = apply_all(calibrated, [r for _, r in rows], progress=True)
@@ -106,13 +106,13 @@ def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, di
 
     rows = recipes(methods, text_only=False)
     results: dict[str, dict[str, list[float]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         draw = random.Random(seed)
         groups = [draw.sample(shipped.samples(m), args.calib_samples) for m in ("vision", "audio", "text")]
         samples = [s for row in zip(*groups) for s in row]
         batches = [processor(samples[i : i + 8]) for i in range(0, len(samples), 8)]
         calibrated = calibrate(model, batches, [r for _, r in rows], progress=False)
-        if seed == 0:
+        if "FP32" not in results:
             results["FP32"] = {k: [v] for k, v in evaluate(calibrated.captured).items()}
         start = time.perf_counter()
         quantized = apply_all(calibrated, [r for _, r in rows], progress=True)
@@ -145,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="smollm2,trimodal")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds - 1 (split a long run over processes)")
     parser.add_argument("--methods", default="rtn,smoothquant,mas-init,mas,masquant-w4a8,w4a16", help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--calib-samples", type=int, default=16, help="SmolLM2: 256-token windows; tri-modal: samples per modality")
     parser.add_argument("--windows", type=int, default=4, help="512-token evaluation windows")
