@@ -13,7 +13,8 @@ method's mean and sample standard deviation over the seeds are printed, so close
 Methods, at W4A8 with GPTQ on the weights (``--methods``): RTN, SmoothQuant (tied), MAS-init, MAS (learned),
 the ``masquant-w4a8`` preset (MAS learned with clipping + GPTQ + CMC; tri-modal only, since SmolLM2 has only
 text, where CMC has nothing to compensate); and W4A16 (g64, GPTQ: weights alone, the floor activation methods
-cannot beat); ``w4a4`` (not in the default list): RTN W4A4 with GPTQ, the stretch setting. Each with no rotation and with ``RotationConfig()`` (residual + heads + online down_proj
+cannot beat); ``mas-clip`` (not in the default list): MAS learned with
+clipping + GPTQ, ``masquant-w4a8`` without CMC; ``w4a4`` (not in the default list): RTN W4A4 with GPTQ, the stretch setting. Each with no rotation and with ``RotationConfig()`` (residual + heads + online down_proj
 Hadamard; the rotated recipes calibrate on the rotated float graph, one extra float pass per seed).
 
 Run: ``.venv/bin/python benchmarks/rotation.py`` (about an hour on 2 cores; ``--parts smollm2 --seeds 1`` ~10 min).
@@ -44,6 +45,7 @@ METHODS = {
     "smoothquant": "SmoothQuant (tied)",
     "mas-init": "MAS-init",
     "mas": "MAS (learned)",
+    "mas-clip": "MAS + learned clipping",
     "masquant-w4a8": "masquant-w4a8 (MAS+clip+CMC)",
     "w4a16": "W4A16 g64 (weights only)",
     "w4a4": "RTN W4A4 (stretch)",
@@ -60,6 +62,9 @@ def recipes(methods: list[str], text_only: bool) -> list[tuple[str, Recipe]]:
             recipe = PRESETS["masquant-w4a8"]
         elif method == "w4a16":
             recipe = replace(preset("rtn", 4, 16), gptq=GPTQConfig())
+        elif method == "mas-clip":  # masquant-w4a8 without CMC and its own-channel tie: the text-only counterpart
+            recipe = preset("mas", 4, 8)
+            recipe = replace(recipe, learning=replace(recipe.learning, learn_clipping=True), gptq=GPTQConfig())
         elif method == "w4a4":
             recipe = replace(preset("rtn", 4, 4), gptq=GPTQConfig())
         else:
