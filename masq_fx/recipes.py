@@ -244,16 +244,19 @@ def _masquant_w4(abits: int) -> Recipe:
 
 #: named recipes. ``masquant-*`` learn per-modality scales; at 4 bits they also learn weight clipping,
 #: solve the weights with GPTQ and keep one stored weight plus CMC branches (each measured to help on
-#: the tri-modal model and SmolLM2; README "Measured"). ``masquant-w4a8-paper`` is the paper's method as
-#: the official code runs it (:func:`_paper_w4a8`), for reproduction.
+#: the tri-modal model and SmolLM2; README "Measured"); ``masquant-w4a8`` runs on the Hadamard-rotated
+#: float graph (``benchmarks/rotation.py``: rotation lifts every W4A8 method there). ``quarot-w4a8`` is the
+#: modality-blind rotation baseline (RTN + GPTQ on the rotated graph). ``masquant-w4a8-paper`` is the
+#: paper's method as the official code runs it (:func:`_paper_w4a8`), for reproduction.
 #: After ``lower()`` W8A8 and W4A8 run on torchao int8 kernels, W4A16 on the int4 CPU kernel; W4A6 stays reference numerics.
 PRESETS: dict[str, Recipe] = {
     "rtn-w8a8": preset("rtn", 8, 8),
     "smoothquant-w8a8": preset("smoothquant", 8, 8),
     "smoothquant-w4a8": preset("smoothquant", 4, 8),
     "smoothquant-w4a8-gptq": replace(preset("smoothquant", 4, 8), gptq=GPTQConfig()),
+    "quarot-w4a8": replace(preset("rtn", 4, 8), gptq=GPTQConfig(), rotation=RotationConfig()),
     "masquant-w8a8": preset("mas", 8, 8),
-    "masquant-w4a8": _masquant_w4(8),
+    "masquant-w4a8": replace(_masquant_w4(8), rotation=RotationConfig()),
     "masquant-w4a6": _masquant_w4(6),
     "masquant-w4a16": _masquant_w4(16),
     "masquant-w4a8-paper": _paper_w4a8(),

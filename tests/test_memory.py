@@ -48,7 +48,7 @@ def test_inputs_and_statistics_are_estimated_exactly(omni, recipe, one_thread):
     assert estimate.moment_sites == (len(stats) if recipe.moment_modalities else 0)
     stream = sum(s.inputs_embeds.numel() * s.inputs_embeds.element_size() for s in samples)
     assert estimate.streams == (3 if recipe.method == "mas" else 2) * stream
-    assert estimate.total == estimate.decoder_inputs + estimate.statistics + estimate.streams + estimate.activations
+    assert estimate.total == estimate.decoder_inputs + estimate.statistics + estimate.streams + estimate.activations + estimate.rotated_weights
 
 
 def test_too_little_memory_is_refused_with_what_to_lower(omni):

@@ -72,7 +72,7 @@ def test_multimodal_report_has_every_section(omni_quantized, omni_report, tmp_pa
         assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
     markdown = path.read_text()
     assert markdown.startswith("# tiny Omni thinker\n")
-    assert "## Recipe: mas W4A8 +clip +tied +GPTQ +CMC\n" in markdown and omni_quantized.recipe.label == "mas W4A8 +clip +tied +GPTQ +CMC"
+    assert "## Recipe: mas W4A8 +clip +tied +GPTQ +CMC +rot\n" in markdown and omni_quantized.recipe.label == "mas W4A8 +clip +tied +GPTQ +CMC +rot"
     assert f"![per-layer output SQNR per modality]({PLOT_FILE})" in markdown
 
     sqnr = section(markdown, "Per-layer output SQNR")
