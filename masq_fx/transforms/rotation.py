@@ -251,7 +251,8 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
             new[path] = value(path) @ rotation.matrix()
     for path, tensor in new.items():
         record.produced[path] = _set(gm, path, tensor)
-    _insert_nodes(gm, record, {name: (linears[name], rotation) for name, rotation in online.items()})
+    device = _get(gm, _weight_paths(linears[plan.readers[0][0]])[0]).device  # the graph runs where its weights are
+    _insert_nodes(gm, record, {name: (linears[name], rotation) for name, rotation in online.items()}, device)
     return record
 
 
@@ -264,9 +265,8 @@ def _set(gm: fx.GraphModule, path: str, tensor: Tensor) -> nn.Parameter:
     return parameter
 
 
-def _insert_nodes(gm: fx.GraphModule, record: RotationRecord, online: Mapping[str, tuple[fx.Node, Rotation]]) -> None:
-    """The entry node after ``inputs_embeds`` and an online rotation node before each of ``online``'s linears."""
-    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+def _insert_nodes(gm: fx.GraphModule, record: RotationRecord, online: Mapping[str, tuple[fx.Node, Rotation]], device: torch.device) -> None:
+    """The entry node after ``inputs_embeds`` and an online rotation node before each of ``online``'s linears (on ``device``)."""
     gm.add_submodule(RECORD, record.to(device))
     embeds = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "inputs_embeds")
     with gm.graph.inserting_after(embeds):
