@@ -44,7 +44,6 @@ aten = torch.ops.aten
 ROTATED = Capability.ROTATED
 RECORD = "masq_fx_rotation"
 _ONLINE_PREFIX = "masq_fx_online_rotation_"
-_ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention})
 #: ops a value head passes through between v_proj and attention (reshapes, GQA's repeat)
 _VALUE_PATH = PASSTHROUGH | {aten.expand, aten.slice, aten.repeat, aten.repeat_interleave}
 
@@ -207,7 +206,8 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
     if missing:
         raise ValueError(f"the graph has no float linear {sorted(missing)[0]}: capture the model the rotation was planned on")
     skipped = set(skip)
-    q = record.matrix() if config.residual else None
+    # x·Q on the rows of a float64 matrix through the rotation's Kronecker factors: n·Σ s_i per row, not n²
+    residual = (lambda rows: Rotation.forward(record, rows)) if config.residual else None
     h = Rotation(plan.head_dim, config.kind, config.seed + 1).matrix() if config.heads else None
     new: dict[str, Tensor] = {}  # graph path → float64 value
 
@@ -221,15 +221,15 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
         w = value(path)
         if norm is not None:
             w = w * _get(gm, norm).detach().double()[None, :]
-        new[path] = w if q is None else w @ q
-    if q is not None:
+        new[path] = w if residual is None else residual(w)  # W Q
+    if residual is not None:
         for name in plan.writers:
             if name in skipped:
                 continue
             path, bias = _weight_paths(linears[name])
-            new[path] = q.T @ value(path)
+            new[path] = residual(value(path).T).T  # Qᵀ W
             if bias is not None:
-                new[bias] = value(bias) @ q
+                new[bias] = residual(value(bias))
     if h is not None:
         for v_name, o_name in plan.heads:
             if v_name not in skipped:
@@ -244,11 +244,13 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
                 new[path] = (w.reshape(w.shape[0], -1, plan.head_dim) @ h).reshape(w.shape)
     for path in plan.norms:
         new[path] = torch.ones_like(_get(gm, path), dtype=torch.float64)
-    online = {name: Rotation(int(_get(gm, _weight_paths(linears[name])[0]).shape[1]), config.kind, config.seed + 2) for name in plan.online}
+    widths = {name: int(_get(gm, _weight_paths(linears[name])[0]).shape[1]) for name in plan.online}
+    by_width = {width: Rotation(width, config.kind, config.seed + 2) for width in set(widths.values())}  # shared by the layers
+    online = {name: by_width[width] for name, width in widths.items()}
     for name, rotation in online.items():
         if name not in skipped:
             path, _ = _weight_paths(linears[name])
-            new[path] = value(path) @ rotation.matrix()
+            new[path] = rotation(value(path))  # W H
     for path, tensor in new.items():
         record.produced[path] = _set(gm, path, tensor)
     device = _get(gm, _weight_paths(linears[plan.readers[0][0]])[0]).device  # the graph runs where its weights are
