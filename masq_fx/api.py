@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from masq_fx import checkpoint
 from masq_fx.backends import CompiledGraph, LoweringReport, compile_graph, lower_to_torchao
+from masq_fx.backends.sparse import lower_sparse
 from masq_fx.calibration import ModalityStats, calibration_tokens, observe
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.capture.dataflow import SmoothingGroup
@@ -45,7 +46,9 @@ from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
 from masq_fx.sequential import Job, run_layerwise
+from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.rotation import rotate
+from masq_fx.transforms.sparsity import sparsify
 
 Batch = Mapping[str, Tensor]
 
@@ -84,9 +87,11 @@ class QuantizedModel:
 
     def lower(self) -> LoweringReport:
         """Move the quantized linears onto integer kernels (torchao int8 for W8A8/W4A8, the int4 CPU kernel for W4A16);
-        others stay reference, with a warning."""
+        others stay reference, with a warning. Float linears reading a sparsifier go to the sparse-input kernel."""
         if self.lowering is None:
-            self.lowering = lower_to_torchao(self.decoder)
+            quantized = any(True for _ in quant_linears(self.decoder.graph_module))
+            self.lowering = lower_to_torchao(self.decoder) if quantized else LoweringReport()
+            self.lowering.sparse = lower_sparse(self.decoder)
             self._cached.clear()
             self._compiled.clear()
         return self.lowering
@@ -96,8 +101,10 @@ class QuantizedModel:
         key = (batch_size, max_cache_len)
         if key not in self._cached:
             cached = capture_cached(self.model, batch_size, max_cache_len)
-            if self.recipe.method != "fp":
+            if self.recipe.method != "fp" or self.recipe.sparsity is not None:
                 transplant(self.decoder, cached)
+            if self.lowering is not None:
+                lower_sparse(cached)  # the replayed sparsifiers' readers onto the sparse-input kernel
             self._cached[key] = cached
         return self._cached[key]
 
@@ -255,9 +262,14 @@ def apply_all(
         return tuple(m for m in Modality if m in wanted)
 
     jobs: dict[int, Job] = {}
-    for rotation in dict.fromkeys(r.rotation for r in resolved):  # one float pass per float graph: plain, and each rotation
-        floats = calibrated.captured if rotation is None else rotate(calibrated.captured, rotation)
-        group = {i: Job(Context(floats.copy(), calibrated.samples), recipe_steps(r, progress=False)) for i, r in enumerate(resolved) if r.rotation == rotation}
+    for rotation, sparsity in dict.fromkeys((r.rotation, r.sparsity) for r in resolved):  # one float pass per float graph
+        floats = calibrated.captured
+        if rotation is not None:
+            floats = rotate(floats, rotation)
+        if sparsity is not None:
+            floats = sparsify(floats, sparsity, calibrated.samples, progress=progress)
+        chosen = {i: r for i, r in enumerate(resolved) if (r.rotation, r.sparsity) == (rotation, sparsity)}
+        group = {i: Job(Context(floats.copy(), calibrated.samples), recipe_steps(r, progress=False)) for i, r in chosen.items()}
         with warnings.catch_warnings():
             if absent:  # said once above, in plain words
                 warnings.simplefilter("ignore", CoverageWarning)

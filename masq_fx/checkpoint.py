@@ -44,7 +44,7 @@ the content hashes of the calibration samples when known, see :mod:`masq_fx.data
 eval/generate/bench`` reload); ``graph``: per linear its shape, ``state``
 (:meth:`QuantLinearState.to_dict <masq_fx.nn.quant_linear.QuantLinearState.to_dict>`: quantizer
 configs, static activation scale, stored weight rows, flags), table key, stored and branch rows and
-``branch_bits``; the routers; the replaced graph attributes; ``rotation`` (format 4, rotated graphs only). The same
+``branch_bits``; the routers; the replaced graph attributes; ``rotation`` (format 4, rotated graphs only); ``sparsity`` (format 5, sparsified graphs only). The same
 inputs and seed give the same bytes.
 
 Integrity: ``manifest.json`` and ``quantized.safetensors`` vouch for each other. The manifest records
@@ -55,7 +55,11 @@ An edited manifest (e.g. a linear's activation bits changed by hand) is refused 
 would otherwise load silently with other numerics; records that disagree with the tensors or the
 model (shapes, bit widths) are refused too, before anything is replayed.
 
-Format versions: 4 (this one): ``graph.rotation`` records the float graph's rotation (its
+Format versions: 5 (this one): ``graph.sparsity`` records the float graph's activation sparsity (its
+:class:`~masq_fx.transforms.sparsity.SparsityConfig` and :class:`~masq_fx.transforms.sparsity.SparsityPlan`;
+the LaRoSA bases and TEAL thresholds are the tensors ``sparsity/bases`` and ``sparsity/thresholds``), re-applied
+like the rotation; a sparsified float model (method ``fp``) has no linear records. Version 4 is version 5 without
+sparsity (read as is): ``graph.rotation`` records the float graph's rotation (its
 :class:`~masq_fx.transforms.rotation.RotationConfig` and :class:`~masq_fx.transforms.rotation.RotationPlan`),
 which :func:`load` re-applies to the fresh capture before replaying; version 3 is version 4 with no
 rotation (read as is). Version 2 is version 3 without the manifest hash: its ``tensors``
@@ -96,6 +100,7 @@ from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
 from masq_fx.recipes import Recipe
 from masq_fx.replay import GraphEdits, LinearRecord, Router, check_float_weights, graph_edits, replay
 from masq_fx.transforms.rotation import RotationConfig, RotationPlan
+from masq_fx.transforms.sparsity import SparsityConfig, SparsityPlan, SparsityRecord
 
 if TYPE_CHECKING:
     from masq_fx.pipeline import Context
@@ -117,7 +122,7 @@ __all__ = [
 ]
 
 FORMAT = "masq_fx.checkpoint"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 TENSORS = "quantized.safetensors"
 MANIFEST = "manifest.json"
 #: key of the safetensors ``__metadata__`` entry holding the sha256 of ``manifest.json``'s bytes (format 3)
@@ -281,8 +286,8 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
             f"the graph's {lowered[0]} is no QuantLinear (lowered to a backend?): save the reference "
             "graph, before lower_to_torchao, and lower the loaded one"
         )
-    if not edits.linears:
-        raise CheckpointError("the graph has no QuantLinears: nothing to save (run a quantization recipe first)")
+    if not edits.linears and edits.sparsity is None:
+        raise CheckpointError("the graph has no QuantLinears and no sparsifiers: nothing to save (run a recipe first)")
     try:
         check_float_weights(gm, adapter_for(model))
     except ValueError as error:
@@ -306,6 +311,10 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
     if edits.rotation is not None:
         config, plan = edits.rotation
         graph["rotation"] = {"config": asdict(config), "plan": plan.to_dict()}
+    if edits.sparsity is not None:
+        graph["sparsity"] = {"config": edits.sparsity.config.to_dict(), "plan": edits.sparsity.plan.to_dict()}
+        tensors["sparsity/bases"] = edits.sparsity.bases.detach().clone()
+        tensors["sparsity/thresholds"] = edits.sparsity.thresholds.detach().clone()
     return _Collected(tensors, graph)
 
 
@@ -599,7 +608,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     expected = {n.meta[MODULE_KEY] for n in captured.graph_module.graph.nodes if MODULE_KEY in n.meta and is_linear(n)}
     if not graph["include_head"]:
         expected.discard(_HEAD)
-    if expected != set(graph["linears"]):
+    if (graph["linears"] or "sparsity" not in graph) and expected != set(graph["linears"]):
         raise CheckpointError(
             f"the captured graph's linears ({len(expected)}) do not match the checkpoint's ({len(graph['linears'])}): "
             "load it with the masq_fx and transformers versions in its manifest"
@@ -697,6 +706,7 @@ def _graph_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdit
         ],
         attributes={path: tensors[f"graph/{path}"] for path in graph["replaced"]},
         rotation=_rotation(graph.get("rotation")),
+        sparsity=_sparsity(graph.get("sparsity"), tensors),
     )
 
 
@@ -708,6 +718,21 @@ def _rotation(record: dict[str, Any] | None) -> tuple[RotationConfig, RotationPl
         return RotationConfig(**record["config"]), RotationPlan.from_dict(record["plan"])
     except (KeyError, TypeError, ValueError, InputError) as error:
         raise CheckpointError(f"the manifest's rotation record is malformed ({error}); save the checkpoint again") from None
+
+
+def _sparsity(record: dict[str, Any] | None, tensors: dict[str, Tensor]) -> SparsityRecord | None:
+    """The manifest's sparsity record with its bases and thresholds (format 5; ``None``: the graph is dense)."""
+    if record is None:
+        return None
+    try:
+        config, plan = SparsityConfig.from_dict(record["config"]), SparsityPlan.from_dict(record["plan"])
+        bases, thresholds = tensors["sparsity/bases"], tensors["sparsity/thresholds"]
+    except (KeyError, TypeError, ValueError, InputError) as error:
+        raise CheckpointError(f"the manifest's sparsity record is malformed ({error}); save the checkpoint again") from None
+    count = len(set(dict(plan.bases).values()))
+    if (plan.roles is not None and bases.shape[0] != count) or (plan.roles is None and thresholds.shape != (len(plan.sites),)):
+        raise CheckpointError(f"the sparsity tables ({list(bases.shape)}, {list(thresholds.shape)}) do not match its plan; save the checkpoint again")
+    return SparsityRecord(config, plan, bases, thresholds)
 
 
 def _scale_tables(tensors: dict[str, Tensor]) -> dict[str, nn.Parameter]:

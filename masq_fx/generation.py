@@ -176,8 +176,8 @@ def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDeco
     """
     source = transformed.graph_module if isinstance(transformed, CapturedDecoder) else transformed
     edits = graph_edits(source, cached.adapter)
-    if not edits.linears:
-        raise ValueError("the transformed graph has no module-level edits (QuantLinears): nothing to transplant")
+    if not edits.linears and edits.sparsity is None:
+        raise ValueError("the transformed graph has no module-level edits (QuantLinears, sparsifiers): nothing to transplant")
     gm = cached.graph_module
     installed = replay(gm, edits)
     positions = set(position_placeholders(source))

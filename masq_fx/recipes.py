@@ -34,6 +34,7 @@ from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights
 from masq_fx.transforms.mas import LearnMAS, MASLearningConfig
 from masq_fx.transforms.quantize import ModuleFilter
 from masq_fx.transforms.rotation import RotationConfig
+from masq_fx.transforms.sparsity import SparsityConfig
 
 Method = Literal["fp", "rtn", "smoothquant", "mas-init", "mas"]
 #: version of :meth:`Recipe.to_dict`'s layout; bumped whenever a field is renamed, removed or changes meaning
@@ -56,6 +57,9 @@ class Recipe:
     modules: ModuleFilter = field(default_factory=ModuleFilter)
     #: rotations of the float graph before calibration (None: none); the other steps run on the rotated graph
     rotation: RotationConfig | None = None
+    #: activation sparsity of the float graph before calibration (LaRoSA, TEAL; None: dense); with method
+    #: ``"fp"`` the sparsified float model is the result
+    sparsity: SparsityConfig | None = None
 
     @property
     def moment_modalities(self) -> tuple[Modality, ...]:
@@ -84,8 +88,11 @@ class Recipe:
     @property
     def label(self) -> str:
         """Short name, e.g. ``mas W4A8 +clip +GPTQ +CMC`` or ``smoothquant W4A16 g64 +GPTQ``."""
+        sparse = "" if self.sparsity is None else f" +{self.sparsity.method} {self.sparsity.target:.0%}"
+        if self.sparsity is not None and self.sparsity.levels is not None:
+            sparse = f" +{self.sparsity.method} {self.sparsity.levels[0]:.0%}/{self.sparsity.levels[1]:.0%}"
         if self.method == "fp":
-            return "fp (not quantized)"
+            return "fp (not quantized)" if not sparse else f"fp{sparse}"
         label = f"{self.method} W{self.weight.bits}A{16 if self.activation is None else self.activation.bits}"
         if self.weight.group_size is not None:
             label += f" g{self.weight.group_size}"
@@ -99,7 +106,7 @@ class Recipe:
             label += " +CMC"
         if self.rotation is not None:
             label += " +rot"
-        return label
+        return label + sparse
 
     def __post_init__(self) -> None:
         if self.method not in ("fp", "rtn", "smoothquant", "mas-init", "mas"):
@@ -108,6 +115,8 @@ class Recipe:
             raise InputError("GPTQ needs quantized weights: pick a method other than 'fp'")
         if self.rotation is not None and self.method == "fp":
             raise InputError("a rotation alone changes no numbers: pick a quantization method, or drop the rotation")
+        if self.rotation is not None and self.sparsity is not None:
+            raise InputError("rotation and sparsity both rotate the residual stream: drop one (LaRoSA brings its own rotations)")
         if self.cmc is not None and self.method not in ("mas-init", "mas"):
             raise InputError("cross-modal compensation applies to MAS scales: use method 'mas' or 'mas-init'")
         if self.method == "mas" and self.learning.own_channels_in_loop and (self.cmc is None or self.cmc.own_channels is None):
@@ -152,6 +161,7 @@ class Recipe:
             gptq=section("gptq", GPTQConfig),
             modules=section("modules", ModuleFilter),
             rotation=section("rotation", RotationConfig),
+            sparsity=section("sparsity", SparsityConfig),
         )
 
 
@@ -247,7 +257,8 @@ def _masquant_w4(abits: int) -> Recipe:
 #: the tri-modal model and SmolLM2; README "Measured"); ``masquant-w4a8`` runs on the Hadamard-rotated
 #: float graph (``benchmarks/rotation.py``: rotation lifts every W4A8 method there). ``quarot-w4a8`` is the
 #: modality-blind rotation baseline (RTN + GPTQ on the rotated graph). ``masquant-w4a8-paper`` is the
-#: paper's method as the official code runs it (:func:`_paper_w4a8`), for reproduction.
+#: paper's method as the official code runs it (:func:`_paper_w4a8`), for reproduction. ``larosa-*`` and ``teal-*``
+#: sparsify the float model's activations (the number: the model-level sparsity in percent), quantizing nothing.
 #: After ``lower()`` W8A8 and W4A8 run on torchao int8 kernels, W4A16 on the int4 CPU kernel; W4A6 stays reference numerics.
 PRESETS: dict[str, Recipe] = {
     "rtn-w8a8": preset("rtn", 8, 8),
@@ -260,6 +271,7 @@ PRESETS: dict[str, Recipe] = {
     "masquant-w4a6": _masquant_w4(6),
     "masquant-w4a16": _masquant_w4(16),
     "masquant-w4a8-paper": _paper_w4a8(),
+    **{f"{method}-{level}": Recipe("fp", sparsity=SparsityConfig(method, level / 100)) for method in ("larosa", "teal") for level in (25, 40, 50)},
 }
 RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
 

@@ -31,6 +31,7 @@ from masq_fx.nn.routing import insert_routers, routers
 from masq_fx.quantizers import QuantizedWeight
 from masq_fx.transforms.prepare import float_linear, install_linear
 from masq_fx.transforms.rotation import RotationConfig, RotationPlan, apply_rotation, is_produced, rotation_record
+from masq_fx.transforms.sparsity import SparsityRecord, apply_sparsity, sparsity_record
 
 __all__ = ["GraphEdits", "LinearRecord", "Router", "check_float_weights", "graph_edits", "replaced_attributes", "replay"]
 
@@ -100,6 +101,8 @@ class GraphEdits:
     attributes: dict[str, Tensor] = field(default_factory=dict)
     #: the float graph's rotation, re-applied before anything else (``None``: not rotated)
     rotation: tuple[RotationConfig, RotationPlan] | None = None
+    #: the float graph's sparsification (LaRoSA, TEAL), likewise (``None``: dense)
+    sparsity: SparsityRecord | None = None
 
 
 def _owners(adapter: ModelAdapter) -> dict[str, nn.Module]:
@@ -119,7 +122,8 @@ def _model_tensor(owners: Mapping[str, nn.Module], path: str) -> Tensor | None:
 def replaced_attributes(gm: fx.GraphModule, adapter: ModelAdapter) -> dict[str, Tensor]:
     """Graph parameters and buffers, outside the graph's modules (linears, routers, rotations), that differ from the
     model's, or from what the graph's rotation produced (sorted paths)."""
-    skip = tuple(f"{node.target}." for node in gm.graph.find_nodes(op="call_module"))
+    records = [f"{name}." for name, module in gm.named_children() if hasattr(module, "produced")]  # rotation, sparsity tables
+    skip = (*(f"{node.target}." for node in gm.graph.find_nodes(op="call_module")), *records)
     owners = _owners(adapter)
     replaced = {}
     for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
@@ -151,6 +155,7 @@ def graph_edits(gm: fx.GraphModule, adapter: ModelAdapter) -> GraphEdits:
         routers=[Router(tuple(readers), router.scales, router.row_of_modality) for router, readers in routers(gm)],
         attributes=replaced_attributes(gm, adapter),
         rotation=None if record is None else (record.config, record.plan),
+        sparsity=sparsity_record(gm),
     )
 
 
@@ -159,9 +164,11 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
 
     Raises ``ValueError`` naming what does not match (a linear or attribute the capture lacks).
     """
+    live = [name for name, module in edits.linears.items() if not isinstance(module, LinearRecord)]
     if edits.rotation is not None:  # live modules are rotated already: only records need rotated float weights
-        live = [name for name, module in edits.linears.items() if not isinstance(module, LinearRecord)]
         apply_rotation(gm, *edits.rotation, skip=live)
+    if edits.sparsity is not None:
+        apply_sparsity(gm, edits.sparsity, skip=live)
     for path, value in edits.attributes.items():
         _set_attribute(gm, path, value)
     modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")

@@ -76,7 +76,7 @@ def test_the_manifest_hash_is_recorded_and_saving_stays_deterministic(saved, tmp
     from masq_fx.api import quantize
 
     manifest = read_manifest(saved)
-    assert manifest["format_version"] == checkpoint.FORMAT_VERSION == 4 and "content_sha256" in manifest["tensors"]
+    assert manifest["format_version"] == checkpoint.FORMAT_VERSION == 5 and "content_sha256" in manifest["tensors"]
     with open(saved / checkpoint.TENSORS, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"][checkpoint.MANIFEST_SHA256_KEY] == hashlib.sha256((saved / checkpoint.MANIFEST).read_bytes()).hexdigest()

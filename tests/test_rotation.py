@@ -193,7 +193,7 @@ def test_rotated_checkpoint_round_trips_bit_exactly(rotated_omni, tmp_path):
     tiny, _, _, rotated = rotated_omni
     rotated.save(tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
-    assert manifest["format_version"] == 4 and manifest["graph"]["rotation"]["config"]["seed"] == 1
+    assert manifest["format_version"] == 5 and manifest["graph"]["rotation"]["config"]["seed"] == 1
     assert not [path for path in manifest["graph"]["replaced"] if path.startswith("lm_head")]  # re-derived, not stored
     loaded = load(tmp_path / "ckpt", tiny.model)
     assert torch.equal(loaded.logits(tiny.batch), rotated.logits(tiny.batch))

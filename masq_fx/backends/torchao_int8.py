@@ -81,6 +81,7 @@ from masq_fx.backends.int4_cpu import KERNEL_DTYPES, Int4CpuLinear, int4_unsuppo
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.positions import CompletePositions, add_position_inputs
 from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.nn.sparsity import SparseInputLinear, Threshold
 from masq_fx.quantizers import ActQuantConfig, QuantizedWeight, fake_quant_act
 
 __all__ = [
@@ -380,11 +381,15 @@ class LoweringReport:
     unlowered: dict[str, str] = field(default_factory=dict)
     #: those of ``lowered`` on the int4 weight-only CPU kernel (the others are on torchao int8)
     int4: list[str] = field(default_factory=list)
+    #: float linears moved onto the sparse-input kernel (:func:`masq_fx.backends.sparse.lower_sparse`)
+    sparse: int = 0
 
     def __str__(self) -> str:
         int8 = len(self.lowered) - len(self.int4)
         kernels = "torchao int8" if not self.int4 else "the int4 CPU kernel" if not int8 else f"torchao int8 ({int8}) and the int4 CPU kernel ({len(self.int4)})"
         lines = [f"lowered {len(self.lowered)} QuantLinears to {kernels}, left {len(self.unlowered)} on the reference path"]
+        if self.sparse:
+            lines.append(f"{self.sparse} float linears on the sparse-input kernel")
         lines += [f"  {name}: {reason}" for name, reason in self.unlowered.items()]
         return "\n".join(lines)
 
@@ -461,11 +466,17 @@ class CompiledGraph:
             _register_torchao_x86_int8_pattern()
         self.positions = CompletePositions.of(gm)
         self.compiled = torch.compile(gm, fullgraph=True)
+        # a threshold's sparse-input kernel keeps a data-dependent count of rows
+        self.dynamic_outputs = any(isinstance(m, SparseInputLinear) and isinstance(m.sparsifier, Threshold) for m in gm.modules())
 
     def __call__(self, *args: Tensor) -> Tensor:
         if self.positions is not None:  # outside the compiled region: nonzero has a data-dependent shape
             args = self.positions.complete(args)
-        with torch.no_grad(), torch._inductor.config.patch(INDUCTOR_OPTIONS):
+        with (
+            torch.no_grad(),
+            torch._inductor.config.patch(INDUCTOR_OPTIONS),
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=self.dynamic_outputs),
+        ):
             return self.compiled(*args)
 
 

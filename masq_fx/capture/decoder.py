@@ -88,6 +88,8 @@ class CapturedDecoder:
     sites: tuple[SmoothingGroup, ...] = field(default=(), repr=False)
     #: module name of each linear → its decoder layer (``None`` for the head)
     linear_layers: dict[str, int | None] = field(default_factory=dict, repr=False)
+    #: the layers after which features injected through ``inputs_embeds`` are added (DeepStack)
+    injection_layers: tuple[int, ...] = ()
 
     def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
         return self.graph_module(*inputs.args())
@@ -240,6 +242,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
         modalities=model_modalities(adapter),
         capture_seconds=seconds,
+        injection_layers=adapter.injection_layers(),
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
     captured.linear_layers = {name: node.meta.get(LAYER_KEY) for name, node in captured.linear_nodes().items()}

@@ -26,7 +26,7 @@ the residual stream with no norm between (a site of kind ``"other"``) are refuse
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -176,20 +176,61 @@ def rotation_record(gm: fx.GraphModule) -> RotationRecord | None:
 
 
 def is_produced(gm: fx.GraphModule, path: str, tensor: Tensor) -> bool:
-    """Whether ``tensor`` at graph ``path`` is what the graph's rotation produced there (not a later edit)."""
-    record = rotation_record(gm)
-    return record is not None and record.produced.get(path) is tensor
+    """Whether ``tensor`` at graph ``path`` is what a float rewrite of the graph (a rotation, LaRoSA's rotations)
+    produced there (not a later edit): such rewrites keep a record module with a ``produced`` dict (path → tensor)."""
+    return any(getattr(module, "produced", {}).get(path) is tensor for module in gm.children())
 
 
-def _get(gm: fx.GraphModule, path: str) -> Tensor:
+def graph_tensor(gm: fx.GraphModule, path: str) -> Tensor:
+    """The parameter or buffer at graph ``path``."""
     owner, _, name = path.rpartition(".")
     return getattr(gm.get_submodule(owner), name)
 
 
-def _weight_paths(node: fx.Node) -> tuple[str, str | None]:
+def weight_paths(node: fx.Node) -> tuple[str, str | None]:
+    """Graph paths of a float linear node's weight and bias (``None``: no bias)."""
     weight, bias = (list(node.args[1:]) + [None])[:2]
     assert isinstance(weight, fx.Node) and weight.op == "get_attr", f"{node} has no parameter weight"
     return str(weight.target), (str(bias.target) if isinstance(bias, fx.Node) else None)
+
+
+def _value(gm: fx.GraphModule, new: Mapping[str, Tensor], path: str) -> Tensor:
+    """The float64 value at graph ``path``: the new one if computed, else the graph's."""
+    return new[path] if path in new else graph_tensor(gm, path).detach().double()
+
+
+Basis = Callable[[Tensor], Tensor]
+
+
+def fold_residual(
+    gm: fx.GraphModule, plan: RotationPlan, linears: Mapping[str, fx.Node], basis: Callable[[str], Basis | None], skip: set[str], new: dict[str, Tensor]
+) -> None:
+    """Fold each norm's γ into its readers and set it to one; give the readers ``W·diag(γ)·Q`` and the writers ``Qᵀ W``
+    and ``b Q``, where ``basis(linear)`` multiplies rows by the ``Q`` of the residual stream that linear reads or
+    writes (``None``: unrotated). New float64 values go to ``new`` (graph path → value), read back from it too."""
+
+    def value(path: str) -> Tensor:
+        return _value(gm, new, path)
+
+    for name, norm in plan.readers:
+        if name in skip:
+            continue
+        path, _ = weight_paths(linears[name])
+        w = value(path)
+        if norm is not None:
+            w = w * graph_tensor(gm, norm).detach().double()[None, :]
+        q = basis(name)
+        new[path] = w if q is None else q(w)  # W Q
+    for name in plan.writers:
+        q = basis(name)
+        if name in skip or q is None:
+            continue
+        path, bias = weight_paths(linears[name])
+        new[path] = q(value(path).T).T  # Qᵀ W
+        if bias is not None:
+            new[bias] = q(value(bias))
+    for path in plan.norms:
+        new[path] = torch.ones_like(graph_tensor(gm, path), dtype=torch.float64)
 
 
 def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPlan, skip: Iterable[str] = ()) -> RotationRecord:
@@ -210,59 +251,43 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
     residual = (lambda rows: Rotation.forward(record, rows)) if config.residual else None
     h = Rotation(plan.head_dim, config.kind, config.seed + 1).matrix() if config.heads else None
     new: dict[str, Tensor] = {}  # graph path → float64 value
+    fold_residual(gm, plan, linears, lambda _: residual, skipped, new)
 
     def value(path: str) -> Tensor:
-        return new.get(path, _get(gm, path).detach().double())
+        return _value(gm, new, path)
 
-    for name, norm in plan.readers:
-        if name in skipped:
-            continue
-        path, _ = _weight_paths(linears[name])
-        w = value(path)
-        if norm is not None:
-            w = w * _get(gm, norm).detach().double()[None, :]
-        new[path] = w if residual is None else residual(w)  # W Q
-    if residual is not None:
-        for name in plan.writers:
-            if name in skipped:
-                continue
-            path, bias = _weight_paths(linears[name])
-            new[path] = residual(value(path).T).T  # Qᵀ W
-            if bias is not None:
-                new[bias] = residual(value(bias))
     if h is not None:
         for v_name, o_name in plan.heads:
             if v_name not in skipped:
-                path, bias = _weight_paths(linears[v_name])
+                path, bias = weight_paths(linears[v_name])
                 w = value(path)
                 new[path] = (h.T @ w.reshape(-1, plan.head_dim, w.shape[1])).reshape(w.shape)
                 if bias is not None:
                     new[bias] = (value(bias).reshape(-1, plan.head_dim) @ h).reshape(-1)
             if o_name not in skipped:
-                path, _ = _weight_paths(linears[o_name])
+                path, _ = weight_paths(linears[o_name])
                 w = value(path)
                 new[path] = (w.reshape(w.shape[0], -1, plan.head_dim) @ h).reshape(w.shape)
-    for path in plan.norms:
-        new[path] = torch.ones_like(_get(gm, path), dtype=torch.float64)
-    widths = {name: int(_get(gm, _weight_paths(linears[name])[0]).shape[1]) for name in plan.online}
+    widths = {name: int(graph_tensor(gm, weight_paths(linears[name])[0]).shape[1]) for name in plan.online}
     by_width = {width: Rotation(width, config.kind, config.seed + 2) for width in set(widths.values())}  # shared by the layers
     online = {name: by_width[width] for name, width in widths.items()}
     for name, rotation in online.items():
         if name not in skipped:
-            path, _ = _weight_paths(linears[name])
+            path, _ = weight_paths(linears[name])
             new[path] = rotation(value(path))  # W H
     for path, tensor in new.items():
-        record.produced[path] = _set(gm, path, tensor)
-    device = _get(gm, _weight_paths(linears[plan.readers[0][0]])[0]).device  # the graph runs where its weights are
+        record.produced[path] = set_parameter(gm, path, tensor)
+    device = graph_tensor(gm, weight_paths(linears[plan.readers[0][0]])[0]).device  # the graph runs where its weights are
     _insert_nodes(gm, record, {name: (linears[name], rotation) for name, rotation in online.items()}, device)
     return record
 
 
-def _set(gm: fx.GraphModule, path: str, tensor: Tensor) -> nn.Parameter:
+def set_parameter(gm: fx.GraphModule, path: str, tensor: Tensor) -> nn.Parameter:
+    """Give the graph a new frozen parameter at ``path`` (the old one's dtype and device, contiguous)."""
     owner_path, _, name = path.rpartition(".")
     owner = gm.get_submodule(owner_path)
     old = getattr(owner, name)
-    parameter = nn.Parameter(tensor.to(dtype=old.dtype, device=old.device), requires_grad=False)
+    parameter = nn.Parameter(tensor.to(dtype=old.dtype, device=old.device).contiguous(), requires_grad=False)
     setattr(owner, name, parameter)
     return parameter
 
@@ -294,7 +319,7 @@ def rotate(captured: CapturedDecoder, config: RotationConfig) -> CapturedDecoder
     plan = plan_rotation(rotated.graph_module, rotated.sites, config, rotated.hidden_size, rotated.head_dim)
     record = apply_rotation(rotated.graph_module, config, plan)
     gm = rotated.graph_module
-    rotated.weights = {name: _get(gm, _weight_paths(node)[0]) for name, node in rotated.linear_nodes().items()}
+    rotated.weights = {name: graph_tensor(gm, weight_paths(node)[0]) for name, node in rotated.linear_nodes().items()}
     rotated.float_tensors = (*captured.float_tensors, *record.produced.values())
     return rotated
 
