@@ -71,7 +71,7 @@ def quality_part(args: argparse.Namespace, model, tokenizer, captured: CapturedD
             for label, config in methods(level).items():
                 sparse = sparsify(captured, config, samples, progress=False)
                 ppl = perplexity(sparse, adapter, evaluation)
-                achieved = model_sparsity(sparse, achieved_sparsity(sparse, probe, progress=False))
+                achieved = model_sparsity(achieved_sparsity(sparse, probe, progress=False), {n: w.numel() for n, w in sparse.weights.items()})
                 row = rows.setdefault(label, {"ppl": [], "achieved": []})
                 row["ppl"].append(ppl)
                 row["achieved"].append(sum(achieved.values()) / len(achieved))

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masq_fx.api import apply_all, calibrate, load
+from masq_fx.app.cli import main
+from masq_fx.app.run_report import build
 from masq_fx.backends import compile_graph
 from masq_fx.backends.sparse import lower_sparse
 from masq_fx.calibration.magnitudes import AbsHistogram, run_probes
@@ -110,7 +112,7 @@ def test_sparsifiers_zero_the_configured_fractions(method):
         for value in entry.achieved.values():
             if method == "larosa":  # the same count for every token
                 assert value == pytest.approx(1 - entry.site.keep / entry.site.width, abs=1e-9)
-    overall = model_sparsity(sparse, sites)
+    overall = model_sparsity(sites, {name: w.numel() for name, w in sparse.weights.items()})
     assert set(overall) == {Modality.TEXT, Modality.VISION}
     # TEAL's thresholds are quantiles of these same tokens; Top-K rounds each site's count down
     tokens = sum(inputs.attention_mask.flatten().tolist())
@@ -252,3 +254,26 @@ def test_lowered_sparse_models_generate_the_same_tokens(sparse_omni):
         expected = model.generate(tiny.batch, max_new_tokens=3)
         model.lower()
         assert torch.equal(model.generate(tiny.batch, max_new_tokens=3), expected)
+
+
+def test_run_report_shows_the_achieved_sparsity_per_modality(sparse_omni, tmp_path):
+    tiny, models = sparse_omni
+    report = build(models[0], title="tiny Omni thinker, LaRoSA 40%")
+    summary = report.sparsity_summary()
+    assert set(summary) == {Modality.TEXT, Modality.VISION, Modality.AUDIO}
+    assert all(abs(value - 0.4) < 0.02 for value in summary.values())  # Top-K: the same count for every token
+    text = report.markdown()
+    assert "## Activation sparsity" in text and "larosa, target 0.4" in text
+    assert len(report.sparsity) == 4 * tiny.model.config.text_config.num_hidden_layers
+
+
+def test_cli_quantizes_evaluates_and_generates_a_sparsified_model(tmp_path, capsys):
+    out = tmp_path / "teal"
+    tiny = "tiny:qwen2.5-omni-thinker"
+    assert main(["quantize", tiny, "--recipe", "teal-25", "--out", str(out), "--quiet"]) == 0
+    ours = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("teal-25 "))
+    assert "## Activation sparsity" in (out / "report.md").read_text()
+    assert main(["eval", str(out), "--model", tiny]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split()[-1] == ours.split()[-1]
+    assert main(["generate", str(out), "--model", tiny, "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

@@ -6,7 +6,8 @@
 
 The SQNR is that of every decoder layer's output against the float model, per modality, pooled over
 the given samples (the calibration inputs by default). The CMC section lists the effective rank and
-whitened relative error of every low-rank branch; models or recipes without branches have none.
+whitened relative error of every low-rank branch; models or recipes without branches have none. Sparsified
+models get the achieved activation sparsity, model level and per layer and site, per modality.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from masq_fx.models import DecoderInputs
 from masq_fx.pipeline import StepRecord
 from masq_fx.recipes import Recipe
 from masq_fx.transforms.cmc import BranchReport
+from masq_fx.transforms.sparsity import SiteSparsity, achieved_sparsity, model_sparsity, sparsity_record
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "sqnr.png"
@@ -88,6 +90,8 @@ class RunReport:
     uncovered: Mapping[Modality, tuple[str, ...]] = field(default_factory=dict)
     #: model name → metric → value, as the CLI prints them ("exact match" metrics are fractions)
     metrics: Metrics = field(default_factory=dict)
+    #: the fraction of each sparsifier's input zeroed, per modality, over the samples (sparsified graphs)
+    sparsity: tuple[SiteSparsity, ...] = ()
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
@@ -154,6 +158,8 @@ class RunReport:
             parts.append(self._coverage_section())
         if self.branches:
             parts.append(self._cmc_section())
+        if self.sparsity:
+            parts.append(self._sparsity_section())
         parts += [self._stage_section(), _metrics_section(self.metrics)]
         return "\n\n".join(parts) + "\n"
 
@@ -243,6 +249,33 @@ class RunReport:
         lines += ["", "</details>"]
         return "\n".join(lines)
 
+    def sparsity_summary(self) -> dict[Modality, float]:
+        """Per modality: the fraction of the decoder linears' weight rows skipped per token (sites weighed by size)."""
+        return model_sparsity(self.sparsity, self.linear_params)
+
+    def _sparsity_section(self) -> str:
+        modalities = list(self.sparsity_summary())
+        lines = [
+            "## Activation sparsity",
+            "",
+            "The fraction of each sparsified linear input that is zero, per modality, over the report's samples. Model "
+            "level: the decoder linears' weight rows skipped per token, each site weighed by its linears' size.",
+            "",
+            "| modality | model level |",
+            "|---|---:|",
+        ]
+        lines += [f"| {_name(m)} | {100 * v:.1f}% |" for m, v in self.sparsity_summary().items()]
+        lines += ["", "<details><summary>per layer and site</summary>", ""]
+        lines.append("| layer | site | linears | level | " + " | ".join(_name(m) for m in modalities) + " |")
+        lines.append("|---:|---|---|---:|" + "---:|" * len(modalities))
+        for entry in self.sparsity:
+            site = entry.site
+            cells = [f"{100 * entry.achieved[m]:.1f}%" if m in entry.achieved else "—" for m in modalities]
+            short = ", ".join(name.rsplit(".", 1)[-1] for name in site.linears)
+            lines.append(f"| {site.layer} | {site.role} | {short} | {100 * site.level:.1f}% | " + " | ".join(cells) + " |")
+        lines += ["", "</details>"]
+        return "\n".join(lines)
+
     def _stage_section(self) -> str:
         total = sum(s.seconds for s in self.stages)
         lines = ["## Time per stage", "", "| stage | seconds | share |", "|---|---:|---:|"]
@@ -292,6 +325,7 @@ def build(
         branches=tuple(r for records in context.diagnostics.values() for r in records if isinstance(r, BranchReport)),
         uncovered=uncovered_sites(context.stats, decoder.modalities),
         metrics=dict(metrics or {}),
+        sparsity=tuple(achieved_sparsity(decoder, samples, progress=False)) if sparsity_record(decoder.graph_module) else (),
     )
 
 
@@ -336,6 +370,15 @@ def recipe_settings(recipe: Recipe) -> list[tuple[str, str]]:
     include = ", ".join(f"`{p}`" for p in recipe.modules.include)
     exclude = ", ".join(f"`{p}`" for p in recipe.modules.exclude) or "none"
     rows.append(("quantized linears", f"include {include}; exclude {exclude}"))
+    if recipe.rotation is not None:
+        r = recipe.rotation
+        parts = [name for name, on in (("residual", r.residual), ("heads", r.heads), ("down_proj online", r.down)) if on]
+        rows.append(("rotation", f"{r.kind}, seed {r.seed}: {', '.join(parts)}"))
+    if recipe.sparsity is not None:
+        sp = recipe.sparsity
+        level = f"levels {sp.levels[0]:g} / {sp.levels[1]:g}" if sp.levels is not None else f"target {sp.target:g}"
+        extra = f", bases per {sp.granularity}, covariance of {sp.covariance}" if sp.method == "larosa" else ""
+        rows.append(("activation sparsity", f"{sp.method}, {level} (block inputs / inner){extra}"))
     return rows
 
 

@@ -403,14 +403,14 @@ def achieved_sparsity(captured: CapturedDecoder, samples: Iterable[DecoderInputs
     return results
 
 
-def model_sparsity(captured: CapturedDecoder, sites: Sequence[SiteSparsity]) -> dict[Modality, float]:
-    """Per modality: the fraction of the decoder linears' weight rows skipped, weighing each site by its linears' size."""
-    size = {name: int(w.numel()) for name, w in captured.weights.items()}
+def model_sparsity(sites: Sequence[SiteSparsity], sizes: Mapping[str, int]) -> dict[Modality, float]:
+    """Per modality: the fraction of the decoder linears' weight rows skipped per token, each site weighed by the
+    ``sizes`` (weight elements, by module name) of its linears."""
     totals: dict[Modality, list[float]] = {}
     for entry in sites:
-        weight = sum(size[n] for n in entry.site.linears)
+        weight = sum(sizes[name] for name in entry.site.linears)
         for modality, value in entry.achieved.items():
             total = totals.setdefault(modality, [0.0, 0.0])
             total[0] += value * weight
             total[1] += weight
-    return {m: skipped / weight for m, (skipped, weight) in totals.items()}
+    return {m: skipped / weight for m, (skipped, weight) in sorted(totals.items())}
