@@ -12,7 +12,7 @@ Parts (``--parts``):
 - ``speed``: the same models at each level (seed 0), as batch-1 KV-cache generation graphs with the sparse-input
   kernel (:func:`masq_fx.backends.sparse.lower_sparse`), compiled (``fullgraph``), timed interleaved with the
   dense graph (:func:`masq_fx.app.bench.measure`): prefill of ``--tokens`` tokens and one decode step; ratios of
-  medians within the run.
+  medians within the run. ``--int8``: also W8A8 (RTN) on the int8 kernels, dense and on the LaRoSA 40% graph.
 - ``trimodal``: the built-in tri-modal thinker at ``--trimodal-level``: vision and audio exact match on
   ``--items`` items and text perplexity, dense vs TEAL vs LaRoSA (covariance of all tokens, and the mean of the
   per-modality covariances), over ``--seeds`` draws of ``--trimodal-samples`` calibration samples per modality.
@@ -26,10 +26,11 @@ import argparse
 import random
 import statistics
 import warnings
+from dataclasses import replace
 
 import torch
 
-from masq_fx.api import calibration_inputs
+from masq_fx.api import apply, calibrate, calibration_inputs
 from masq_fx.app.bench import BenchConfig, latency_table, measure
 from masq_fx.backends.sparse import lower_sparse
 from masq_fx.builtin.smollm2 import load_smollm2
@@ -38,6 +39,7 @@ from masq_fx.data.text import token_windows
 from masq_fx.eval.perplexity import perplexity
 from masq_fx.generation import capture_cached, transplant
 from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.recipes import preset
 from masq_fx.transforms.sparsity import SparsityConfig, achieved_sparsity, model_sparsity, sparsify
 
 
@@ -93,8 +95,15 @@ def speed_part(args: argparse.Namespace, model, tokenizer, captured: CapturedDec
         for label, sparsity in methods(level).items():
             cached = capture_cached(model, batch_size=1, max_cache_len=config.cache_len)
             transplant(sparsify(captured, sparsity, samples, progress=False), cached)
-            lower_sparse(cached, bags=args.threads)
+            lower_sparse(cached.graph_module, bags=args.threads)
             graphs[label] = cached
+    if args.int8:  # the int8 backend: dense W8A8, and W8A8 on the LaRoSA graph (its int8 GEMM reads the sparse input densely)
+        windows = token_windows(tokenizer, "calibration", window=512, count=args.calib_samples)
+        calibrated = calibrate(model, [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows], progress=False)
+        for label, recipe in (("W8A8 int8", preset("rtn", 8, 8)), ("W8A8 + LaRoSA 40%", replace(preset("rtn", 8, 8), sparsity=SparsityConfig("larosa", 0.4)))):
+            quantized = apply(calibrated, recipe, progress=False)
+            quantized.lower()
+            graphs[label] = quantized.generation_graph(1, config.cache_len)
     ids = token_windows(tokenizer, "evaluation", window=args.tokens, count=1)
     prompt = adapter.decoder_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     measured = measure(graphs, prompt, config)
@@ -151,6 +160,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="512-token evaluation windows")
     parser.add_argument("--tokens", type=int, default=512, help="prompt tokens of the speed part")
     parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--int8", action="store_true", help="speed: also W8A8 on the int8 kernels, dense and on the LaRoSA 40%% graph")
     parser.add_argument("--trimodal-level", type=float, default=0.4)
     parser.add_argument("--trimodal-samples", type=int, default=16, help="tri-modal calibration samples per modality per seed")
     parser.add_argument("--items", type=int, default=64)

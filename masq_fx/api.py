@@ -104,7 +104,7 @@ class QuantizedModel:
             if self.recipe.method != "fp" or self.recipe.sparsity is not None:
                 transplant(self.decoder, cached)
             if self.lowering is not None:
-                lower_sparse(cached)  # the replayed sparsifiers' readers onto the sparse-input kernel
+                lower_sparse(cached.graph_module)  # the replayed sparsifiers' readers onto the sparse-input kernel
             self._cached[key] = cached
         return self._cached[key]
 

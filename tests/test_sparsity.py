@@ -201,7 +201,7 @@ def test_sparsified_models_generate_what_their_prefill_graph_computes(method):
     transplant(sparse, cached)
     reference = prefix_greedy(sparse, adapter, inputs, 4)
     assert torch.equal(generate(cached, inputs, 4), reference)
-    assert lower_sparse(cached) == 7 * captured.num_layers  # q, k, v, o, gate, up, down
+    assert lower_sparse(cached.graph_module) == 7 * captured.num_layers  # q, k, v, o, gate, up, down
     assert torch.equal(generate(cached, inputs, 4), reference)
 
 
@@ -214,7 +214,7 @@ def test_compiled_sparse_kernels_decode_like_the_eager_graph():
         cached = capture_cached(model, batch_size=1, max_cache_len=24)
         transplant(sparsify(captured, SparsityConfig(method, 0.4), [inputs], progress=False), cached)
         expected = generate(cached, row, 3)
-        lower_sparse(cached, bags=2)
+        lower_sparse(cached.graph_module, bags=2)
         assert torch.equal(generate(cached, row, 3, run=compile_graph(cached.graph_module)), expected)
 
 
@@ -248,14 +248,6 @@ def test_sparsified_checkpoints_load_bit_exactly(sparse_omni, tmp_path):
     assert sparsity_record(quantized.graph_module) is not None and any(True for _ in quant_linears(quantized.graph_module))
 
 
-def test_lowered_sparse_models_generate_the_same_tokens(sparse_omni):
-    tiny, models = sparse_omni
-    for model in models[:2]:
-        expected = model.generate(tiny.batch, max_new_tokens=3)
-        model.lower()
-        assert torch.equal(model.generate(tiny.batch, max_new_tokens=3), expected)
-
-
 def test_run_report_shows_the_achieved_sparsity_per_modality(sparse_omni, tmp_path):
     tiny, models = sparse_omni
     report = build(models[0], title="tiny Omni thinker, LaRoSA 40%")
@@ -277,3 +269,14 @@ def test_cli_quantizes_evaluates_and_generates_a_sparsified_model(tmp_path, caps
     assert capsys.readouterr().out.strip().splitlines()[-1].split()[-1] == ours.split()[-1]
     assert main(["generate", str(out), "--model", tiny, "--max-new-tokens", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_lowered_sparse_models_generate_the_same_tokens(sparse_omni):
+    """(Last of the file: lowering changes the shared fixture's models.)"""
+    tiny, models = sparse_omni
+    for model in models[:2]:
+        expected = model.generate(tiny.batch, max_new_tokens=3)
+        model.lower()
+        assert torch.equal(model.generate(tiny.batch, max_new_tokens=3), expected)
+    with pytest.raises(InputError, match="before lower"):
+        achieved_sparsity(models[0].decoder, [models[0].decoder_inputs(tiny.batch)], progress=False)

@@ -13,20 +13,26 @@ import torch
 from torch import fx
 
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, is_linear
-from masq_fx.generation import CachedDecoder
 from masq_fx.nn.sparsity import SparseInputLinear, Threshold, TopK
-from masq_fx.transforms.prepare import float_linear
 
 _PREFIX = "masq_fx_sparse_linear_"
 
 
-def lower_sparse(target: CapturedDecoder | CachedDecoder | fx.GraphModule, bags: int | None = None) -> int:
+def _parameter(gm: fx.GraphModule, arg: fx.node.Argument) -> torch.Tensor | None:
+    """The tensor a linear's weight or bias argument reads (``None``: no bias)."""
+    if not isinstance(arg, fx.Node):
+        return None
+    owner, _, name = str(arg.target).rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def lower_sparse(target: CapturedDecoder | fx.GraphModule, bags: int | None = None) -> int:
     """Swap (in place) the float linears reading a sparsifier for ``SparseInputLinear`` s; returns how many.
 
     ``bags``: parts each single-token product is split into (default: the intra-op thread count), so that every
     thread sums its share of the kept rows.
     """
-    gm = target if isinstance(target, fx.GraphModule) else target.graph_module
+    gm = target.graph_module if isinstance(target, CapturedDecoder) else target
     bags = bags or torch.get_num_threads()
     swapped = 0
     for node in list(gm.graph.find_nodes(op="call_module")):
@@ -34,7 +40,8 @@ def lower_sparse(target: CapturedDecoder | CachedDecoder | fx.GraphModule, bags:
         if not isinstance(module, (TopK, Threshold)):
             continue
         for user in [u for u in node.users if is_linear(u) and u.args[0] is node]:
-            weight, bias = float_linear(gm, user)
+            weight, bias = (_parameter(gm, arg) for arg in (list(user.args[1:]) + [None])[:2])
+            assert weight is not None
             name = f"{_PREFIX}{swapped}"
             gm.add_submodule(name, SparseInputLinear(weight, bias, module, bags))
             with gm.graph.inserting_before(user):

@@ -394,6 +394,8 @@ def achieved_sparsity(captured: CapturedDecoder, samples: Iterable[DecoderInputs
     if record is None:
         raise InputError("the graph is not sparsified: nothing to measure")
     nodes = {str(n.target): n for n in gm.graph.find_nodes(op="call_module") if str(n.target).startswith(_SPARSIFIER)}
+    if len(nodes) < len(record.plan.sites):
+        raise InputError("the graph's sparsifiers were lowered into sparse-input kernels: measure the sparsity before lower()")
     tallies = {f"{_SPARSIFIER}{i}_0": ZeroTally() for i in range(len(record.plan.sites))}
     run_probes(gm, {nodes[target]: tally for target, tally in tallies.items()}, samples, "sparsity", progress)
     results = []
