@@ -98,7 +98,7 @@ def smollm2_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, dic
 
 
 def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, dict[str, dict[str, list[float]]]]:
-    from masq_fx.builtin.trimodal import accuracy, load_set, load_trimodal
+    from masq_fx.builtin.trimodal import load_set, load_trimodal, scores
 
     model, processor = load_trimodal()
     adapter = adapter_for(model)
@@ -106,8 +106,7 @@ def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, di
     windows = token_windows(processor.tokenizer, "evaluation", window=512, count=args.windows)
 
     def evaluate(decoder) -> dict[str, float]:
-        scores = {f"{m} exact match": accuracy(decoder, adapter, processor, evaluation.samples(m, args.items)).value for m in ("vision", "audio")}
-        return scores | {"text perplexity": perplexity(decoder, adapter, windows)}
+        return scores(decoder, adapter, processor, evaluation, args.items, windows)
 
     rows = recipes(methods, text_only=False)
     results: dict[str, dict[str, list[float]]] = {}
@@ -123,10 +122,10 @@ def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, di
         quantized = apply_all(calibrated, [r for _, r in rows], progress=True)
         print(f"trimodal seed {seed}: {len(rows)} recipes applied in {time.perf_counter() - start:.0f} s", flush=True)
         for (label, _), q in zip(rows, quantized):
-            scores = evaluate(q.decoder)
-            for metric, value in scores.items():
+            measured = evaluate(q.decoder)
+            for metric, value in measured.items():
                 results.setdefault(label, {}).setdefault(metric, []).append(value)
-            print(f"  {label}: {scores}", flush=True)
+            print(f"  {label}: {measured}", flush=True)
     title = f"built-in tri-modal thinker, {args.items} items per modality, {args.windows} × 512 text tokens, {args.calib_samples} calib samples per modality per seed"
     return title, results
 

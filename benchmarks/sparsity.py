@@ -113,7 +113,7 @@ def speed_part(args: argparse.Namespace, model, tokenizer, captured: CapturedDec
 
 
 def trimodal_part(args: argparse.Namespace) -> None:
-    from masq_fx.builtin.trimodal import accuracy, load_set, load_trimodal
+    from masq_fx.builtin.trimodal import load_set, load_trimodal, scores
 
     model, processor = load_trimodal()
     adapter = adapter_for(model)
@@ -122,8 +122,7 @@ def trimodal_part(args: argparse.Namespace) -> None:
     windows = token_windows(processor.tokenizer, "evaluation", window=512, count=args.windows)
 
     def evaluate(decoder) -> dict[str, float]:
-        scores = {f"{m} exact match": accuracy(decoder, adapter, processor, evaluation.samples(m, args.items)).value for m in ("vision", "audio")}
-        return scores | {"text perplexity": perplexity(decoder, adapter, windows)}
+        return scores(decoder, adapter, processor, evaluation, args.items, windows)
 
     level = args.trimodal_level
     configs = {
@@ -138,10 +137,10 @@ def trimodal_part(args: argparse.Namespace) -> None:
         batches = [processor(list(row)) for row in zip(*groups)]
         samples = calibration_inputs(model, batches)
         for label, config in configs.items():
-            scores = evaluate(sparsify(captured, config, samples, progress=False))
-            for metric, value in scores.items():
+            measured = evaluate(sparsify(captured, config, samples, progress=False))
+            for metric, value in measured.items():
                 results.setdefault(label, {}).setdefault(metric, []).append(value)
-            print(f"  seed {seed} {label}: {scores}", flush=True)
+            print(f"  seed {seed} {label}: {measured}", flush=True)
     print()
     print(f"built-in tri-modal thinker, {args.items} items per modality, {args.windows} x 512 text tokens, "
           f"{args.trimodal_samples} calib samples per modality; mean ± sd over {args.seeds} seed(s)")

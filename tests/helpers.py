@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -10,8 +11,9 @@ from torch import fx, nn
 
 from masq_fx.api import Calibrated, calibrate
 from masq_fx.capture import CapturedDecoder
+from masq_fx.capture.decoder import capture
 from masq_fx.modality import Modality
-from masq_fx.models import DecoderInputs
+from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.tiny import tiny_model
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
@@ -113,3 +115,14 @@ def prefix_greedy(graph, adapter, prompt: DecoderInputs, steps: int) -> torch.Te
             attention_mask=torch.cat([inputs.attention_mask, torch.ones_like(token[:, None])], dim=1),
         )
     return torch.stack(out, dim=1)
+
+
+@functools.cache
+def float_family(family: str) -> tuple:
+    """A tiny family's (TinyModel with a float32 model, its capture, mixed-modality decoder inputs, float logits)."""
+    tiny = tiny_model(family, seed=0, batch_size=2)
+    tiny.model.float()
+    captured = capture(tiny.model)
+    inputs = adapter_for(tiny.model).decoder_inputs(tiny.batch)
+    with torch.no_grad():
+        return tiny, captured, inputs, captured(inputs)

@@ -4,13 +4,12 @@ lower, save and load like any other."""
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import prefix_greedy
+from helpers import float_family, prefix_greedy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +17,6 @@ from masq_fx.api import apply_all, calibrate, load
 from masq_fx.app.cli import main
 from masq_fx.backends import compile_graph, lower_to_torchao
 from masq_fx.capture.dataflow import SmoothingGroup
-from masq_fx.capture.decoder import capture
 from masq_fx.errors import InputError
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.memory import estimate_calibration_memory
@@ -80,22 +78,11 @@ CONFIGS = st.builds(
 )
 
 
-@functools.cache
-def _family(family: str) -> tuple:
-    """A tiny family's float32 model, capture and mixed-modality decoder inputs, with the float logits."""
-    tiny = tiny_model(family, seed=0, batch_size=2)
-    model = tiny.model.float()
-    captured = capture(model)
-    inputs = adapter_for(model).decoder_inputs(tiny.batch)
-    with torch.no_grad():
-        return tiny, captured, inputs, captured(inputs)
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @settings(max_examples=3, deadline=None)
 @given(config=CONFIGS)
 def test_rotations_leave_the_float_logits_unchanged(family, config):
-    tiny, captured, inputs, fp = _family(family)
+    tiny, captured, inputs, fp = float_family(family)
     rotated = rotate(captured, config)
     with torch.no_grad():
         logits = rotated(inputs)
@@ -111,7 +98,7 @@ def test_rotations_leave_the_float_logits_unchanged(family, config):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_rotations_leave_the_cached_graph_unchanged(family):
     """The plan found on the prefill graph, applied to the KV-cache graph: the same logits, prefill and decode."""
-    tiny, captured, inputs, _ = _family(family)
+    tiny, captured, inputs, _ = float_family(family)
     config = RotationConfig(seed=3)
     plan = plan_rotation(captured.graph_module, captured.sites, config, captured.hidden_size, captured.head_dim)
     plain = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
@@ -127,7 +114,7 @@ def test_rotations_leave_the_cached_graph_unchanged(family):
 
 
 def test_rotate_step_in_a_whole_graph_pipeline_equals_rotate():
-    _, captured, inputs, _ = _family("qwen2.5-vl")
+    _, captured, inputs, _ = float_family("qwen2.5-vl")
     config = RotationConfig(seed=5)
     context = Pipeline([Rotate(config)]).run(Context(captured.copy(), [inputs]), progress=False)
     with torch.no_grad():
@@ -137,7 +124,7 @@ def test_rotate_step_in_a_whole_graph_pipeline_equals_rotate():
 
 
 def test_unrotatable_graphs_are_refused_with_the_fix():
-    _, captured, _, _ = _family("llama")
+    _, captured, _, _ = float_family("llama")
     gm = captured.graph_module
     other = [SmoothingGroup("other", "x", ("layers.0.mlp.up_proj",), layer=0)]
     with pytest.raises(InputError, match="no norm before them.*without rotation"):
@@ -214,7 +201,7 @@ def test_lowered_rotated_model_stays_close_and_compiles(rotated_omni, one_thread
 
 
 def test_memory_estimate_counts_each_rotations_weight_copy():
-    tiny, captured, _, _ = _family("llama")
+    tiny, captured, _, _ = float_family("llama")
     plain = preset("rtn", 8, 8)
     rotated = [replace(plain, rotation=RotationConfig(seed=seed)) for seed in (0, 0, 1)]
     weights = sum(w.numel() * w.element_size() for w in captured.weights.values())

@@ -4,14 +4,13 @@ computes what the sparsified linear computes, and sparsified models generate lik
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import prefix_greedy
+from helpers import float_family, prefix_greedy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +21,6 @@ from masq_fx.backends import compile_graph
 from masq_fx.backends.sparse import lower_sparse
 from masq_fx.calibration.magnitudes import AbsHistogram, run_probes
 from masq_fx.calibration.observer import ModalityObserver
-from masq_fx.capture.decoder import capture
 from masq_fx.errors import InputError
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.modality import Modality
@@ -48,22 +46,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@functools.cache
-def _family(family: str) -> tuple:
-    """A tiny family's float32 model, capture and mixed-modality decoder inputs, with the float logits."""
-    tiny = tiny_model(family, seed=0, batch_size=2)
-    model = tiny.model.float()
-    captured = capture(model)
-    inputs = adapter_for(model).decoder_inputs(tiny.batch)
-    with torch.no_grad():
-        return model, captured, inputs, captured(inputs)
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @settings(max_examples=2, deadline=None)
 @given(granularity=st.sampled_from(["layer", "block"]), covariance=st.sampled_from(["tokens", "modalities"]))
 def test_larosa_rotations_alone_leave_the_float_logits_unchanged(family, granularity, covariance):
-    model, captured, inputs, fp = _family(family)
+    tiny, captured, inputs, fp = float_family(family)
     config = SparsityConfig(levels=(0.0, 0.0), granularity=granularity, covariance=covariance)
     rotated = sparsify(captured, config, [inputs], progress=False)
     with torch.no_grad():
@@ -74,11 +61,11 @@ def test_larosa_rotations_alone_leave_the_float_logits_unchanged(family, granula
     assert len(plan.adapters) == per_block * captured.num_layers - 1
     assert len(plan.entry) == 1 + len(captured.injection_layers)
     # the KV-cache graph, prefill then one decode step, equals the dense one
-    plain = capture_cached(model, batch_size=2, max_cache_len=32, logits_to_keep=0)
-    cached = capture_cached(model, batch_size=2, max_cache_len=32, logits_to_keep=0)
+    plain = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
     transplant(rotated, cached)
     prompt = replace(inputs, attention_mask=full_attention_mask(inputs.attention_mask, 32))
-    token = adapter_for(model).embed(torch.tensor([[3], [5]]))
+    token = adapter_for(tiny.model).embed(torch.tensor([[3], [5]]))
     step = replace(prompt, inputs_embeds=token, position_ids=inputs.position_ids[..., -1:] + 1, modality_ids=torch.zeros(2, 1, dtype=torch.long))
     with torch.no_grad():
         for args, start in ((prompt, 0), (step, inputs.attention_mask.shape[1])):
@@ -87,7 +74,7 @@ def test_larosa_rotations_alone_leave_the_float_logits_unchanged(family, granula
 
 def test_larosa_bases_decorrelate_the_block_inputs():
     """In the rotated basis, the calibration second moment of each layer's first block input is diagonal."""
-    _, captured, inputs, _ = _family("qwen2.5-omni-thinker")
+    _, captured, inputs, _ = float_family("qwen2.5-omni-thinker")
     rotated = sparsify(captured, SparsityConfig(levels=(0.0, 0.0)), [inputs], progress=False)
     gm = rotated.graph_module
     first = {}
@@ -104,7 +91,7 @@ def test_larosa_bases_decorrelate_the_block_inputs():
 
 @pytest.mark.parametrize("method", ["larosa", "teal"])
 def test_sparsifiers_zero_the_configured_fractions(method):
-    _, captured, inputs, fp = _family("qwen2.5-vl")
+    _, captured, inputs, fp = float_family("qwen2.5-vl")
     config = SparsityConfig(method, target=0.4)
     sparse = sparsify(captured, config, [inputs], progress=False)
     sites = achieved_sparsity(sparse, [inputs], progress=False)
@@ -127,7 +114,7 @@ def test_sparsifiers_zero_the_configured_fractions(method):
 
 
 def test_role_levels_meet_the_model_level_target():
-    _, captured, _, _ = _family("llama")
+    _, captured, _, _ = float_family("llama")
     for config in (SparsityConfig(target=0.3), SparsityConfig("teal", 0.5), SparsityConfig(target=0.4, ratios=(1.0, 3.0))):
         plan = plan_sparsity(captured, config)
         rows = {site: sum(captured.weights[n].numel() for n in site.linears) for site in plan.sites}
@@ -136,7 +123,7 @@ def test_role_levels_meet_the_model_level_target():
 
 
 def test_bad_sparsity_configs_and_graphs_are_refused_with_the_fix():
-    _, captured, inputs, _ = _family("llama")
+    _, captured, inputs, _ = float_family("llama")
     for kwargs, message in (
         ({"method": "cats"}, "'larosa' or 'teal'"),
         ({"target": 1.0}, r"\[0, 1\)"),
@@ -194,10 +181,10 @@ def test_histogram_quantiles_are_within_one_percent(q, scale, seed):
 
 @pytest.mark.parametrize("method", ["larosa", "teal"])
 def test_sparsified_models_generate_what_their_prefill_graph_computes(method):
-    model, captured, inputs, _ = _family("qwen2.5-omni-thinker")
+    tiny, captured, inputs, _ = float_family("qwen2.5-omni-thinker")
     sparse = sparsify(captured, SparsityConfig(method, 0.4), [inputs], progress=False)
-    adapter = adapter_for(model)
-    cached = capture_cached(model, batch_size=2, max_cache_len=32)
+    adapter = adapter_for(tiny.model)
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=32)
     transplant(sparse, cached)
     reference = prefix_greedy(sparse, adapter, inputs, 4)
     assert torch.equal(generate(cached, inputs, 4), reference)
@@ -208,10 +195,10 @@ def test_sparsified_models_generate_what_their_prefill_graph_computes(method):
 def test_compiled_sparse_kernels_decode_like_the_eager_graph():
     """Top-K and threshold kernels compile (fullgraph; a threshold keeps a data-dependent count) and generate the
     tokens of the uncompiled sparsified graph."""
-    model, captured, inputs, _ = _family("llama")
+    tiny, captured, inputs, _ = float_family("llama")
     row = replace(inputs, **{name: getattr(inputs, name)[:1] for name in ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")})
     for method in ("larosa", "teal"):  # one row: decode steps take the single-token kernel
-        cached = capture_cached(model, batch_size=1, max_cache_len=24)
+        cached = capture_cached(tiny.model, batch_size=1, max_cache_len=24)
         transplant(sparsify(captured, SparsityConfig(method, 0.4), [inputs], progress=False), cached)
         expected = generate(cached, row, 3)
         lower_sparse(cached.graph_module, bags=2)

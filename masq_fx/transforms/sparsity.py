@@ -254,6 +254,13 @@ def module_nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {n.meta[MODULE_KEY]: n for n in gm.graph.nodes if MODULE_KEY in n.meta}
 
 
+class _Pooled(ModalityObserver):
+    """An observer that counts every token as text: one second moment of all tokens (not one per modality)."""
+
+    def forward(self, x: Tensor, modality_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        super().forward(x, torch.zeros_like(modality_ids), attention_mask)
+
+
 def layer_bases(gm: fx.GraphModule, plan: SparsityPlan, samples: Sequence[DecoderInputs], covariance: Covariance, progress: bool = True) -> Tensor:
     """LaRoSA's bases ``[count, d, d]`` float64: eigenvectors of the second moment of each basis' first block input."""
     assert plan.roles is not None
@@ -262,7 +269,7 @@ def layer_bases(gm: fx.GraphModule, plan: SparsityPlan, samples: Sequence[Decode
     for name, norm in plan.roles.readers:
         first.setdefault(basis_of[name], (name, norm))
     nodes = module_nodes_by_name(gm)
-    observers = {basis: ModalityObserver(tuple(Modality)) for basis in first}
+    observers = {basis: ModalityObserver(tuple(Modality)) if covariance == "modalities" else _Pooled((Modality.TEXT,)) for basis in first}
     run_probes(gm, {nodes[name].args[0]: observers[basis] for basis, (name, _) in first.items()}, samples, "larosa bases", progress)  # type: ignore[misc]
     bases = []
     for basis in range(len(first)):

@@ -17,7 +17,7 @@ text interleaved) for ``adapter.decoder_inputs``.
 """
 
 from masq_fx.builtin.trimodal.data import ShippedSet, calibration_batches, load_set
-from masq_fx.builtin.trimodal.eval import accuracy, text_perplexity
+from masq_fx.builtin.trimodal.eval import accuracy, scores, text_perplexity
 from masq_fx.builtin.trimodal.model import TrimodalConfig, load_trimodal
 from masq_fx.builtin.trimodal.processing import Sample, TrimodalProcessor
 
@@ -28,6 +28,7 @@ __all__ = [
     "TrimodalProcessor",
     "accuracy",
     "calibration_batches",
+    "scores",
     "load_set",
     "load_trimodal",
     "text_perplexity",

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+import torch
+
+from masq_fx.builtin.trimodal.data import ShippedSet
 from masq_fx.builtin.trimodal.processing import IM_END, Sample, TrimodalProcessor
 from masq_fx.capture import CapturedDecoder
 from masq_fx.data.text import token_windows
@@ -44,3 +47,9 @@ def text_perplexity(captured: CapturedDecoder, adapter: ModelAdapter, processor:
     """Perplexity on ``count`` windows of the evaluation split of the Python reference (``masq_fx.data.text``)."""
     windows = token_windows(processor.tokenizer, "evaluation", window=window, count=count)
     return perplexity(captured, adapter, windows)
+
+
+def scores(decoder: DecoderFn, adapter: ModelAdapter, processor: TrimodalProcessor, evaluation: ShippedSet, items: int, windows: torch.Tensor) -> dict[str, float]:
+    """Vision and audio exact match on the first ``items`` items of ``evaluation``, and text perplexity on ``windows``."""
+    found = {f"{m} exact match": accuracy(decoder, adapter, processor, evaluation.samples(m, items)).value for m in ("vision", "audio")}
+    return found | {"text perplexity": perplexity(decoder, adapter, windows)}
