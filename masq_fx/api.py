@@ -37,6 +37,7 @@ from masq_fx.calibration import ModalityStats, calibration_tokens, observe
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder, capture
+from masq_fx.distributed import reduce, shard
 from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
@@ -175,7 +176,9 @@ class Calibrated:
 
     def missing_modalities(self) -> tuple[Modality, ...]:
         """Modalities the model has placeholder tokens for but the calibration samples contain none of."""
-        seen = calibration_tokens(self.samples)
+        local = calibration_tokens(self.samples)
+        seen = torch.tensor([local[m] for m in Modality], dtype=torch.float64)
+        reduce([seen], "sum", "counting the calibration tokens")  # every rank's, in a process group
         return tuple(m for m in self.captured.modalities if m != Modality.TEXT and seen[m] == 0)
 
     @property
@@ -210,10 +213,14 @@ def calibrate(
     recorded by :meth:`QuantizedModel.save`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None``:
     where the model's parameters are) is checked, with the model's dtype, before any work, and the model
     moved there; the captures, statistics and quantized state then live on it.
+
+    In a ``torch.distributed`` process group (``torchrun``), every rank calls it with the same batches and
+    keeps its share (batch ``i`` on rank ``i mod N``); :func:`apply_all` then reduces the statistics over
+    the ranks at each layer (:mod:`masq_fx.distributed`).
     """
     place(model, device)
     resolved = [resolve_recipe(r) for r in recipes]
-    batches = list(calibration)
+    batches = shard(list(calibration))
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
     samples = calibration_inputs(model, batches, progress)

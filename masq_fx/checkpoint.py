@@ -92,8 +92,10 @@ from transformers import PretrainedConfig
 
 from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
+from masq_fx.distributed import gather_shards, is_leader
 from masq_fx.errors import InputError
 from masq_fx.files import fsync_directory, write_bytes_atomically
+from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for, model_device
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
 from masq_fx.quantizers import QuantizedWeight, WeightQuantConfig
@@ -197,13 +199,15 @@ def model_identity(model: nn.Module) -> dict[str, str]:
 
 
 def _calibration(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -> dict[str, Any]:
+    """What the checkpoint records of its calibration set: every rank's samples, in a process group."""
     fields = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
-    named = ((f"{i}.{f}", getattr(s, f)) for i, s in enumerate(samples) for f in fields)
-    tokens = calibration_tokens(samples)
+    local = [(tensors_sha256((f, getattr(s, f)) for f in fields), calibration_tokens([s])) for s in samples]
+    everyone = gather_shards(local)
+    digest = hashlib.sha256("".join(d for d, _ in everyone).encode())  # of each sample's, in calibration order
     return {
-        "samples": len(samples),
-        "tokens": {m.name.lower(): n for m, n in tokens.items()},
-        "sha256": tensors_sha256(named),
+        "samples": len(everyone),
+        "tokens": {m.name.lower(): sum(t[m] for _, t in everyone) for m in Modality},
+        "sha256": digest.hexdigest(),
         "sample_sha256": list(data_hashes),
     }
 
@@ -343,8 +347,14 @@ def save(
     Atomic: the files are written and fsynced in a temporary sibling directory that is then renamed;
     an interrupted save leaves no checkpoint behind and an existing one untouched. An existing
     ``directory`` is an error unless ``overwrite``. The HF ``model`` is read, never modified.
+
+    In a process group every rank calls it (the calibration summary covers every rank's samples) and
+    rank 0 alone writes.
     """
     target = Path(directory)
+    calibration = _calibration(context.calibration, data_hashes)
+    if not is_leader():
+        return target
     _check_replaceable(target, overwrite)
     collected = _collect(context.graph_module, model)
     tensors = {name: tensor.detach().cpu() for name, tensor in collected.tensors.items()}  # device-independent
@@ -359,7 +369,7 @@ def save(
         "model": model_identity(model),
         "modality_tokens": asdict(adapter.modality_tokens()),
         "modalities": [m.name.lower() for m in context.captured.modalities],
-        "calibration": _calibration(context.calibration, data_hashes),
+        "calibration": calibration,
         "tensors": {"file": TENSORS, "content_sha256": tensors_sha256(sorted(tensors.items()))},
         "graph": collected.graph,
     }

@@ -34,6 +34,7 @@ from masq_fx.calibration.calibrate import STATS, InsertObservers, collect_stats,
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.capture.layers import PRE, Env, Segments, advance, start
+from masq_fx.distributed import located
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
 from masq_fx.nn.quant_linear import QuantLinear
@@ -82,38 +83,39 @@ def run_layerwise(
     observe = InsertObservers(moment_modalities, site_moments=site_moments)
     bar = tqdm(range(float_capture.num_layers), desc="layers", unit="layer", disable=not progress)
     for layer in bar:
-        began = time.perf_counter()
-        segment = floats(layer)
-        observe(segment.module, Context(float_capture, layer=layer))
-        segment.module.recompile()
-        with torch.no_grad():
-            float_outputs = [segment.run(env) for env in float_envs]
-        observe_seconds = time.perf_counter() - began
-        stats = collect_stats(segment.module)
-        remove_observers(segment.module)  # a graph module sits in a reference cycle: drop what it holds now
-        for index, job in enumerate(jobs):
-            seconds[index]["calibrate"] += observe_seconds
-            context = job.context
-            context.stats.update(stats)
-            context.layer = layer
-            context.layer_data = LayerData(float_envs, float_outputs, quantized[index])
-            for step in job.steps:
-                bar.set_postfix_str(step.name)
-                seconds[index][step.name] += run_step(step, context, recompile=False)
-            stream = quantized[index]
-            if stream is not None:
-                own = Segments(context.graph_module, context.captured.num_layers)(layer)
-                with torch.no_grad():
-                    quantized[index] = [advance(env, own.run(env), layer, job_last[index]) for env in stream]
-            for module in context.graph_module.modules():
-                if isinstance(module, QuantLinear) and context.in_scope(module.name):
-                    module.release()
-        release(segment.module.state_dict(keep_vars=True).values())  # this layer's float weights, where mapped
-        light = {id(s): s.without_moments() for s in stats.values()}
-        for job in jobs:
-            job.context.stats.update({name: light[id(s)] for name, s in stats.items()})
-        float_envs = [advance(env, out, layer, float_last) for env, out in zip(float_envs, float_outputs)]
-        del stats, light, segment  # this layer's second moments go before the next layer's are collected
+        with located(layer):  # in a process group, errors say which rank raised them, where
+            began = time.perf_counter()
+            segment = floats(layer)
+            observe(segment.module, Context(float_capture, layer=layer))
+            segment.module.recompile()
+            with torch.no_grad():
+                float_outputs = [segment.run(env) for env in float_envs]
+            observe_seconds = time.perf_counter() - began
+            stats = collect_stats(segment.module, layer)  # every rank's tokens, in a process group
+            remove_observers(segment.module)  # a graph module sits in a reference cycle: drop what it holds now
+            for index, job in enumerate(jobs):
+                seconds[index]["calibrate"] += observe_seconds
+                context = job.context
+                context.stats.update(stats)
+                context.layer = layer
+                context.layer_data = LayerData(float_envs, float_outputs, quantized[index])
+                for step in job.steps:
+                    bar.set_postfix_str(step.name)
+                    seconds[index][step.name] += run_step(step, context, recompile=False)
+                stream = quantized[index]
+                if stream is not None:
+                    own = Segments(context.graph_module, context.captured.num_layers)(layer)
+                    with torch.no_grad():
+                        quantized[index] = [advance(env, own.run(env), layer, job_last[index]) for env in stream]
+                for module in context.graph_module.modules():
+                    if isinstance(module, QuantLinear) and context.in_scope(module.name):
+                        module.release()
+            release(segment.module.state_dict(keep_vars=True).values())  # this layer's float weights, where mapped
+            light = {id(s): s.without_moments() for s in stats.values()}
+            for job in jobs:
+                job.context.stats.update({name: light[id(s)] for name, s in stats.items()})
+            float_envs = [advance(env, out, layer, float_last) for env, out in zip(float_envs, float_outputs)]
+            del stats, light, segment  # this layer's second moments go before the next layer's are collected
     for index, job in enumerate(jobs):
         context = job.context
         context.layer = None

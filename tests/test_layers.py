@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: every room below the API
 LIBRARY = set(
-    "checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages errors".split()
+    "checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages distributed errors".split()
 )
 
 #: room → the other rooms its modules may import (bottom floor first; the same table as docs/architecture.md)
@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "files": set(),
     "pages": set(),
+    "distributed": {"errors"},
     "modality": {"errors"},
     "quantizers": {"errors"},
     # what a model is, and the modules a transformed graph holds
@@ -44,15 +45,15 @@ ALLOWED: dict[str, set[str]] = {
     "nn": {"capture", "modality", "quantizers", "errors"},
     # stages 1-3: pipeline machinery, calibration, transforms
     "pipeline": {"capture", "nn", "models", "modality", "quantizers", "errors"},
-    "calibration": {"pipeline", "capture", "nn", "models", "modality", "quantizers", "errors"},
-    "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
-    "sequential": {"calibration", "pipeline", "capture", "nn", "models", "modality", "pages", "errors"},
+    "calibration": {"pipeline", "capture", "nn", "models", "modality", "quantizers", "distributed", "errors"},
+    "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "distributed", "errors"},
+    "sequential": {"calibration", "pipeline", "capture", "nn", "models", "modality", "pages", "distributed", "errors"},
     # stage 4 and running / persisting a transformed graph
     "backends": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "generation": {"replay", "backends", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "recipes": {"transforms", "calibration", "pipeline", "backends", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
-    "checkpoint": {"replay", "recipes", "transforms", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
+    "checkpoint": {"replay", "recipes", "transforms", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "distributed", "errors"},
     "eval": {"generation", "data", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "memory": {"recipes", "transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     # the API and the package's face

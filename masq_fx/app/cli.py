@@ -144,8 +144,11 @@ def _quantize(args: argparse.Namespace) -> int:
     from masq_fx.api import apply_all, calibrate
     from masq_fx.app.run_report import build as build_report
     from masq_fx.app.sources import load_source
+    from masq_fx.distributed import is_leader
     from masq_fx.recipes import resolve_recipe
 
+    leader = is_leader()  # in a torchrun group, rank 0 alone checks --out, evaluates, writes and prints
+    say = print if leader else lambda *_: None
     # everything that can be checked without the model is, before the model loads and calibrates
     recipes = {name: resolve_recipe(name) for name in (args.recipe, *args.compare)}  # fail fast on a bad name
     if args.rotate is not None:
@@ -154,39 +157,44 @@ def _quantize(args: argparse.Namespace) -> int:
         recipes[args.recipe] = replace(recipes[args.recipe], rotation=RotationConfig(seed=args.rotate))
     suffix = "" if args.rotate is None else "-rot"
     out = Path(args.out or f"runs/{args.model.replace(':', '-').replace('/', '_')}-{args.recipe}{suffix}")
-    _check_output(out, args.overwrite, args.model)
+    if leader:
+        _check_output(out, args.overwrite, args.model)
     _check_calibration(args.calib)
     import torch
 
     # the checkpoint records the dtype; eval, generate and bench load the model in it
     sizes = replace(_sizes(args), calibration_tokens=args.calib_tokens)
     source = load_source(args.model, sizes, args.calib, getattr(torch, args.dtype), args.device)
-    print(f"{source.title}\nrecipe {args.recipe} → {out}")
+    say(f"{source.title}\nrecipe {args.recipe} → {out}")
     # one capture; the float graph is the FP32 row and the report's SQNR reference
     calibrated = calibrate(
         source.model, source.calibration, recipes.values(), progress=not args.quiet, data_hashes=source.calibration_hashes
     )
+    evaluate = leader and not args.no_eval
     rows: dict[str, dict[str, float]] = {}
-    if not args.no_eval:
+    if evaluate:
         rows["FP32" if args.dtype == "float32" else "BF16"] = source.evaluate(calibrated.captured)
     # every recipe in one layer-by-layer pass: the float statistics are computed once for all of them
     start = time.perf_counter()
     applied = apply_all(calibrated, list(recipes.values()), progress=not args.quiet)
-    print(f"{', '.join(recipes)}: quantized in {time.perf_counter() - start:.0f} s")
+    say(f"{', '.join(recipes)}: quantized in {time.perf_counter() - start:.0f} s")
+    report = None
     for name, quantized in zip(recipes, applied):
         if name == args.recipe:
             # published with the checkpoint (its metrics filled in at the end): an interrupt after saving
             # never leaves a checkpoint without its report, nor a replaced one's old report
-            report = build_report(
-                quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
-            )
-            quantized.save(out, overwrite=args.overwrite, source=_source_name(args.model), extra_files=report.write)
-            print(f"saved {out}")
-        if not args.no_eval:
+            if leader:
+                report = build_report(
+                    quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
+                )
+            quantized.save(out, overwrite=args.overwrite, source=_source_name(args.model), extra_files=None if report is None else report.write)
+            say(f"saved {out}")
+        if evaluate:
             rows[name] = source.evaluate(quantized.decoder)
     if rows:
         _print_rows(rows, args.json)
-    print(f"report {replace(report, metrics=rows).write(out)}")
+    if report is not None:
+        print(f"report {replace(report, metrics=rows).write(out)}")
     return 0
 
 
@@ -481,18 +489,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # model loading's bars too
+    from masq_fx.distributed import launched, leave
+
+    name = f"masq-fx {args.command}"
     try:
         _check_device(args)
+        if launched():
+            name = _join_ranks(args)
         return args.func(args)
     except CalibrationMemoryError as error:
-        print(f"masq-fx {args.command}: error: {error} (lower --calib-samples, --calib-tokens or --seq-len)", file=sys.stderr)
+        print(f"{name}: error: {error} (lower --calib-samples, --calib-tokens or --seq-len)", file=sys.stderr)
         return 1
     except MasqFxError as error:
-        print(f"masq-fx {args.command}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"masq-fx {args.command}: interrupted; nothing partial was written (checkpoints and reports are published atomically)", file=sys.stderr)
+        print(f"{name}: interrupted; nothing partial was written (checkpoints and reports are published atomically)", file=sys.stderr)
         return 130
+    finally:
+        leave()
+
+
+def _join_ranks(args: argparse.Namespace) -> str:
+    """Join the process group ``torchrun`` started this process in (``quantize`` only); the name errors carry."""
+    from masq_fx.distributed import join, local_device
+
+    if args.command != "quantize":
+        raise InputError(f"only quantize runs on several processes: run masq-fx {args.command} as one process, without torchrun")
+    args.device = local_device(args.device)
+    group = join(args.device)
+    if group.rank != 0:  # rank 0 alone shows progress and prints
+        args.quiet = True
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return f"masq-fx {args.command} (rank {group.rank} of {group.size})"
 
 
 if __name__ == "__main__":

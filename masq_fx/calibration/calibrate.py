@@ -11,7 +11,7 @@ float64) whatever the model's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from masq_fx.calibration.observer import ModalityObserver
 from masq_fx.calibration.stats import ModalityStats
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import MODULE_KEY
+from masq_fx.distributed import reduce
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.pipeline import CALIBRATION_DATA, GRAPH, Capability, Context
@@ -107,11 +108,14 @@ class Calibrate:
         return gm
 
 
-def collect_stats(gm: fx.GraphModule) -> dict[str, ModalityStats]:
+def collect_stats(gm: fx.GraphModule, layer: int | None = None) -> dict[str, ModalityStats]:
     """Module name of every linear an observer of ``gm`` watched → what it recorded (shared per site).
 
-    Raises :class:`InputError` when a site saw NaN/Inf activations.
+    In a process group the statistics are those of every rank's tokens (:func:`reduce_over_ranks`;
+    ``layer`` names where in its errors). Raises :class:`InputError` when a site saw NaN/Inf activations.
     """
+    observers = [gm.get_submodule(str(node.target)) for node in observer_nodes(gm)]
+    reduce_over_ranks([o.stats for o in observers if isinstance(o, ModalityObserver) and o.stats is not None], layer)
     found: dict[str, ModalityStats] = {}
     for node in observer_nodes(gm):
         observer = gm.get_submodule(str(node.target))
@@ -128,6 +132,16 @@ def collect_stats(gm: fx.GraphModule) -> dict[str, ModalityStats]:
         for module in node.meta[_SITES_KEY]:
             found[module] = stats
     return found
+
+
+def reduce_over_ranks(stats: Sequence[ModalityStats], layer: int | None = None) -> None:
+    """Turn each rank's ``stats`` (the same sites, in the same order on every rank) into the statistics of all
+    ranks' tokens, in place: maxima and minima exactly, counts and second moments summed. Nothing without a
+    process group."""
+    what = "reducing the observers' statistics"
+    reduce([t for s in stats for t in (s.absmax, s.max)], "max", what, layer)
+    reduce([s.min for s in stats], "min", what, layer)
+    reduce([s.count for s in stats] + [m for s in stats for m in s.moments.values()], "sum", what, layer)
 
 
 def calibration_tokens(samples: Iterable) -> dict[Modality, int]:

@@ -15,6 +15,9 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
+from masq_fx.calibration.calibrate import reduce_over_ranks
+from masq_fx.calibration.observer import ModalityObserver
+from masq_fx.distributed import reduce
 from masq_fx.modality import NUM_MODALITIES
 from masq_fx.models import DecoderInputs
 
@@ -79,6 +82,20 @@ class ZeroTally(nn.Module):
             tokens = valid & (modality_ids == m)
             self.entries[m] += float(tokens.sum()) * x.shape[-1]
             self.zeros[m] += float(zeros[tokens].sum())
+
+
+def reduce_probes(probes: Iterable[nn.Module]) -> None:
+    """In a process group, turn each rank's probes (the same, in the same order, on every rank) into those of
+    every rank's tokens (calibration probes; a measurement on one rank's samples stays that rank's)."""
+    probes = list(probes)
+    reduce_over_ranks([p.stats for p in probes if isinstance(p, ModalityObserver) and p.stats is not None])
+    tables: list[Tensor] = []
+    for probe in probes:
+        if isinstance(probe, MagnitudeObserver):
+            tables.append(probe.histogram.counts)
+        elif isinstance(probe, ZeroTally):
+            tables += [probe.entries, probe.zeros]
+    reduce(tables, "sum", "reducing the activation magnitudes")
 
 
 @torch.no_grad()

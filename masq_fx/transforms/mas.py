@@ -49,6 +49,8 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from masq_fx.capture.layers import PRE, Env, Segment, Segments, advance, start
+from masq_fx.distributed import is_leader, ranks, reduce, total
+from masq_fx.errors import InputError
 from masq_fx.files import write_bytes_atomically
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear, quantizers_off
@@ -86,11 +88,18 @@ class MASLearningConfig:
     min_clip_ratio: float = 0.5
     #: learn the scales under the CMC's ``own_channels`` constraint (needs a recipe with one)
     own_channels_in_loop: bool = False
+    #: calibration samples whose gradients each optimizer step averages; ``None``: one per rank (1 in a
+    #: single process). In a process group it must be a multiple of the number of ranks
+    step_samples: int | None = None
+    #: file the learned scales are saved to after each layer, and resumed from (by rank 0, read by every rank:
+    #: on several machines it must be on a shared filesystem)
     checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.step_samples is not None and self.step_samples < 1:
+            raise ValueError(f"step_samples must be at least 1 (or None: one per rank), got {self.step_samples}")
         if len(self.loss_weights) != NUM_MODALITIES or any(w < 0 for w in self.loss_weights):
             raise ValueError(f"loss_weights must be {NUM_MODALITIES} non-negative numbers (text, vision, audio)")
         if self.normalization not in ("modality_mean", "official"):
@@ -275,33 +284,61 @@ class LearnMAS:
         _log.info("MAS layer %d: loss %.5g (first epoch) -> %.5g (last epoch)", layer, *self.losses[layer])
 
     def _optimise(self, layer, params, clips, tied, segment: Segment, q_envs, targets, samples) -> list[float]:
-        """AdamW on the layer's scales (and clipping ratios); the mean loss of every epoch."""
+        """AdamW on the layer's scales (and clipping ratios); the mean loss of every epoch.
+
+        Each step averages the gradients of ``step_samples`` consecutive calibration samples. In a process
+        group a step's samples are spread over the ranks (rank ``r`` holds samples ``r, r + N, …``) and
+        their gradients summed over the ranks, so every rank takes the same step.
+        """
         cfg = self.config
+        group = ranks()
+        size = 1 if group is None else group.size
+        per_step = cfg.step_samples or size
+        if per_step % size:
+            raise InputError(
+                f"MAS learning: step_samples={per_step} cannot be spread over {size} ranks: make it a multiple of {size}"
+            )
+        local = per_step // size
+        count = round(total(len(samples), "counting the calibration samples", layer))
+        learned = [*params.values(), *clips]
         groups = [{"params": list(params.values()), "lr": cfg.lr}, {"params": clips, "lr": cfg.clip_lr}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
         epoch_losses = []
         for _ in range(cfg.epochs):
-            total = 0.0
-            for env, target, sample in zip(q_envs, targets, samples):
+            running = 0.0
+            for step in range(-(-count // per_step)):
                 self._clamp(params, clips, tied)
-                outputs = _floating(segment.run(env), segment.outputs)
-                valid = sample.attention_mask.bool()
-                loss = cast(Tensor, sum(  # a layer has outputs: a Tensor, never the start 0
-                    modality_weighted_mae(o, target[name], sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
-                    for name, o in outputs.items()
-                ))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"MAS learning: non-finite loss at decoder layer {layer}; check that layer's "
-                        "activations and scales (lower lr, or raise min_scale)"
-                    )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                in_step = min(per_step, count - step * per_step)
+                for index in range(step * local, min(step * local + local, len(samples))):
+                    loss = self._loss(layer, segment, q_envs[index], targets[index], samples[index])
+                    (loss / in_step).backward()
+                    running += float(loss.detach())
+                if group is not None:
+                    for p in learned:
+                        if p.grad is None:  # this rank had no sample in the (last) step
+                            p.grad = torch.zeros_like(p)
+                    reduce([p.grad for p in learned], "sum", "summing the MAS gradients", layer)
                 optimizer.step()
-                total += float(loss.detach())
-            epoch_losses.append(total / len(samples))
+            epoch_losses.append(total(running, "summing the MAS losses", layer) / count)
         self._clamp(params, clips, tied)
         return epoch_losses
+
+    def _loss(self, layer: int, segment: Segment, env: Env, target: Env, sample) -> Tensor:
+        """The modality-weighted error of ``segment``'s outputs for one sample against its float ``target``."""
+        cfg = self.config
+        outputs = _floating(segment.run(env), segment.outputs)
+        valid = sample.attention_mask.bool()
+        loss = cast(Tensor, sum(  # a layer has outputs: a Tensor, never the start 0
+            modality_weighted_mae(o, target[name], sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
+            for name, o in outputs.items()
+        ))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"MAS learning: non-finite loss at decoder layer {layer}; check that layer's "
+                "activations and scales (lower lr, or raise min_scale)"
+            )
+        return loss
 
     @torch.no_grad()
     def _clamp(self, scales: dict[str, nn.Parameter], clips: list[nn.Parameter], tied: list[_TiedRows]) -> None:
@@ -314,7 +351,7 @@ class LearnMAS:
 
     def _save(self, gm: fx.GraphModule, layer: int) -> None:
         path = self.config.checkpoint
-        if path is None:
+        if path is None or not is_leader():
             return
         state = {}
         for m in gm.modules():

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, fx, nn
 
-from masq_fx.calibration.magnitudes import MagnitudeObserver, ZeroTally, run_probes
+from masq_fx.calibration.magnitudes import MagnitudeObserver, ZeroTally, reduce_probes, run_probes
 from masq_fx.calibration.observer import ModalityObserver
 from masq_fx.capture.dataflow import PASSTHROUGH, SmoothingGroup
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, CapturedDecoder, is_linear
@@ -271,6 +271,7 @@ def layer_bases(gm: fx.GraphModule, plan: SparsityPlan, samples: Sequence[Decode
     nodes = module_nodes_by_name(gm)
     observers = {basis: ModalityObserver(tuple(Modality)) if covariance == "modalities" else _Pooled((Modality.TEXT,)) for basis in first}
     run_probes(gm, {nodes[name].args[0]: observers[basis] for basis, (name, _) in first.items()}, samples, "larosa bases", progress)  # type: ignore[misc]
+    reduce_probes(observers[basis] for basis in sorted(observers))
     bases = []
     for basis in range(len(first)):
         stats = observers[basis].stats
@@ -291,6 +292,7 @@ def magnitude_thresholds(gm: fx.GraphModule, plan: SparsityPlan, samples: Sequen
     """TEAL's threshold of each site: the level-quantile of its calibration activations' magnitudes (float32 ``[sites]``)."""
     observers = [MagnitudeObserver() for _ in plan.sites]
     run_probes(gm, {_inputs(gm, site)[0]: obs for site, obs in zip(plan.sites, observers)}, samples, "teal thresholds", progress)
+    reduce_probes(observers)
     return torch.tensor([obs.histogram.quantile(site.level) for site, obs in zip(plan.sites, observers)], dtype=torch.float32)
 
 
