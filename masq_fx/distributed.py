@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -193,6 +193,47 @@ def gather_shards(items: Sequence[T]) -> list[T]:
     """Every rank's :func:`shard` of a sequence put back in its order; ``items`` without a group."""
     shards = gather(list(items))
     return [shards[i % len(shards)][i // len(shards)] for i in range(sum(map(len, shards)))]
+
+
+def owners(costs: Sequence[float]) -> list[int]:
+    """The rank that solves each task: the costliest first, each to the least loaded rank (rank 0 for all without a
+    group). The same on every rank: ties go to the lower task index and rank."""
+    group = ranks()
+    size = 1 if group is None else group.size
+    load = [0.0] * size
+    owner = [0] * len(costs)
+    for task in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[task] = min(range(size), key=lambda r: (load[r], r))
+        load[owner[task]] += costs[task]
+    return owner
+
+
+def solve_once(
+    tasks: Sequence[T],
+    solve: Callable[[T], list[Tensor]],
+    template: Callable[[T], list[Tensor]],
+    costs: Sequence[float],
+    what: str,
+    layer: int | None = None,
+) -> list[list[Tensor]]:
+    """Each task's tensors, computed by ``solve`` on one rank (:func:`owners`) and broadcast to the others, which
+    receive them into ``template``'s tensors (same shapes and dtypes); without a group, ``solve`` of every task."""
+    group = ranks()
+    if group is None:
+        return [solve(task) for task in tasks]
+    owner = owners(costs)
+    results = [solve(task) if owner[i] == group.rank else template(task) for i, task in enumerate(tasks)]
+    device = _device()
+    began = time.perf_counter()
+    with collective(what, layer):
+        for source, tensors in zip(owner, results):
+            for index, tensor in enumerate(tensors):
+                moved = tensor.to(device).contiguous()
+                dist.broadcast(moved, src=source)
+                tensors[index] = moved.to(tensor.device)
+    traffic.seconds += time.perf_counter() - began
+    traffic.bytes += sum(t.numel() * t.element_size() for tensors in results for t in tensors)
+    return results
 
 
 def total(value: float, what: str, layer: int | None = None) -> float:

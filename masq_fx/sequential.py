@@ -14,8 +14,9 @@ For each decoder layer ``i``, in order:
    the pages of its float weights are given back where they are mapped from a safetensors file
    (:mod:`masq_fx.pages`), and the float stream moves on.
 
-Only one layer's second moments and each stream's activations at one layer boundary are held at a
-time. Several pipelines (recipes) share one pass, so the float stream and the statistics are computed
+In a ``torch.distributed`` process group each rank runs this on its share of the samples and the
+statistics of step 1 are those of every rank's tokens (:mod:`masq_fx.distributed`). Only one layer's
+second moments and each stream's activations at one layer boundary are held at a time. Several pipelines (recipes) share one pass, so the float stream and the statistics are computed
 once for all of them. The statistics are bit-identical to those of a whole-graph calibration (the
 same float ops, one layer at a time).
 """

@@ -138,9 +138,9 @@ def test_compare_captures_and_calibrates_once(tmp_path, capsys, monkeypatch, one
         counts["export"] += 1
         return export(*args, **kwargs)
 
-    def counted_collect(gm):
+    def counted_collect(gm, layer=None):
         counts["float layer passes"] += 1
-        return collect(gm)
+        return collect(gm, layer)
 
     monkeypatch.setattr(torch.export, "export", counted_export)
     monkeypatch.setattr(sequential, "collect_stats", counted_collect)

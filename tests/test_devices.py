@@ -63,11 +63,12 @@ def test_generation_cache_follows_the_model_device(llama, monkeypatch):
 
 
 def test_library_has_no_hard_coded_cpu_device():
-    """Tensors the library creates follow their inputs' device; only the device helpers name the CPU."""
+    """Tensors the library creates follow their inputs' device; only the device helpers name the CPU (and the
+    collectives of a gloo process group, which run there)."""
     root = Path(__file__).resolve().parents[1] / "masq_fx"
     found = []
     for path in root.rglob("*.py"):
-        if path.relative_to(root).as_posix() == "models/device.py":
+        if path.relative_to(root).as_posix() in ("models/device.py", "distributed.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.device" and any(

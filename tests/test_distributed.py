@@ -151,3 +151,28 @@ def test_shards_are_round_robin_and_put_back_in_order(monkeypatch):
 def test_mas_steps_must_spread_evenly_over_the_ranks():
     with pytest.raises(ValueError, match="step_samples must be at least 1"):
         MASLearningConfig(step_samples=0)
+
+
+@pytest.mark.slow
+def test_torchrun_quantize_writes_the_single_process_checkpoint(tmp_path):
+    """``torchrun -m masq_fx quantize`` on real SmolLM2 weights, 2 gloo ranks: rank 0 alone prints and writes, and
+    writes what one process writes (SmoothQuant's scales come from maxima, which reduce exactly)."""
+    common = ["smollm2", "--recipe", "smoothquant-w8a8", "--compare", "--calib-samples", "4", "--seq-len", "64", "--no-eval", "--threads", "1", "--device", "cpu"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "masq_fx", "quantize"]
+    ranks = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=600)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout.count("saved ") == 1 and ranks.stdout.count("quantized in") == 1
+    single = subprocess.run([sys.executable, "-m", "masq_fx", "quantize", *common, "--out", str(tmp_path / "single")], capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ours, theirs = (load_file(str(tmp_path / d / "quantized.safetensors")) for d in ("ranks", "single"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert read_manifest(tmp_path / "ranks")["calibration"] == read_manifest(tmp_path / "single")["calibration"]
+
+
+def test_owners_balance_the_costliest_tasks_first(monkeypatch):
+    from masq_fx import distributed
+
+    assert distributed.owners([5.0, 1.0, 4.0, 2.0]) == [0, 0, 0, 0]  # no process group
+    monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(0, 2))
+    assert distributed.owners([5.0, 1.0, 4.0, 2.0]) == [0, 0, 1, 1]  # loads 6 and 6

@@ -105,7 +105,7 @@ def test_only_the_current_layers_second_moments_are_held(calibrated):
 def test_apply_all_computes_the_float_statistics_once(calibrated, monkeypatch, one_thread):
     calls = []
     real = sequential.collect_stats
-    monkeypatch.setattr(sequential, "collect_stats", lambda gm: calls.append(1) or real(gm))
+    monkeypatch.setattr(sequential, "collect_stats", lambda gm, layer=None: calls.append(1) or real(gm, layer))
     recipes = ["rtn-w8a8", "smoothquant-w4a8", "masquant-w4a8"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoverageWarning)

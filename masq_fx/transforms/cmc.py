@@ -44,6 +44,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, fx
 
+from masq_fx.distributed import gather, solve_once
 from masq_fx.errors import CoverageWarning
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
@@ -276,6 +277,7 @@ class CrossModalCompensation:
         linears = [m for m in compensated(gm) if context.in_scope(m.name)]
         if self.config.own_channels is not None and SCALES_PROJECTED not in context.provided:
             ProjectScales(self.config)(gm, context)
+        tasks: list[tuple[QuantLinear, Modality, int, Tensor | None]] = []  # a branch each
         for module in linears:
             if not module.quantizers_enabled:
                 raise ValueError(
@@ -284,7 +286,6 @@ class CrossModalCompensation:
                 )
             stats = context.stats.get(module.name)
             text_row = int(module.row_of_modality[Modality.TEXT])
-            base = module.quantized_weight(text_row).detach().double()
             for modality in Modality:
                 row = int(module.row_of_modality[modality])
                 if modality == Modality.TEXT or row == text_row:
@@ -292,8 +293,27 @@ class CrossModalCompensation:
                 moment = None if stats is None else stats.moments.get(modality)
                 if self.config.whiten and moment is None:
                     skipped.add(modality)
-                self._compensate(module, modality, row, base, moment)
+                tasks.append((module, modality, row, moment))
+        # in a process group each branch is solved on one rank (by cost) and its factors broadcast
+        solved: dict[int, BranchReport] = {}
+
+        def solve(index: int) -> list[Tensor]:
+            factors, solved[index] = self._compensate(*tasks[index])
+            return list(factors)
+
+        def blank(index: int) -> list[Tensor]:
+            module = tasks[index][0]
+            rank = self.config.rank_for(module.in_features, module.out_features)
+            shapes = ((module.in_features, rank), (rank, module.out_features))
+            return [torch.empty(shape, dtype=torch.float64, device=module.weight.device) for shape in shapes]
+
+        costs = [float(m.in_features**2 * (m.in_features + m.out_features)) for m, *_ in tasks]
+        factors = solve_once(range(len(tasks)), solve, blank, costs, "sharing the CMC branches", context.layer)
+        for (module, _, row, _), (left, right) in zip(tasks, factors):
+            module.set_branch(row, left, right, self.config.factor_bits)
+        for module in linears:
             module.use_text_weight(self.config.branch_input)
+        self.reports += [report for found in gather(solved) for _, report in sorted(found.items())]
         context.diagnostics[self.name] = list(self.reports)
         if skipped:
             names = ", ".join(m.name.lower() for m in sorted(skipped))
@@ -305,10 +325,12 @@ class CrossModalCompensation:
             )
         return gm
 
-    def _compensate(self, module: QuantLinear, modality: Modality, row: int, base: Tensor, moment: Tensor | None) -> None:
+    def _compensate(self, module: QuantLinear, modality: Modality, row: int, moment: Tensor | None) -> tuple[tuple[Tensor, Tensor], BranchReport]:
+        """The factors of ``module``'s branch for ``row`` (set on ``module``) and its report."""
         cfg = self.config
         assert module.scales is not None  # compensated linears
         scale = module.scales[row].detach()
+        base = module.quantized_weight(int(module.row_of_modality[Modality.TEXT])).detach().double()
         if cfg.target == "quantized":
             target = module.quantized_weight(row).detach().double()
         else:
@@ -322,17 +344,15 @@ class CrossModalCompensation:
         rank = cfg.rank_for(module.in_features, module.out_features)
         left, right, sigma = low_rank_factors(error_t, whitening, rank)
         module.set_branch(row, left, right, cfg.factor_bits)
-        if cfg.factor_bits is not None:  # the errors of the codes the branch computes with
-            left, right = (f.double() for f in module.branches[row])
-        residual = whitening.t @ (error_t - left @ right)
+        coded = (left, right) if cfg.factor_bits is None else tuple(f.double() for f in module.branches[row])  # the codes' errors
+        residual = whitening.t @ (error_t - coded[0] @ coded[1])
         total = (whitening.t @ error_t).norm()
-        self.reports.append(
-            BranchReport(
-                module=module.name,
-                modality=modality,
-                rank=rank,
-                relative_error=float(residual.norm() / total.clamp_min(1e-300)),
-                effective_rank=_effective_rank(sigma),
-                overhead=rank * (module.in_features + module.out_features) / (module.in_features * module.out_features),
-            )
+        report = BranchReport(
+            module=module.name,
+            modality=modality,
+            rank=rank,
+            relative_error=float(residual.norm() / total.clamp_min(1e-300)),
+            effective_rank=_effective_rank(sigma),
+            overhead=rank * (module.in_features + module.out_features) / (module.in_features * module.out_features),
         )
+        return (left, right), report

@@ -20,6 +20,7 @@ from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from masq_fx.calibration.calibrate import STATS
+from masq_fx.distributed import solve_once
 from masq_fx.modality import Modality
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Capability, Context
@@ -139,20 +140,66 @@ class GPTQWeights:
     provides: tuple[Capability, ...] = (SOLVED_WEIGHTS,)
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+        """In a process group each linear is solved on one rank (by cost) and its codes broadcast to the others."""
         modules = [m for m in quant_linears(gm) if m.weight_quant is not None and context.in_scope(m.name)]
-        for module in tqdm(modules, desc="GPTQ", unit="linear", disable=not self.progress or context.layer is not None):
-            stats = context.stats.get(module.name)
-            if stats is None:
+        for module in modules:
+            if module.name not in context.stats:
                 raise ValueError(f"no calibration statistics for {module.name}: run Calibrate before GPTQ")
-            rows = 1 if module.scales is None else module.scales.shape[0]
-            solved = {}
-            for row in range(rows):
-                hessian = _row_hessian(module, stats, row)
-                weight = module.weight.detach().double()
-                if module.scales is not None:
-                    scale = module.scales[row].detach().double()
-                    weight = weight * scale
-                    hessian = hessian / scale[:, None] / scale[None, :]
-                solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row))
-            module.set_solved(solved)
+        bar = tqdm(total=len(modules), desc="GPTQ", unit="linear", disable=not self.progress or context.layer is not None)
+
+        def solve(module: QuantLinear) -> list[Tensor]:
+            solved = _flat(self._solve(module, context.stats[module.name]))
+            bar.update(1)
+            return solved
+
+        costs = [float(_rows(m) * m.in_features**2 * (m.in_features + m.out_features)) for m in modules]
+        results = solve_once(modules, solve, _blank, costs, "sharing the GPTQ weights", context.layer)
+        bar.close()
+        for module, tensors in zip(modules, results):
+            module.set_solved(_unflat(module, tensors))
         return gm
+
+    def _solve(self, module: QuantLinear, stats) -> dict[int, QuantizedWeight]:
+        assert module.weight_quant is not None  # chosen so
+        solved = {}
+        for row in range(_rows(module)):
+            hessian = _row_hessian(module, stats, row)
+            weight = module.weight.detach().double()
+            if module.scales is not None:
+                scale = module.scales[row].detach().double()
+                weight = weight * scale
+                hessian = hessian / scale[:, None] / scale[None, :]
+            solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row))
+        return solved
+
+
+def _rows(module: QuantLinear) -> int:
+    return 1 if module.scales is None else module.scales.shape[0]
+
+
+def _blank(module: QuantLinear) -> list[Tensor]:
+    """Tensors of the shapes and dtypes :func:`_flat` gives of ``module``'s GPTQ codes (what another rank's
+    solution is received into)."""
+    config = module.weight_quant
+    assert config is not None
+    out, groups = module.out_features, 1 if config.group_size is None else module.in_features // config.group_size
+    device = module.weight.device
+    shapes = [((out, module.in_features), torch.int8), ((out, groups), torch.float32)]
+    if not config.symmetric:
+        shapes.append(((out, groups), torch.int8))
+    return [torch.empty(shape, dtype=dtype, device=device) for _ in range(_rows(module)) for shape, dtype in shapes]
+
+
+def _flat(solved: dict[int, QuantizedWeight]) -> list[Tensor]:
+    return [t for row in sorted(solved) for t in (solved[row].qdata, solved[row].scale, solved[row].zero_point) if t is not None]
+
+
+def _unflat(module: QuantLinear, tensors: list[Tensor]) -> dict[int, QuantizedWeight]:
+    """``module``'s solved codes from the tensors :func:`_flat` lists."""
+    config = module.weight_quant
+    assert config is not None
+    values = iter(tensors)
+    return {
+        row: QuantizedWeight(qdata=next(values), scale=next(values), zero_point=None if config.symmetric else next(values), config=config)
+        for row in range(_rows(module))
+    }
