@@ -141,7 +141,9 @@ def reduce_over_ranks(stats: Sequence[ModalityStats], layer: int | None = None) 
     what = "reducing the observers' statistics"
     reduce([t for s in stats for t in (s.absmax, s.max)], "max", what, layer)
     reduce([s.min for s in stats], "min", what, layer)
-    reduce([s.count for s in stats] + [m for s in stats for m in s.moments.values()], "sum", what, layer)
+    reduce([s.count for s in stats], "sum", what, layer)
+    # a modality no rank saw has zero moments everywhere already: only the others travel
+    reduce([t for s in stats for m, t in s.moments.items() if s.count[m] > 0], "sum", what, layer)
 
 
 def calibration_tokens(samples: Iterable) -> dict[Modality, int]:

@@ -1,6 +1,18 @@
 """Model adapters, one module per architecture family. Importing this package registers them all."""
 
-from masq_fx.models import llama, llava, qwen3, qwen3_vl, qwen_audio, qwen_omni, qwen_vl  # noqa: F401  (registration)
+from masq_fx.models import (  # noqa: F401  (registration)
+    idefics3,
+    internvl,
+    llama,
+    llava,
+    llava_onevision,
+    mistral3,
+    qwen3,
+    qwen3_vl,
+    qwen_audio,
+    qwen_omni,
+    qwen_vl,
+)
 from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.device import default_device, model_device, place, resolve_device
 from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, supported_families

@@ -20,6 +20,10 @@ family                      modalities in a row
 ``qwen2.5-omni-thinker``    text + image + audio
 ``qwen3``                   text
 ``qwen3-vl``                text + image
+``mistral3``                text + image
+``idefics3``                text + image
+``internvl``                text + image
+``llava-onevision``         text + image
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -34,10 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
     Qwen2_5_VLConfig,
@@ -398,6 +410,88 @@ def tiny_qwen25_omni_thinker(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("qwen2.5-omni-thinker", model, batch, (Modality.TEXT, Modality.VISION, Modality.AUDIO))
 
 
+def _vision_tower(**extra: Any) -> dict[str, Any]:
+    """A ViT of 1 block of width 32 (2 heads) on 14-pixel patches."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **extra)
+
+
+def _one_image_per_row(family: str, model: nn.Module, seed: int, batch_size: int, span: list[int], pixels: torch.Tensor, **extra: torch.Tensor) -> TinyModel:
+    """Rows of text around one image's token ``span``, with the processor's image tensors ``pixels`` and ``extra``."""
+    rows = _Rows(seed, batch_size)
+    batch = rows.left_pad([rows.text(i, 3, 2) + span + rows.text(i, 5, 3) for i in range(batch_size)])
+    batch["pixel_values"] = pixels
+    batch.update(extra)
+    return TinyModel(family, model, batch, (Modality.TEXT, Modality.VISION))
+
+
+def tiny_mistral3(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Mistral3ForConditionalGeneration`` (Pixtral tower, Mistral decoder); one 56x56 image per row: 4x4 patches
+    merged 2x2 into 4 image tokens."""
+    size, patch, merge = 56, 14, 2
+    config = Mistral3Config(
+        vision_config=dict(model_type="pixtral", head_dim=16, image_size=size, patch_size=patch, **_vision_tower()),
+        text_config=dict(model_type="mistral", **_text_decoder(head_dim=16)),
+        image_token_index=TINY_TOKENS["image"],
+        spatial_merge_size=merge,
+    )
+    model = _build(config, Mistral3ForConditionalGeneration, seed)
+    pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    span = [TINY_TOKENS["image"]] * (size // patch // merge) ** 2 + [TINY_TOKENS["vision_end"]]  # [IMG_END]
+    return _one_image_per_row("mistral3", model, seed, batch_size, span, pixels, image_sizes=torch.tensor([[size, size]] * batch_size))
+
+
+def tiny_idefics3(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Idefics3ForConditionalGeneration`` (SigLIP tower, pixel shuffle, Llama decoder); one 56x56 image per row:
+    16 patches shuffled (scale 2) into 4 image tokens between two markers."""
+    size, patch, scale = 56, 14, 2
+    config = Idefics3Config(
+        vision_config=_vision_tower(image_size=size, patch_size=patch),
+        text_config=dict(model_type="llama", **_text_decoder()),
+        image_token_id=TINY_TOKENS["image"],
+        scale_factor=scale,
+        pad_token_id=TINY_TOKENS["pad"],
+    )
+    model = _build(config, Idefics3ForConditionalGeneration, seed)
+    pixels = torch.randn(batch_size, 1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return _one_image_per_row("idefics3", model, seed, batch_size, _image_span((size // patch) ** 2 // scale**2), pixels)
+
+
+def tiny_internvl(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``InternVLForConditionalGeneration`` (InternViT tower, pixel shuffle, Qwen2 decoder); one 56x56 tile per
+    row: 16 patches downsampled (ratio 0.5) into 4 image tokens between two markers."""
+    size, patch = 56, 14
+    config = InternVLConfig(
+        vision_config=_vision_tower(image_size=[size, size], patch_size=[patch, patch]),
+        text_config=dict(model_type="qwen2", **_text_decoder()),
+        image_token_id=TINY_TOKENS["image"],
+        downsample_ratio=0.5,
+    )
+    model = _build(config, InternVLForConditionalGeneration, seed)
+    pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return _one_image_per_row("internvl", model, seed, batch_size, _image_span((size // patch) ** 2 // 4), pixels)
+
+
+def tiny_llava_onevision(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, Qwen2 decoder); one 28x28 image per row, any-res
+    with a 1x1 grid: a base tile (2x2 tokens) and a grid tile (2x2 tokens and 2 row newlines), 10 image tokens."""
+    size, patch = 28, 14
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", image_size=size, patch_size=patch, **_vision_tower()),
+        text_config=dict(model_type="qwen2", **_text_decoder()),
+        image_token_index=TINY_TOKENS["image"],
+        video_token_index=TINY_TOKENS["video"],
+        image_grid_pinpoints=[[size, size]],
+        vision_feature_layer=-1,
+    )
+    model = _build(config, LlavaOnevisionForConditionalGeneration, seed)
+    pixels = torch.randn(batch_size, 2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    tokens = 2 * (size // patch) ** 2 + size // patch
+    return _one_image_per_row(
+        "llava-onevision", model, seed, batch_size, [TINY_TOKENS["image"]] * tokens, pixels,
+        image_sizes=torch.tensor([[size, size]] * batch_size), batch_num_images=torch.ones(batch_size, dtype=torch.long),
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "llama": tiny_llama,
     "llava": tiny_llava,
@@ -407,6 +501,10 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "qwen2.5-omni-thinker": tiny_qwen25_omni_thinker,
     "qwen3": tiny_qwen3,
     "qwen3-vl": tiny_qwen3_vl,
+    "mistral3": tiny_mistral3,
+    "idefics3": tiny_idefics3,
+    "internvl": tiny_internvl,
+    "llava-onevision": tiny_llava_onevision,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order

@@ -1,0 +1,36 @@
+"""The families added after the first six, end to end: quantize → save → load → lower → generate (the capture
+and cached-generation tests against HF run for every tiny family in ``test_capture_families.py`` and
+``test_generation.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from masq_fx.api import load, quantize
+from masq_fx.eval.accuracy import greedy_decode
+from masq_fx.models import adapter_for
+from masq_fx.models.tiny import tiny_model
+
+NEW_TOKENS = 4
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-vl", "mistral3", "idefics3", "internvl", "llava-onevision"])
+def test_quantize_save_load_lower_generate(family, tmp_path, one_thread):
+    tiny = tiny_model(family)
+    qm = quantize(tiny.model, "masquant-w8a8", [tiny.batch], progress=False)
+    logits = qm.logits(tiny.batch)
+    with torch.no_grad():
+        fp = tiny.model(**tiny.batch).logits
+    assert not torch.equal(logits, fp) and (logits - fp).norm() < 0.1 * fp.norm()
+    qm.save(tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", tiny.model)
+    assert torch.equal(loaded.logits(tiny.batch), logits)
+    assert not loaded.lower().unlowered
+    assert (loaded.logits(tiny.batch) - logits).abs().max() <= 2e-2 * logits.abs().max()
+    # the KV-cache graph (lowered modules transplanted) generates what the cache-free graph does
+    prompt = loaded.decoder_inputs(tiny.batch)
+    expected = greedy_decode(loaded.decoder, adapter_for(tiny.model), prompt, NEW_TOKENS, None)
+    assert torch.equal(loaded.generate(tiny.batch, max_new_tokens=NEW_TOKENS), expected)
+
+
