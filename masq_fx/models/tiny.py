@@ -449,7 +449,6 @@ def tiny_idefics3(seed: int = 0, batch_size: int = 2) -> TinyModel:
         text_config=dict(model_type="llama", **_text_decoder()),
         image_token_id=TINY_TOKENS["image"],
         scale_factor=scale,
-        pad_token_id=TINY_TOKENS["pad"],
     )
     model = _build(config, Idefics3ForConditionalGeneration, seed)
     pixels = torch.randn(batch_size, 1, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
