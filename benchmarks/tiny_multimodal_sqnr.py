@@ -8,21 +8,25 @@ real HF classes with random weights: this shows the whole pipeline runs on real 
 and where the methods differ per modality; it says nothing about accuracy on real models.
 Calibration and evaluation use different random batches (seeds 1.. and 100..).
 
-Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py``
+``--part families``: every tiny family (``TINY_FAMILIES``), the presets ``smoothquant-w8a8``, ``masquant-w8a8``
+and ``masquant-w4a8``: the last decoder layer's output SQNR per modality, calibrated on the same batches.
+
+Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py [--part methods|families|both]``
 """
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import replace
 
 import torch
 
-from masq_fx.api import apply, calibrate
+from masq_fx.api import apply, apply_all, calibrate
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
-from masq_fx.models.tiny import tiny_model
+from masq_fx.models.tiny import TINY_FAMILIES, tiny_model
 from masq_fx.recipes import preset
 from masq_fx.transforms.cmc import CMCConfig
 
@@ -44,9 +48,27 @@ def _batches(family: str, seeds: range):
     return model, [tiny_model(family, seed=s, batch_size=4).batch for s in seeds]
 
 
-def main() -> None:
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")
+PRESET_NAMES = ("smoothquant-w8a8", "masquant-w8a8", "masquant-w4a8")
+
+
+def families() -> None:
+    """Every tiny family: the last decoder layer's output SQNR per modality under the presets."""
+    print("\nevery tiny family (random weights): last decoder layer's output SQNR in dB vs FP, per modality")
+    print(f"{'family':<22}{'preset':<18}" + "".join(f"{m.name.lower():>10}" for m in Modality))
+    for family in TINY_FAMILIES:
+        model, calib_batches = _batches(family, range(1, 5))
+        _, eval_batches = _batches(family, range(100, 102))
+        adapter = adapter_for(model)
+        evaluation = [adapter.decoder_inputs(b) for b in eval_batches]
+        calibrated = calibrate(model, calib_batches, recipes=PRESET_NAMES, progress=False)
+        last = calibrated.captured.num_layers - 1
+        for name, quantized in zip(PRESET_NAMES, apply_all(calibrated, PRESET_NAMES, progress=False)):
+            sqnr = per_modality_layer_sqnr(calibrated.captured, quantized.decoder, evaluation)
+            cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
+            print(f"{family:<22}{name:<18}{cells}")
+
+
+def methods() -> None:
     for family in FAMILIES:
         model, calib_batches = _batches(family, range(1, 5))
         _, eval_batches = _batches(family, range(100, 102))
@@ -73,6 +95,18 @@ def main() -> None:
                     f"{sqnr[(layer, m)]:>13.2f}" for layer in range(base.num_layers) for m in modalities
                 )
                 print(f"{label:<13} W{wbits}A{abits} {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("methods", "families", "both"), default="both")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    if args.part in ("methods", "both"):
+        methods()
+    if args.part in ("families", "both"):
+        families()
 
 
 if __name__ == "__main__":
