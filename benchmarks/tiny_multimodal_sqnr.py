@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 
 from masq_fx.api import apply, apply_all, calibrate
+from masq_fx.app.run_report import in_basis_of
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
@@ -63,7 +64,8 @@ def families() -> None:
         calibrated = calibrate(model, calib_batches, recipes=PRESET_NAMES, progress=False)
         last = calibrated.captured.num_layers - 1
         for name, quantized in zip(PRESET_NAMES, apply_all(calibrated, PRESET_NAMES, progress=False)):
-            sqnr = per_modality_layer_sqnr(calibrated.captured, quantized.decoder, evaluation)
+            reference = in_basis_of(calibrated.captured, quantized.decoder)  # masquant-w4a8 is rotated
+            sqnr = per_modality_layer_sqnr(reference, quantized.decoder, evaluation)
             cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
             print(f"{family:<22}{name:<18}{cells}")
 

@@ -221,3 +221,19 @@ def test_recipe_section_names_the_key_settings():
     assert table_row(settings, "GPTQ") == ["damping 0.01, block 128"]
     assert table_row(settings, "quantized linears") == [r"include `.*`; exclude `.*(q\|k)_proj`"]
     assert "| MAS learning |" not in settings and "| CMC |" not in settings
+
+
+def test_layer_sqnr_of_rotated_models_is_measured_in_their_basis(one_thread):
+    """Rotated and LaRoSA graphs carry their residual stream in another basis: the report compares each layer's
+    output with the float model's in that basis (a plain comparison gives about -3 dB whatever the quantization)."""
+    from masq_fx.api import apply_all, calibrate
+    from masq_fx.transforms.rotation import RotationConfig
+    from masq_fx.transforms.sparsity import SparsityConfig
+
+    tiny = tiny_model("qwen2.5-omni-thinker")
+    calibrated = calibrate(tiny.model, [tiny.batch], progress=False)
+    recipes = [replace(preset("rtn", 8, 8), rotation=RotationConfig()), Recipe("fp", sparsity=SparsityConfig(levels=(0.0, 0.0)))]
+    rotated, larosa = apply_all(calibrated, recipes, progress=False)
+    quantized = build(rotated, title="rot", reference=calibrated.captured).sqnr
+    assert quantized and min(quantized.values()) > 20
+    assert min(build(larosa, title="larosa", reference=calibrated.captured).sqnr.values()) > 80  # rotations alone: float rounding

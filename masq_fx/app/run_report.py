@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -36,7 +36,8 @@ from masq_fx.models import DecoderInputs
 from masq_fx.pipeline import StepRecord
 from masq_fx.recipes import Recipe
 from masq_fx.transforms.cmc import BranchReport
-from masq_fx.transforms.sparsity import SiteSparsity, achieved_sparsity, model_sparsity, sparsity_record
+from masq_fx.transforms.rotation import rotate, rotation_record
+from masq_fx.transforms.sparsity import SiteSparsity, SparsityRecord, achieved_sparsity, apply_sparsity, model_sparsity, sparsity_record
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "sqnr.png"
@@ -286,6 +287,23 @@ class RunReport:
         return "\n".join(lines)
 
 
+def in_basis_of(reference: CapturedDecoder, decoder: CapturedDecoder) -> CapturedDecoder:
+    """The float ``reference`` with the residual-stream rotations of ``decoder`` (a recipe's Hadamard rotation,
+    LaRoSA's per-layer bases), nothing sparsified or quantized: its layer outputs are in ``decoder``'s basis, so
+    per-layer SQNRs compare like with like (an orthogonal change of basis leaves each SQNR unchanged)."""
+    gm = decoder.graph_module
+    rotation, sparsity = rotation_record(gm), sparsity_record(gm)
+    if rotation is not None:
+        return rotate(reference, rotation.config)
+    if sparsity is not None and sparsity.plan.roles is not None:
+        rotated = reference.copy()
+        dense = replace(sparsity.plan, sites=tuple(replace(site, level=0.0) for site in sparsity.plan.sites))
+        apply_sparsity(rotated.graph_module, SparsityRecord(sparsity.config, dense, sparsity.bases, sparsity.thresholds))
+        rotated.graph_module.recompile()
+        return rotated
+    return reference
+
+
 def build(
     quantized: QuantizedModel,
     *,
@@ -318,7 +336,7 @@ def build(
         title=title,
         recipe=quantized.recipe,
         stages=tuple(stages + list(context.history)),
-        sqnr=per_modality_layer_sqnr(reference, decoder, samples),
+        sqnr=per_modality_layer_sqnr(in_basis_of(reference, decoder), decoder, samples),
         tokens={m: n for m, n in calibration_tokens(samples).items() if n > 0},
         samples=len(samples),
         linear_params={name: reference.weights[name].numel() for name in reference.decoder_linears()},
