@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from masq_fx.api import apply_all, calibrate, load
+from masq_fx.api import apply_all, calibrate, load, quantize
 from masq_fx.checkpoint import read_manifest
+from masq_fx.data.text import token_windows
 from masq_fx.distributed import gather_shards, shard
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
@@ -154,17 +155,19 @@ def test_mas_steps_must_spread_evenly_over_the_ranks():
 
 
 @pytest.mark.slow
-def test_torchrun_quantize_writes_the_single_process_checkpoint(tmp_path):
+def test_torchrun_quantize_writes_the_single_process_checkpoint(tmp_path, smollm2, one_thread):
     """``torchrun -m masq_fx quantize`` on real SmolLM2 weights, 2 gloo ranks: rank 0 alone prints and writes, and
     writes what one process writes (SmoothQuant's scales come from maxima, which reduce exactly)."""
-    common = ["smollm2", "--recipe", "smoothquant-w8a8", "--compare", "--calib-samples", "4", "--seq-len", "64", "--no-eval", "--threads", "1", "--device", "cpu"]
+    model, tokenizer = smollm2
+    options = ["--recipe", "smoothquant-w8a8", "--compare", "--calib-samples", "4", "--seq-len", "64", "--no-eval", "--threads", "1", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "masq_fx", "quantize", "smollm2"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "masq_fx", "quantize"]
-    ranks = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=600)
+    ranks = subprocess.run([*torchrun, *options, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=600)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert ranks.stdout.count("saved ") == 1 and ranks.stdout.count("quantized in") == 1
-    single = subprocess.run([sys.executable, "-m", "masq_fx", "quantize", *common, "--out", str(tmp_path / "single")], capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    # the same calibration windows in this one process (masq_fx.app.sources makes them so for 'smollm2')
+    windows = token_windows(tokenizer, "calibration", window=64, count=4)
+    quantize(model, "smoothquant-w8a8", [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows], progress=False).save(tmp_path / "single")
     ours, theirs = (load_file(str(tmp_path / d / "quantized.safetensors")) for d in ("ranks", "single"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert read_manifest(tmp_path / "ranks")["calibration"] == read_manifest(tmp_path / "single")["calibration"]

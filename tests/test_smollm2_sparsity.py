@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def windows(smollm2):
     model, tokenizer = smollm2
     adapter = adapter_for(model)
-    calibration = token_windows(tokenizer, "calibration", window=256, count=8)
+    calibration = token_windows(tokenizer, "calibration", window=256, count=4)
     samples = [adapter.decoder_inputs({"input_ids": w[None], "attention_mask": torch.ones_like(w[None])}) for w in calibration]
     return samples, token_windows(tokenizer, "evaluation", window=512, count=2)
 
