@@ -83,7 +83,7 @@ def join(device: torch.device) -> Ranks:
         raise InputError("this torch build has no torch.distributed: run one process, without torchrun")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device(device))
     dist.init_process_group(backend, timeout=TIMEOUT)
     group = ranks()
     assert group is not None  # launched() was true

@@ -296,9 +296,14 @@ class CrossModalCompensation:
                 tasks.append((module, modality, row, moment))
         # in a process group each branch is solved on one rank (by cost) and its factors broadcast
         solved: dict[int, BranchReport] = {}
+        text_weight: dict[str, Tensor] = {}  # of the module being solved: its branches all correct it
 
         def solve(index: int) -> list[Tensor]:
-            factors, solved[index] = self._compensate(*tasks[index])
+            module = tasks[index][0]
+            if module.name not in text_weight:
+                text_weight.clear()
+                text_weight[module.name] = module.quantized_weight(int(module.row_of_modality[Modality.TEXT])).detach().double()
+            factors, solved[index] = self._compensate(*tasks[index], text_weight[module.name])
             return list(factors)
 
         def blank(index: int) -> list[Tensor]:
@@ -309,8 +314,9 @@ class CrossModalCompensation:
 
         costs = [float(m.in_features**2 * (m.in_features + m.out_features)) for m, *_ in tasks]
         factors = solve_once(range(len(tasks)), solve, blank, costs, "sharing the CMC branches", context.layer)
-        for (module, _, row, _), (left, right) in zip(tasks, factors):
-            module.set_branch(row, left, right, self.config.factor_bits)
+        for index, ((module, _, row, _), (left, right)) in enumerate(zip(tasks, factors)):
+            if index not in solved:  # solved on another rank; this rank's own are set already
+                module.set_branch(row, left, right, self.config.factor_bits)
         for module in linears:
             module.use_text_weight(self.config.branch_input)
         self.reports += [report for found in gather(solved) for _, report in sorted(found.items())]
@@ -325,12 +331,14 @@ class CrossModalCompensation:
             )
         return gm
 
-    def _compensate(self, module: QuantLinear, modality: Modality, row: int, moment: Tensor | None) -> tuple[tuple[Tensor, Tensor], BranchReport]:
-        """The factors of ``module``'s branch for ``row`` (set on ``module``) and its report."""
+    def _compensate(
+        self, module: QuantLinear, modality: Modality, row: int, moment: Tensor | None, base: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], BranchReport]:
+        """The factors of ``module``'s branch for ``row`` (set on ``module``) correcting its text weight ``base``, and
+        the branch's report."""
         cfg = self.config
         assert module.scales is not None  # compensated linears
         scale = module.scales[row].detach()
-        base = module.quantized_weight(int(module.row_of_modality[Modality.TEXT])).detach().double()
         if cfg.target == "quantized":
             target = module.quantized_weight(row).detach().double()
         else:
