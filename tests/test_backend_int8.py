@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 
-from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao, unsupported_reason
+from masq_fx.backends import Int8QuantLinear, compile_graph, lower_to_torchao, torchao_int8, unsupported_reason
 from masq_fx.backends.torchao_int8 import _INT8_ACT
 from masq_fx.calibration.calibrate import observe
 from masq_fx.capture.decoder import capture
@@ -160,6 +160,30 @@ def test_lowered_linear_matches_the_reference_to_float_rounding(seed, rows, rout
         expected = module(x, ids)
         y = Int8QuantLinear.from_quant_linear(module)(x, ids)
     assert (y - expected).abs().max() <= MODULE_RTOL * expected.abs().max()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 4), out=st.sampled_from([16, 64, 192, 256, 320]))
+def test_decode_sized_int8_gemms_are_padded_past_the_slow_onednn_shapes(seed, tokens, out):
+    """A CPU int8 GEMM with at most 256 outputs in all (one decode token of a GQA k/v projection) runs on
+    padded rows; each row is quantized on its own, so the real rows are the unpadded result, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, 48, generator=gen)
+    module = QuantLinear(weight, None, "lin")
+    module.set_quantizers(weight=WeightQuantConfig(), activation=ActQuantConfig())
+    module.freeze()
+    lowered = Int8QuantLinear.from_quant_linear(module)
+    x = torch.randn(1, tokens + 40, 48, generator=gen)
+    ids = torch.zeros(1, tokens + 40, dtype=torch.long)
+    rows_seen = []
+    linear = torch.nn.functional.linear
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torchao_int8.F, "linear", lambda a, w, *rest: rows_seen.append(a.numel() // a.shape[-1]) or linear(a, w, *rest))
+        full = lowered(x, ids)
+        rows_seen.clear()
+        decode = lowered(x[:, :tokens], ids[:, :tokens])
+    assert torch.equal(decode, full[:, :tokens])
+    assert rows_seen == [max(tokens, 256 // out + 1)]
 
 
 # ----------------------------------------------------------------------------- graphs
