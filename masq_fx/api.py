@@ -46,6 +46,7 @@ from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for, model_devic
 from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
+from masq_fx.resume import Progress
 from masq_fx.sequential import Job, run_layerwise
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.rotation import rotate
@@ -245,12 +246,18 @@ def apply_all(
     recipes: Sequence[Recipe | str | os.PathLike],
     progress: bool = True,
     extra_steps: Sequence[Transform] = (),
+    resume: str | os.PathLike | None = None,
 ) -> list[QuantizedModel]:
     """Apply every recipe of ``recipes`` in one layer-by-layer pass: the float activations and statistics
     are computed once for all of them (once per distinct rotation: a rotated recipe calibrates on its
     rotated float graph). ``extra_steps`` run on each whole graph afterwards (they see the statistics
-    without second moments)."""
+    without second moments).
+
+    ``resume``: a progress folder. Each layer's results are saved there as the run goes, and a run that
+    finds the saved layers of the same model, recipes and calibration there continues after them
+    (:mod:`masq_fx.resume`); delete the folder once the results are saved."""
     resolved = [resolve_recipe(r) for r in recipes]
+    saved = None if resume is None else Progress(resume, calibrated.model, resolved, calibrated.samples)
     absent = calibrated.missing_modalities()
     for recipe in resolved:
         if absent and recipe.modality_aware:
@@ -280,7 +287,15 @@ def apply_all(
         with warnings.catch_warnings():
             if absent:  # said once above, in plain words
                 warnings.simplefilter("ignore", CoverageWarning)
-            run_layerwise(floats, calibrated.samples, list(group.values()), (), progress=progress, site_moments=site_moments)
+            run_layerwise(
+                floats,
+                calibrated.samples,
+                list(group.values()),
+                (),
+                progress=progress,
+                site_moments=site_moments,
+                resume=None if saved is None else saved.of(list(group)),
+            )
             for job in group.values():
                 if extra_steps:
                     Pipeline(extra_steps).run(job.context, progress=False)

@@ -110,9 +110,14 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "EncodedEdits",
     "LinearBytes",
     "calibration_hashes",
+    "calibration_record",
     "check_target",
+    "decode_edits",
+    "encode_edits",
+    "library_versions",
     "linear_bytes",
     "load",
     "model_identity",
@@ -179,8 +184,9 @@ def _stable_config(value: Any) -> Any:
     return value
 
 
-def model_identity(model: nn.Module) -> dict[str, str]:
-    """Family, HF class, decoder dtype, sha256 of the config (without paths and versions) and of the weights.
+def model_identity(model: nn.Module, weights: bool = True) -> dict[str, str]:
+    """Family, HF class, decoder dtype, sha256 of the config (without paths and versions) and, if ``weights``, of
+    the weights (which reads them all).
 
     A bfloat16 model and its float32 twin are different models: integer codes are dtype-independent,
     but a checkpoint replays exactly only onto the dtype it was quantized in (the codes come from
@@ -189,16 +195,18 @@ def model_identity(model: nn.Module) -> dict[str, str]:
     cls = type(model)
     adapter = adapter_for(model)
     config = json.dumps(_stable_config(cast(PretrainedConfig, model.config).to_dict()), sort_keys=True, default=str)
-    return {
+    identity = {
         "family": adapter.family,
         "hf_class": f"{cls.__module__}.{cls.__qualname__}",
         "dtype": str(next(adapter.language_model().parameters()).dtype).removeprefix("torch."),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-        "weights_sha256": tensors_sha256(sorted(model.state_dict().items())),
     }
+    if weights:
+        identity["weights_sha256"] = tensors_sha256(sorted(model.state_dict().items()))
+    return identity
 
 
-def _calibration(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -> dict[str, Any]:
+def calibration_record(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -> dict[str, Any]:
     """What the checkpoint records of its calibration set: every rank's samples, in a process group."""
     fields = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
     local = [(tensors_sha256((f, getattr(s, f)) for f in fields), calibration_tokens([s])) for s in samples]
@@ -212,7 +220,7 @@ def _calibration(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -
     }
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that made the checkpoint (informational; ``"not installed"`` for
     one imported from a source checkout without being installed)."""
     found = {}
@@ -228,7 +236,9 @@ def _versions() -> dict[str, str]:
 
 
 @dataclass
-class _Collected:
+class EncodedEdits:
+    """Graph edits as stored: safetensors tensors and the manifest's ``graph`` record (JSON)."""
+
     tensors: dict[str, Tensor]
     graph: dict[str, Any]
 
@@ -282,7 +292,7 @@ def _store_linear(name: str, linear: LinearRecord, tables: _Tables, tensors: dic
     return record
 
 
-def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
+def _collect(gm: fx.GraphModule, model: nn.Module) -> EncodedEdits:
     edits = graph_edits(gm, adapter_for(model))
     lowered = [name for name, module in edits.linears.items() if not isinstance(module, QuantLinear)]
     if lowered:
@@ -296,14 +306,21 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
         check_float_weights(gm, adapter_for(model))
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    modules = {name: m for name, m in edits.linears.items() if isinstance(m, QuantLinear)}  # a live graph's linears
-    off = [name for name, module in modules.items() if not module.quantizers_enabled]
+    off = [name for name, module in edits.linears.items() if isinstance(module, QuantLinear) and not module.quantizers_enabled]
     if off:
         raise CheckpointError(f"{off[0]} has its quantizers off: save outside quantizers_off()")
+    return encode_edits(edits)
+
+
+def encode_edits(edits: GraphEdits) -> EncodedEdits:
+    """The tensors and manifest ``graph`` record of a live graph's edits (its linears QuantLinears); :func:`decode_edits`
+    reads them back. Also the format of each layer's results in a run's progress folder (:mod:`masq_fx.resume`)."""
     tensors: dict[str, Tensor] = {}
     tables = _Tables(tensors)
     linears = {
-        name: _store_linear(name, LinearRecord.of(m), tables, tensors, (m.out_features, m.in_features)) for name, m in modules.items()
+        name: _store_linear(name, LinearRecord.of(m), tables, tensors, (m.out_features, m.in_features))
+        for name, m in edits.linears.items()
+        if isinstance(m, QuantLinear)
     }
     routers = []
     for router in edits.routers:
@@ -319,7 +336,7 @@ def _collect(gm: fx.GraphModule, model: nn.Module) -> _Collected:
         graph["sparsity"] = {"config": edits.sparsity.config.to_dict(), "plan": edits.sparsity.plan.to_dict()}
         tensors["sparsity/bases"] = edits.sparsity.bases.detach().clone()
         tensors["sparsity/thresholds"] = edits.sparsity.thresholds.detach().clone()
-    return _Collected(tensors, graph)
+    return EncodedEdits(tensors, graph)
 
 
 # ----------------------------------------------------------------------------- save
@@ -352,7 +369,7 @@ def save(
     rank 0 alone writes.
     """
     target = Path(directory)
-    calibration = _calibration(context.calibration, data_hashes)
+    calibration = calibration_record(context.calibration, data_hashes)
     if not is_leader():
         return target
     _check_replaceable(target, overwrite)
@@ -363,7 +380,7 @@ def save(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "recipe": recipe.to_dict(),
-        "versions": _versions(),
+        "versions": library_versions(),
         #: learned scales and GEMM sums reproduce bit for bit at the same intra-op thread count
         "threads": torch.get_num_threads(),
         "model": model_identity(model),
@@ -627,7 +644,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     device = model_device(model)  # saved from the CPU, loaded where the model runs
     tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     try:
-        replay(captured.graph_module, _graph_edits(graph, tensors))
+        replay(captured.graph_module, decode_edits(graph, tensors))
     except KeyError as error:
         raise CheckpointError(f"{directory} is inconsistent (no entry {error}); save the checkpoint again") from None
     except ValueError as error:
@@ -705,8 +722,8 @@ def _check_records(directory: Path, graph: dict[str, Any], tensors: dict[str, Te
             check_weight(name, f"{cmc}/right", config, out_features, rank)
 
 
-def _graph_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdits:
-    """The manifest's graph record and the tensors as the edits :func:`~masq_fx.replay.replay` installs."""
+def decode_edits(graph: dict[str, Any], tensors: dict[str, Tensor]) -> GraphEdits:
+    """The manifest's graph record and the tensors as the edits :func:`~masq_fx.replay.replay` installs (inverse of :func:`encode_edits`)."""
     tables = _scale_tables(tensors)
     return GraphEdits(
         linears={name: _read_linear(name, record, tables, tensors) for name, record in graph["linears"].items()},

@@ -18,13 +18,14 @@ each rebuilt as a QuantLinear around the fresh capture's float weight and bias.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
 
-from masq_fx.capture.decoder import MODULE_KEY, module_nodes
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, module_nodes
+from masq_fx.capture.layers import segment_of
 from masq_fx.models import ModelAdapter
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState
 from masq_fx.nn.routing import insert_routers, routers
@@ -33,7 +34,7 @@ from masq_fx.transforms.prepare import float_linear, install_linear
 from masq_fx.transforms.rotation import RotationConfig, RotationPlan, apply_rotation, is_produced, rotation_record
 from masq_fx.transforms.sparsity import SparsityRecord, apply_sparsity, sparsity_record
 
-__all__ = ["GraphEdits", "LinearRecord", "Router", "check_float_weights", "graph_edits", "replaced_attributes", "replay"]
+__all__ = ["GraphEdits", "LinearRecord", "Router", "check_float_weights", "graph_edits", "layer_edits", "replaced_attributes", "replay"]
 
 _HEAD = "lm_head"
 
@@ -119,15 +120,15 @@ def _model_tensor(owners: Mapping[str, nn.Module], path: str) -> Tensor | None:
         return None
 
 
-def replaced_attributes(gm: fx.GraphModule, adapter: ModelAdapter) -> dict[str, Tensor]:
+def replaced_attributes(gm: fx.GraphModule, adapter: ModelAdapter, within: Collection[str] | None = None) -> dict[str, Tensor]:
     """Graph parameters and buffers, outside the graph's modules (linears, routers, rotations), that differ from the
-    model's, or from what the graph's rotation produced (sorted paths)."""
+    model's, or from what the graph's rotation produced (sorted paths); only those at the paths ``within``, if given."""
     records = [f"{name}." for name, module in gm.named_children() if hasattr(module, "produced")]  # rotation, sparsity tables
     skip = (*(f"{node.target}." for node in gm.graph.find_nodes(op="call_module")), *records)
     owners = _owners(adapter)
     replaced = {}
     for path, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
-        if path.startswith(skip) or is_produced(gm, path, tensor):
+        if (within is not None and path not in within) or path.startswith(skip) or is_produced(gm, path, tensor):
             continue
         original = _model_tensor(owners, path)
         if original is None or not (original is tensor or torch.equal(original, tensor)):
@@ -156,6 +157,25 @@ def graph_edits(gm: fx.GraphModule, adapter: ModelAdapter) -> GraphEdits:
         attributes=replaced_attributes(gm, adapter),
         rotation=None if record is None else (record.config, record.plan),
         sparsity=sparsity_record(gm),
+    )
+
+
+def layer_edits(captured: CapturedDecoder, adapter: ModelAdapter, layer: int) -> GraphEdits:
+    """The edits of one decoder layer of a transformed capture: its linears' modules, the routers they read, and
+    the replaced parameters its nodes read (no rotation or sparsification: those are the whole graph's)."""
+    gm = captured.graph_module
+    names = {name for name, at in captured.linear_layers.items() if at == layer}
+    read = {
+        str(arg.target)
+        for node, segment in segment_of(gm, captured.num_layers).items()
+        if segment == layer
+        for arg in node.all_input_nodes
+        if arg.op == "get_attr"
+    }
+    return GraphEdits(
+        linears={name: gm.get_submodule(str(node.target)) for name, node in module_nodes(gm).items() if name in names},
+        routers=[Router(tuple(readers), router.scales, router.row_of_modality) for router, readers in routers(gm) if readers and set(readers) <= names],
+        attributes=replaced_attributes(gm, adapter, within=read),
     )
 
 

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +42,9 @@ from masq_fx.models import DecoderInputs
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pages import release
 from masq_fx.pipeline import CALIBRATION_DATA, Context, LayerData, Pipeline, StepRecord, Transform, run_step
+
+if TYPE_CHECKING:
+    from masq_fx.resume import Progress
 
 
 @dataclass
@@ -62,13 +66,16 @@ def run_layerwise(
     moment_modalities: tuple[Modality, ...],
     progress: bool = True,
     site_moments: Callable[[SmoothingGroup], Iterable[Modality]] | None = None,
+    resume: Progress | None = None,
 ) -> None:
     """Run every job's steps layer by layer on its context, calibrating on ``samples`` once for all.
 
     Second moments of ``moment_modalities`` are collected at every site, or of ``site_moments(site)`` where
     given. ``float_capture`` is read, never transformed. Each job's steps are validated first (statistics and
     calibration data count as available); afterwards each context holds every layer's statistics
-    without second moments, and its history the steps' total times.
+    without second moments, and its history the steps' total times. With ``resume``, each job's results
+    are saved after every layer, and the layers every job has saved already are replayed, not recomputed
+    (:mod:`masq_fx.resume`; their statistics are observed again, without second moments).
     """
     for job in jobs:
         job.context.provided.update((STATS, CALIBRATION_DATA))
@@ -82,12 +89,14 @@ def run_layerwise(
     quantized: list[list[Env] | None] = [[dict(env) for env in float_envs] if job.quantized_stream else None for job in jobs]
     seconds: list[dict[str, float]] = [defaultdict(float) for _ in jobs]
     observe = InsertObservers(moment_modalities, site_moments=site_moments)
+    finished = 0 if resume is None else resume.completed(float_capture.num_layers)
     bar = tqdm(range(float_capture.num_layers), desc="layers", unit="layer", disable=not progress)
     for layer in bar:
         with located(layer):  # in a process group, errors say which rank raised them, where
             began = time.perf_counter()
             segment = floats(layer)
-            observe(segment.module, Context(float_capture, layer=layer))
+            replayed = layer < finished
+            (InsertObservers(()) if replayed else observe)(segment.module, Context(float_capture, layer=layer))
             segment.module.recompile()
             with torch.no_grad():
                 float_outputs = [segment.run(env) for env in float_envs]
@@ -100,9 +109,18 @@ def run_layerwise(
                 context.stats.update(stats)
                 context.layer = layer
                 context.layer_data = LayerData(float_envs, float_outputs, quantized[index])
-                for step in job.steps:
-                    bar.set_postfix_str(step.name)
-                    seconds[index][step.name] += run_step(step, context, recompile=False)
+                if replayed:
+                    bar.set_postfix_str("replaying saved progress")
+                    assert resume is not None
+                    resume.restore(index, layer, context)
+                else:
+                    recorded = {step: len(records) for step, records in context.diagnostics.items()}
+                    for step in job.steps:
+                        bar.set_postfix_str(step.name)
+                        seconds[index][step.name] += run_step(step, context, recompile=False)
+                    if resume is not None:
+                        new = {step: records[recorded.get(step, 0) :] for step, records in context.diagnostics.items()}
+                        resume.save(index, layer, context, new)
                 stream = quantized[index]
                 if stream is not None:
                     own = Segments(context.graph_module, context.captured.num_layers)(layer)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: every room below the API
 LIBRARY = set(
-    "checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages distributed errors".split()
+    "resume checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages distributed errors".split()
 )
 
 #: room → the other rooms its modules may import (bottom floor first; the same table as docs/architecture.md)
@@ -54,6 +54,7 @@ ALLOWED: dict[str, set[str]] = {
     "generation": {"replay", "backends", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "recipes": {"transforms", "calibration", "pipeline", "backends", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     "checkpoint": {"replay", "recipes", "transforms", "calibration", "capture", "nn", "models", "modality", "quantizers", "files", "distributed", "errors"},
+    "resume": {"checkpoint", "replay", "recipes", "transforms", "pipeline", "models", "modality", "files", "distributed", "errors"},
     "eval": {"generation", "data", "capture", "nn", "models", "modality", "quantizers", "errors"},
     "memory": {"recipes", "transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},
     # the API and the package's face

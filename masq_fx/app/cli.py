@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -164,7 +165,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     # the checkpoint records the dtype; eval, generate and bench load the model in it
     sizes = replace(_sizes(args), calibration_tokens=args.calib_tokens)
-    source = load_source(args.model, sizes, args.calib, getattr(torch, args.dtype), args.device)
+    source = load_source(args.model, sizes, args.calib, getattr(torch, args.dtype), args.device, progress=not args.quiet)
     say(f"{source.title}\nrecipe {args.recipe} → {out}")
     # one capture; the float graph is the FP32 row and the report's SQNR reference
     calibrated = calibrate(
@@ -174,9 +175,13 @@ def _quantize(args: argparse.Namespace) -> int:
     rows: dict[str, dict[str, float]] = {}
     if evaluate:
         rows["FP32" if args.dtype == "float32" else "BF16"] = source.evaluate(calibrated.captured)
-    # every recipe in one layer-by-layer pass: the float statistics are computed once for all of them
+    # every recipe in one layer-by-layer pass: the float statistics are computed once for all of them;
+    # each finished layer is kept in the progress folder until the checkpoint is saved
+    args.progress_folder = out.with_name(f"{out.name}.progress")
+    if (args.progress_folder / "run.json").exists():
+        say(f"continuing the interrupted run kept in {args.progress_folder}")
     start = time.perf_counter()
-    applied = apply_all(calibrated, list(recipes.values()), progress=not args.quiet)
+    applied = apply_all(calibrated, list(recipes.values()), progress=not args.quiet, resume=args.progress_folder)
     say(f"{', '.join(recipes)}: quantized in {time.perf_counter() - start:.0f} s")
     report = None
     for name, quantized in zip(recipes, applied):
@@ -185,9 +190,15 @@ def _quantize(args: argparse.Namespace) -> int:
             # never leaves a checkpoint without its report, nor a replaced one's old report
             if leader:
                 report = build_report(
-                    quantized, title=f"{source.title}: {name}", samples=calibrated.samples[:REPORT_SAMPLES], reference=calibrated.captured
+                    quantized,
+                    title=f"{source.title}: {name}",
+                    samples=calibrated.samples[:REPORT_SAMPLES],
+                    reference=calibrated.captured,
+                    progress=not args.quiet,
                 )
             quantized.save(out, overwrite=args.overwrite, source=_source_name(args.model), extra_files=None if report is None else report.write)
+            if leader:
+                shutil.rmtree(args.progress_folder)
             say(f"saved {out}")
         if evaluate:
             rows[name] = source.evaluate(quantized.decoder)
@@ -238,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data is not None:
         return _eval_data(args)
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device)
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device, progress=not args.quiet)
     quantized = load(args.directory, source.model)
     rows = {"FP32": source.evaluate(capture(source.model)), str(args.directory): source.evaluate(quantized.decoder)}
     print(source.title)
@@ -259,7 +270,7 @@ def _eval_data(args: argparse.Namespace) -> int:
         raise InputError(f"no sample in {args.data} has an 'answer': exact match needs JSONL lines with \"answer\"")
     require_unseen(samples, calibration_hashes(args.directory), str(args.directory))
     args.model = _checkpoint_model(args)
-    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device)
+    source = load_source(args.model, _sizes(args), dtype=_checkpoint_dtype(args.directory), device=args.device, progress=not args.quiet)
     quantized = load(args.directory, source.model)
     decoders: dict[str, DecoderFn] = {"FP32": eager_decoder(source.model), str(args.directory): quantized.decoder}
     rows = {
@@ -412,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(evaluate, calib=1)
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_option(evaluate)
     evaluate.set_defaults(func=_eval)
 
@@ -504,7 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{name}: interrupted; nothing partial was written (checkpoints and reports are published atomically)", file=sys.stderr)
+        kept = getattr(args, "progress_folder", None)
+        if kept is not None and kept.exists():
+            print(f"{name}: interrupted; the finished layers are kept in {kept}: run the same command again to continue", file=sys.stderr)
+        else:
+            print(f"{name}: interrupted; nothing partial was written (checkpoints and reports are published atomically)", file=sys.stderr)
         return 130
     finally:
         leave()

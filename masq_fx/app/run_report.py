@@ -311,8 +311,10 @@ def build(
     samples: Sequence[DecoderInputs] | None = None,
     reference: CapturedDecoder | None = None,
     metrics: Metrics | None = None,
+    progress: bool = False,
 ) -> RunReport:
-    """Measure and collect the report of a model that :func:`masq_fx.api.quantize` returned.
+    """Measure and collect the report of a model that :func:`masq_fx.api.quantize` returned (a progress bar over
+    the SQNR samples if ``progress``).
 
     ``samples``: decoder inputs the SQNR pools over (default: the calibration inputs; pass a few to
     bound the time, two forward passes each). ``reference``: the float capture of ``quantized.model``
@@ -336,7 +338,7 @@ def build(
         title=title,
         recipe=quantized.recipe,
         stages=tuple(stages + list(context.history)),
-        sqnr=per_modality_layer_sqnr(in_basis_of(reference, decoder), decoder, samples),
+        sqnr=per_modality_layer_sqnr(in_basis_of(reference, decoder), decoder, samples, progress=progress),
         tokens={m: n for m, n in calibration_tokens(samples).items() if n > 0},
         samples=len(samples),
         linear_params={name: reference.weights[name].numel() for name in reference.decoder_linears()},

@@ -100,7 +100,7 @@ def _calibration(
     return batches, tuple(s.sha256 for s in chosen), f"{len(chosen)} calibration samples from {path} ({counts})"
 
 
-def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Sizes, calibration: Path | None) -> ModelSource:
+def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Sizes, calibration: Path | None, progress: bool) -> ModelSource:
     adapter = adapter_for(model)
     adapter.check_length(sizes.seq_len, "--seq-len", "lower --seq-len")
     evaluation = token_windows(tokenizer, "evaluation", window=512, count=sizes.eval_windows)
@@ -119,7 +119,7 @@ def _text_source(name: str, title: str, model: nn.Module, tokenizer, sizes: Size
         title=f"{title}, {described}",
         model=model,
         calibration=batches,
-        evaluate=lambda decoder: {"text perplexity": perplexity(decoder, adapter, evaluation)},
+        evaluate=lambda decoder: {"text perplexity": perplexity(decoder, adapter, evaluation, progress=progress)},
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         prompt=lambda text, image, audio: _chat_prompt(tokenizer, text, image, audio),
         process=process,
@@ -156,7 +156,7 @@ def _left_padded(rows: Sequence[Tensor], pad_id: int) -> Batch:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device) -> ModelSource:
+def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device, progress: bool) -> ModelSource:
     from masq_fx.builtin.trimodal import accuracy, calibration_batches, load_set, load_trimodal
     from masq_fx.builtin.trimodal.processing import IM_END
 
@@ -169,10 +169,10 @@ def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype,
 
     def evaluate(decoder: Decoder) -> dict[str, float]:
         scores = {
-            f"{m} exact match": accuracy(decoder, adapter, processor, evaluation.samples(m, sizes.evaluation), progress=True).value
+            f"{m} exact match": accuracy(decoder, adapter, processor, evaluation.samples(m, sizes.evaluation), progress=progress).value
             for m in ("vision", "audio")
         }
-        return scores | {"text perplexity": perplexity(decoder, adapter, windows)}
+        return scores | {"text perplexity": perplexity(decoder, adapter, windows, progress=progress)}
 
     def process(samples: Sequence[FileSample]) -> Batch:
         return processor([_trimodal_file_sample(processor, s) for s in samples])
@@ -264,8 +264,10 @@ def load_source(
     calibration: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> ModelSource:
-    """The model called ``name`` on the command line (see the module docstring), in ``dtype`` on ``device``.
+    """The model called ``name`` on the command line (see the module docstring), in ``dtype`` on ``device``;
+    its evaluation shows progress bars if ``progress``.
 
     ``calibration``: a JSONL file or folder of samples (:mod:`masq_fx.data.samples`) to calibrate on
     instead of the built-in split; ``sizes.calibration`` caps its samples per modality and
@@ -280,13 +282,13 @@ def load_source(
         raise InputError("a calibration token budget (--calib-tokens) balances calibration files: give one (--calib PATH) too")
     calibration = None if calibration is None else Path(calibration)
     if name == "default":
-        return _trimodal_source(sizes, calibration, dtype, device)
+        return _trimodal_source(sizes, calibration, dtype, device, progress)
     if name == "smollm2":
         from masq_fx.builtin.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype)
         place(model, device)
-        return _text_source(name, "SmolLM2-135M-Instruct (real weights, dequantized from the shipped Q4_1 GGUF)", model, tokenizer, sizes, calibration)
+        return _text_source(name, "SmolLM2-135M-Instruct (real weights, dequantized from the shipped Q4_1 GGUF)", model, tokenizer, sizes, calibration, progress)
     if name.startswith(TINY_PREFIX):
         return _tiny_source(name[len(TINY_PREFIX) :], sizes, calibration, dtype, device)
     folder = Path(name)
@@ -310,7 +312,7 @@ def load_source(
         raise InputError(f"{folder} has no usable tokenizer ({_first_line(error)}): copy the model's tokenizer files into it") from None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     place(model, device)
-    return _text_source(name, folder.name, model, tokenizer, sizes, calibration)
+    return _text_source(name, folder.name, model, tokenizer, sizes, calibration, progress)
 
 
 def _first_line(error: BaseException) -> str:

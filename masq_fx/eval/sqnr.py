@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx
+from tqdm.auto import tqdm
 
 from masq_fx.capture.decoder import LAYER_KEY, CapturedDecoder
 from masq_fx.capture.positions import with_positions
@@ -55,12 +56,12 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def per_modality_layer_sqnr(
-    reference: CapturedDecoder, test: CapturedDecoder, samples: Sequence[DecoderInputs]
+    reference: CapturedDecoder, test: CapturedDecoder, samples: Sequence[DecoderInputs], progress: bool = False
 ) -> dict[tuple[int, Modality], float]:
     """SQNR of every layer's output on each modality's (unpadded) tokens, pooled over ``samples``."""
     signal: dict[tuple[int, Modality], float] = {}
     noise: dict[tuple[int, Modality], float] = {}
-    for sample in samples:
+    for sample in tqdm(samples, desc="report: layer SQNR", unit="sample", disable=not progress):
         ref, out = layer_outputs(reference, sample), layer_outputs(test, sample)
         valid = sample.attention_mask.bool()
         for layer in ref:

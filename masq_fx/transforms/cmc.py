@@ -319,8 +319,9 @@ class CrossModalCompensation:
                 module.set_branch(row, left, right, self.config.factor_bits)
         for module in linears:
             module.use_text_weight(self.config.branch_input)
-        self.reports += [report for found in gather(solved) for _, report in sorted(found.items())]
-        context.diagnostics[self.name] = list(self.reports)
+        reports = [report for found in gather(solved) for _, report in sorted(found.items())]
+        self.reports += reports
+        context.diagnostics.setdefault(self.name, []).extend(reports)  # a resumed run holds its replayed layers' already
         if skipped:
             names = ", ".join(m.name.lower() for m in sorted(skipped))
             warnings.warn(
