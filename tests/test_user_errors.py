@@ -73,6 +73,18 @@ def test_bad_numbers_are_refused_by_the_parser(argv, capsys):
     assert "must be at least 1" in error or "expected a whole number" in error
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["eval", "x", "--calib-samples", "3"], ["eval", "x", "--seq-len", "64"], ["inspect", TINY, "--eval-items", "3"]],
+)
+def test_options_that_would_do_nothing_are_not_offered(argv, capsys):
+    """eval does not calibrate, inspect does not evaluate: their data options are not taken silently."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert f"unrecognized arguments: {argv[2]}" in capsys.readouterr().err
+
+
 def test_recipe_files_report_what_is_wrong(tmp_path, capsys):
     assert main(["quantize", TINY, "--recipe", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 1
     error = capsys.readouterr().err

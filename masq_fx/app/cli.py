@@ -50,7 +50,8 @@ def _print_rows(rows: dict[str, dict[str, float]], as_json: bool) -> None:
 def _sizes(args: argparse.Namespace):
     from masq_fx.app.sources import Sizes
 
-    return Sizes(calibration=args.calib_samples, evaluation=args.eval_items, seq_len=args.seq_len)
+    # a command without calibration options builds one calibration sample; without evaluation ones, no items
+    return Sizes(calibration=getattr(args, "calib_samples", 1), evaluation=getattr(args, "eval_items", 1), seq_len=getattr(args, "seq_len", Sizes.seq_len))
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
@@ -356,10 +357,13 @@ def _check_device(args: argparse.Namespace) -> None:
     args.device = resolve_device(default_device() if args.device is None else args.device)
 
 
-def _data_options(parser: argparse.ArgumentParser, calib: int) -> None:
-    parser.add_argument("--calib-samples", type=_positive_int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
-    parser.add_argument("--eval-items", type=_positive_int, default=64, help="evaluation questions per modality ('default')")
-    parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per text calibration window")
+def _data_options(parser: argparse.ArgumentParser, calib: int | None, evaluation: bool) -> None:
+    """The data size options of a command that calibrates (``calib``: its default sample count) and/or evaluates."""
+    if calib is not None:
+        parser.add_argument("--calib-samples", type=_positive_int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
+        parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per text calibration window")
+    if evaluation:
+        parser.add_argument("--eval-items", type=_positive_int, default=64, help="evaluation questions per modality ('default')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="the float model's dtype while it is quantized (activations between linears)"
     )
-    _data_options(quantize, calib=32)
+    _data_options(quantize, calib=32, evaluation=True)
     quantize.add_argument(
         "--calib", type=Path, default=None, help="calibration samples: a JSONL file or a folder (default: the model's built-in calibration split)"
     )
@@ -420,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data", type=Path, default=None, help="evaluate exact match per modality on this JSONL file's samples with an 'answer' instead"
     )
-    _data_options(evaluate, calib=1)
+    _data_options(evaluate, calib=None, evaluation=True)
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -460,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top-k", type=_positive_int, default=4, help="outlier channels listed per site and modality")
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     inspect.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    _data_options(inspect, calib=8)
+    _data_options(inspect, calib=8, evaluation=False)
     _device_option(inspect)
     inspect.set_defaults(func=_inspect)
 
