@@ -10,7 +10,9 @@ Each (model, recipe, path) runs in a fresh subprocess that loads the model, cali
 ``--samples`` samples (text windows for SmolLM2; a 448×448 image (256 tokens) plus text for the VL
 models, ``--tokens`` tokens each) and applies the recipe, then prints:
 
-- peak RSS of the whole process (``VmHWM``) and the resident memory after loading;
+- peak RSS of the whole process (``VmHWM``) and the resident memory after loading, and masq_fx's estimate
+  of what calibrating and applying the recipe add (:func:`masq_fx.memory.estimate_calibration_memory`, which
+  :func:`masq_fx.api.calibrate` checks against the available memory);
 - wall time of ``apply`` and its time per decoder layer;
 - the target of issue 17: 2 × the largest layer's float weights + the calibration activations + 2 GiB;
 - what the whole-graph path held at once (the second moments of every layer): measured for SmolLM2
@@ -107,6 +109,7 @@ def _all_moments_bytes(captured, recipe) -> int:
 def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: int, tokens: int, epochs: int) -> dict:
     """Measure one configuration in this process; a JSON-able row."""
     from masq_fx.api import apply, calibrate
+    from masq_fx.memory import estimate_calibration_memory
     from masq_fx.pipeline import Pipeline
     from masq_fx.recipes import recipe_steps
 
@@ -116,6 +119,7 @@ def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: in
     loaded = _status_kib("VmRSS") * 1024
     recipe = _recipe(recipe_name, epochs)
     calibrated = calibrate(hf, batches, [recipe], progress=False)
+    estimate = estimate_calibration_memory(hf, calibrated.captured, [recipe], batches)  # what calibrate checked
     activations = sum(s.inputs_embeds.numel() * s.inputs_embeds.element_size() for s in calibrated.samples)
     start = time.perf_counter()
     if path == "sequential":
@@ -135,6 +139,7 @@ def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: in
         "tokens": sum(int(s.attention_mask.sum()) for s in calibrated.samples),
         "loaded_gib": loaded / GIB,
         "peak_gib": _status_kib("VmHWM") * 1024 / GIB,
+        "estimate_gib": estimate.total / GIB,
         "target_gib": (2 * largest + activations + 2 * GIB) / GIB,
         "all_moments_gib": _all_moments_bytes(captured, recipe) / GIB,
         "seconds": seconds,
@@ -175,12 +180,16 @@ def main() -> None:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
                 print(f"{model} {row['recipe']} {path}: peak {row['peak_gib']:.2f} GiB, {row['seconds']:.0f} s", flush=True)
-    header = "| model | recipe | path | layers | samples × tokens | loaded GiB | peak RSS GiB | target GiB | all layers' moments GiB | apply s | s / layer |"
+    header = (
+        "| model | recipe | path | layers | samples × tokens | loaded GiB | peak RSS GiB | peak − loaded GiB | masq_fx's estimate of it GiB "
+        "| target GiB | all layers' moments GiB | apply s | s / layer |"
+    )
     print("\n" + header + "\n|" + "---|" * header.count(" | ") + "---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['recipe']} | {r['path']} | {r['layers']} | {r['samples']} × {r['tokens'] // r['samples']} | "
-            f"{r['loaded_gib']:.2f} | {r['peak_gib']:.2f} | {r['target_gib']:.2f} | {r['all_moments_gib']:.2f} | "
+            f"{r['loaded_gib']:.2f} | {r['peak_gib']:.2f} | {r['peak_gib'] - r['loaded_gib']:.2f} | {r['estimate_gib']:.2f} | "
+            f"{r['target_gib']:.2f} | {r['all_moments_gib']:.2f} | "
             f"{r['seconds']:.0f} | {r['per_layer']:.1f} |"
         )
 

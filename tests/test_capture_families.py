@@ -80,7 +80,7 @@ def test_modality_ids_mark_placeholders(family):
     ids = tiny.batch["input_ids"]
     mods = adapter.decoder_inputs(tiny.batch).modality_ids
     expected = torch.full_like(ids, int(Modality.TEXT))
-    expected[ids == TINY_TOKENS["image"]] = int(Modality.VISION)
+    expected[(ids == TINY_TOKENS["image"]) | (ids == TINY_TOKENS["video"])] = int(Modality.VISION)
     expected[ids == TINY_TOKENS["audio"]] = int(Modality.AUDIO)
     assert torch.equal(mods, expected)
     present = {Modality(int(v)) for v in mods.unique()}

@@ -23,7 +23,7 @@ family                      modalities in a row
 ``mistral3``                text + image
 ``idefics3``                text + image
 ``internvl``                text + image
-``llava-onevision``         text + image
+``llava-onevision``         text + image + video
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -471,9 +471,10 @@ def tiny_internvl(seed: int = 0, batch_size: int = 2) -> TinyModel:
 
 
 def tiny_llava_onevision(seed: int = 0, batch_size: int = 2) -> TinyModel:
-    """``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, Qwen2 decoder); one 28x28 image per row, any-res
-    with a 1x1 grid: a base tile (2x2 tokens) and a grid tile (2x2 tokens and 2 row newlines), 10 image tokens."""
-    size, patch = 28, 14
+    """``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, Qwen2 decoder); per row one 28x28 image, any-res
+    with a 1x1 grid: a base tile (2x2 tokens) and a grid tile (2x2 tokens and 2 row newlines), 10 image tokens;
+    then a video of 2 frames, each pooled from 2x2 to 1 token, and a newline: 3 video tokens."""
+    size, patch, frames = 28, 14, 2
     config = LlavaOnevisionConfig(
         vision_config=dict(model_type="siglip_vision_model", image_size=size, patch_size=patch, **_vision_tower()),
         text_config=dict(model_type="qwen2", **_text_decoder()),
@@ -483,12 +484,20 @@ def tiny_llava_onevision(seed: int = 0, batch_size: int = 2) -> TinyModel:
         vision_feature_layer=-1,
     )
     model = _build(config, LlavaOnevisionForConditionalGeneration, seed)
-    pixels = torch.randn(batch_size, 2, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    tokens = 2 * (size // patch) ** 2 + size // patch
-    return _one_image_per_row(
-        "llava-onevision", model, seed, batch_size, [TINY_TOKENS["image"]] * tokens, pixels,
-        image_sizes=torch.tensor([[size, size]] * batch_size), batch_num_images=torch.ones(batch_size, dtype=torch.long),
+    gen = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.randn(batch_size, 2, 3, size, size, generator=gen)
+    videos = torch.randn(batch_size, frames, 3, size, size, generator=gen)
+    image = [TINY_TOKENS["image"]] * (2 * (size // patch) ** 2 + size // patch)
+    video = [TINY_TOKENS["video"]] * (frames + 1)
+    rows = _Rows(seed, batch_size)
+    batch = rows.left_pad([rows.text(i, 3, 2) + image + rows.text(i, 4, 2) + video + rows.text(i, 3, 1) for i in range(batch_size)])
+    batch.update(
+        pixel_values=pixels,
+        pixel_values_videos=videos,
+        image_sizes=torch.tensor([[size, size]] * batch_size),
+        batch_num_images=torch.ones(batch_size, dtype=torch.long),
     )
+    return TinyModel("llava-onevision", model, batch, (Modality.TEXT, Modality.VISION))
 
 
 _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
