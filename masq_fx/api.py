@@ -40,9 +40,10 @@ from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.distributed import reduce, shard
 from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
-from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory
+from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory, weight_caches_fit
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for, model_device, place
+from masq_fx.nn.quant_linear import keep_weight_caches
 from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
@@ -68,6 +69,11 @@ class QuantizedModel:
     data_hashes: tuple[str, ...] = ()
     _cached: dict[tuple[int, int], CachedDecoder] = field(default_factory=dict, repr=False)
     _compiled: dict[tuple[int, int], CompiledGraph] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # the reference path keeps every linear's float32 weights once computed (4 bytes a parameter and row);
+        # where they would not fit (a 7B model: 26 GiB), each forward computes them and lets them go
+        keep_weight_caches(self.decoder.graph_module, weight_caches_fit(self.decoder.graph_module, self.device))
 
     @property
     def adapter(self) -> ModelAdapter:

@@ -16,6 +16,10 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
 
 Model weights are already loaded when this runs, so they are not counted; nor are the copies of
 the decoder weights that transforms make (quantized codes, per-modality rows).
+
+After the work, the reference (fake-quant) path would keep each linear's float32 weights once computed;
+:func:`weight_caches_fit` says whether they fit in half the free memory, and a quantized model whose caches
+would not computes them per forward instead (:func:`masq_fx.nn.quant_linear.keep_weight_caches`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from masq_fx.capture.decoder import CapturedDecoder
 from masq_fx.errors import CalibrationMemoryError
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.models import adapter_for
+from masq_fx.nn.quant_linear import cached_weight_bytes
 from masq_fx.recipes import Recipe
 
 _FLOAT32 = 4
@@ -136,6 +142,20 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Free bytes where ``device``'s tensors live: CUDA's free memory, else :func:`available_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def weight_caches_fit(root: nn.Module, device: torch.device) -> bool:
+    """Whether the float32 weight caches of ``root``'s QuantLinears (the reference path's) take at most half of
+    the memory free on ``device`` (unknown free memory: they fit)."""
+    free = device_memory(device)
+    return free is None or 2 * cached_weight_bytes(root) <= free
 
 
 def require_memory(estimate: MemoryEstimate, available: int | None) -> None:

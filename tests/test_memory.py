@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from masq_fx import memory
 from masq_fx.api import calibration_inputs
 from masq_fx.calibration.calibrate import observe
 from masq_fx.capture.decoder import capture
@@ -89,3 +91,26 @@ def test_quantize_checks_memory_before_calibrating(omni, monkeypatch, capsys, tm
         api.quantize(model, "masquant-w4a8", [batch], progress=False)
     assert main(["quantize", "tiny:qwen2.5-omni-thinker", "--no-eval", "--quiet", "--out", str(tmp_path / "out")]) == 1
     assert "lower --calib-samples, --calib-tokens or --seq-len" in capsys.readouterr().err
+
+
+def test_weight_caches_are_not_kept_where_they_would_not_fit(omni, monkeypatch):
+    """A model whose float32 weight caches would take more than half the free memory computes each linear's
+    weights per forward and lets them go: the same logits, no cache held."""
+    from masq_fx.api import apply, calibrate
+    from masq_fx.nn.quant_linear import QuantLinear, cached_weight_bytes
+
+    model, batch, _ = omni
+    calibrated = calibrate(model, [batch], progress=False)
+    roomy = apply(calibrated, "masquant-w8a8", progress=False)
+    linears = [m for m in roomy.decoder.graph_module.modules() if isinstance(m, QuantLinear)]
+    needed = cached_weight_bytes(roomy.decoder.graph_module)
+    assert needed == sum(4 * len(m.stored_rows()) * m.weight.numel() for m in linears) > 0
+    monkeypatch.setattr(memory, "available_memory", lambda: 2 * needed - 1)
+    tight = apply(calibrated, "masquant-w8a8", progress=False)
+    inputs = tight.decoder_inputs(batch)
+    with torch.no_grad():
+        expected, got = roomy.decoder(inputs), tight.decoder(inputs)
+    assert torch.equal(got, expected)
+    assert all(m.keep_cache for m in linears) and all(m.cached_weights is not None for m in linears)
+    tight_linears = [m for m in tight.decoder.graph_module.modules() if isinstance(m, QuantLinear)]
+    assert not any(m.keep_cache for m in tight_linears) and all(m.cached_weights is None for m in tight_linears)

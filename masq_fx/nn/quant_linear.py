@@ -40,7 +40,9 @@ changed only through the module's methods (:meth:`~QuantLinear.set_quantizers`,
 are cached for the forward and the cache is always that of the current state: the methods drop it,
 and it is keyed on the version counters of the weight, scale and clipping tensors, so an in-place
 update (MAS's optimizer, CMC's projection) makes the forward rebuild it. It is not used while a
-gradient must reach the scales or clipping ratios, nor within :meth:`~QuantLinear.quantizers_off`.
+gradient must reach the scales or clipping ratios, nor within :meth:`~QuantLinear.quantizers_off`, nor
+kept with ``keep_cache = False`` (:func:`keep_weight_caches`; for models whose float32 weights would
+not fit in memory: each forward then computes the weights it needs and lets them go).
 
 Numerics, whatever the model's dtype (float32, bfloat16): the module computes in float32 (the
 smoothing, the quantizers' scales and rounding, the GEMMs, the CMC branches and the bias) and
@@ -188,6 +190,22 @@ def quantizers_off(root: nn.Module | None) -> Iterator[None]:
         yield
 
 
+def keep_weight_caches(root: nn.Module, keep: bool) -> None:
+    """Set :attr:`QuantLinear.keep_cache` of every QuantLinear in ``root`` (dropping their caches when not kept)."""
+    for module in root.modules():
+        if isinstance(module, QuantLinear):
+            module.keep_cache = keep
+            if not keep:
+                module.release()
+
+
+def cached_weight_bytes(root: nn.Module) -> int:
+    """Bytes the float32 weight caches of every weight-quantized QuantLinear in ``root`` take once built."""
+    return sum(
+        4 * len(m.stored_rows()) * m.out_features * m.in_features for m in root.modules() if isinstance(m, QuantLinear) and m.weight_quant is not None
+    )
+
+
 class QuantLinear(nn.Module):
     """Modality-routed, smoothed, fake-quantized linear: ``forward(x, modality_ids) -> y``."""
 
@@ -206,6 +224,8 @@ class QuantLinear(nn.Module):
         #: ``[rows, out, in]`` weights of :meth:`_weights` and the tensor versions they were built from
         self._cache: Tensor | None = None
         self._cache_key: tuple | None = None
+        #: False: no cache is kept; the forward computes the weights each call (same values, bounded memory)
+        self.keep_cache = True
         #: learned weight clipping: ratios ``[rows, out, n_groups]`` in (0, 1] that shrink the range of
         #: each weight row's output channels (groups); ``None``: full range (or the clip search)
         self.clip_ratios: nn.Parameter | None = None
@@ -456,6 +476,9 @@ class QuantLinear(nn.Module):
         if not self._quantizers_on:
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.scales, self.clip_ratios)):
+            return False
+        if not self.keep_cache:
+            self._drop_cache()
             return False
         if self._cache is None or self._cache_key != self._tensor_versions():
             if self.weight_quant is None:
