@@ -12,6 +12,7 @@ from masq_fx.models import (  # noqa: F401  (registration)
     qwen_audio,
     qwen_omni,
     qwen_vl,
+    voxtral,
 )
 from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.device import default_device, model_device, place, resolve_device

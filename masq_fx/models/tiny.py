@@ -24,6 +24,7 @@ family                      modalities in a row
 ``idefics3``                text + image
 ``internvl``                text + image
 ``llava-onevision``         text + image + video
+``voxtral``                 text + audio
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -64,6 +65,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    VoxtralConfig,
+    VoxtralForConditionalGeneration,
 )
 
 from masq_fx.errors import InputError
@@ -500,6 +503,32 @@ def tiny_llava_onevision(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("llava-onevision", model, batch, (Modality.TEXT, Modality.VISION))
 
 
+def tiny_voxtral(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``VoxtralForConditionalGeneration`` (Whisper-style encoder, Llama decoder); per row one audio chunk of 32 mel
+    frames: 16 encoder positions, four to a token, 4 audio tokens between two markers."""
+    t = TINY_TOKENS
+    width, positions = 32, 16
+    config = VoxtralConfig(
+        audio_config=dict(
+            model_type="voxtral_encoder",
+            hidden_size=width,
+            intermediate_size=4 * width,  # the projector reads four encoder positions per token
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_mel_bins=_MEL_BINS,
+            max_source_positions=positions,  # the encoder takes exactly 2 * max_source_positions frames
+        ),
+        text_config=dict(model_type="llama", **_text_decoder()),
+        audio_token_id=t["audio"],
+    )
+    model = _build(config, VoxtralForConditionalGeneration, seed)
+    rows = _Rows(seed, batch_size)
+    span = [t["audio_start"]] + [t["audio"]] * (positions // 4) + [t["audio_end"]]
+    batch = rows.left_pad([rows.text(i, 3, 2) + span + rows.text(i, 4, 3) for i in range(batch_size)])
+    batch["input_features"] = torch.randn(batch_size, _MEL_BINS, 2 * positions, generator=rows.gen)
+    return TinyModel("voxtral", model, batch, (Modality.TEXT, Modality.AUDIO))
+
+
 _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "llama": tiny_llama,
     "llava": tiny_llava,
@@ -513,6 +542,7 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "idefics3": tiny_idefics3,
     "internvl": tiny_internvl,
     "llava-onevision": tiny_llava_onevision,
+    "voxtral": tiny_voxtral,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order
