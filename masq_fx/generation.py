@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
 
-from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_unused_attributes, dynamic_dim, model_modalities, module_nodes
+from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_dead_code, drop_unused_attributes, dynamic_dim, model_modalities, module_nodes
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
@@ -102,7 +102,7 @@ class _CachedExportable(nn.Module):
     ) -> Tensor:
         for layer in _static_layers(self.cache):
             layer.cumulative_length.copy_(cache_start[0])
-        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, cache=self.cache, use_cache=True)
+        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, modality_ids, cache=self.cache, use_cache=True)
         if self.logits_to_keep:
             hidden = hidden[:, -self.logits_to_keep :]
         return self.lm_head(hidden)
@@ -182,7 +182,7 @@ def transplant(transformed: CapturedDecoder | fx.GraphModule, cached: CachedDeco
     installed = replay(gm, edits)
     positions = set(position_placeholders(source))
     add_position_inputs(gm, [installed[name] for name, node in module_nodes(source).items() if positions & set(node.args)])
-    gm.graph.eliminate_dead_code()
+    drop_dead_code(gm)
     gm.recompile()
     return len(installed)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
-from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, module_nodes
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, drop_dead_code, module_nodes
 from masq_fx.capture.layers import segment_of
 from masq_fx.models import ModelAdapter
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState
@@ -207,7 +207,7 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
         raise ValueError(f"the captured graph has no float linear for {sorted(missing)[:5]}: capture it from the same model")
     for router in edits.routers:
         insert_routers(gm, [installed[name] for name in router.linears], router.scales, router.row_of_modality)
-    gm.graph.eliminate_dead_code()
+    drop_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return installed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, is_linear
+from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, drop_dead_code, is_linear
 from masq_fx.nn.sparsity import SparseInputLinear, Threshold, TopK
 
 _PREFIX = "masq_fx_sparse_linear_"
@@ -52,7 +52,7 @@ def lower_sparse(target: CapturedDecoder | fx.GraphModule, bags: int | None = No
             swapped += 1
         if not node.users:
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    drop_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return swapped

@@ -60,7 +60,7 @@ class _ExportableDecoder(nn.Module):
         modality_ids: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
-        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, use_cache=False)
+        hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, modality_ids, use_cache=False)
         return self.lm_head(hidden)
 
 
@@ -90,6 +90,8 @@ class CapturedDecoder:
     linear_layers: dict[str, int | None] = field(default_factory=dict, repr=False)
     #: the layers after which features injected through ``inputs_embeds`` are added (DeepStack)
     injection_layers: tuple[int, ...] = ()
+    #: why the residual stream cannot be rotated (``ModelAdapter.rotation_refusal``; ``None``: it can)
+    rotation_refusal: str | None = None
 
     def __call__(self, inputs: DecoderInputs) -> torch.Tensor:
         return self.graph_module(*inputs.args())
@@ -184,6 +186,16 @@ def _dynamic_shapes(example: DecoderInputs) -> tuple[dict[int, Any], ...]:
     return ({0: batch, 1: seq}, pos, {0: batch, 1: seq}, {0: batch, 1: seq})
 
 
+#: functorch's vmap bookkeeping, which exported masks built by ``vmap`` contain (Gemma 3's image blocks): they
+#: return nothing and change interpreter state, so dead-code elimination must keep them
+_VMAP_NESTING = frozenset({"_vmap_increment_nesting", "_vmap_decrement_nesting"})
+
+
+def drop_dead_code(gm: fx.GraphModule) -> None:
+    """``gm.graph.eliminate_dead_code()`` keeping the vmap nesting calls of exported masks."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or getattr(node.target, "__name__", None) in _VMAP_NESTING)
+
+
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Remove parameters the graph never reads (the token embedding lives outside the graph)."""
     for node in list(gm.graph.find_nodes(op="get_attr")):
@@ -243,6 +255,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         modalities=model_modalities(adapter),
         capture_seconds=seconds,
         injection_layers=adapter.injection_layers(),
+        rotation_refusal=adapter.rotation_refusal,
     )
     captured.weights = {name: _weight_of(gm, node) for name, node in captured.linear_nodes().items()}
     captured.linear_layers = {name: node.meta.get(LAYER_KEY) for name, node in captured.linear_nodes().items()}

@@ -32,7 +32,7 @@ def eager_decoder(model: nn.Module) -> DecoderFn:
 
     @torch.no_grad()
     def run(inputs: DecoderInputs) -> torch.Tensor:
-        hidden = adapter.run_decoder(inputs.inputs_embeds, inputs.position_ids, inputs.attention_mask, use_cache=False)
+        hidden = adapter.run_decoder(inputs.inputs_embeds, inputs.position_ids, inputs.attention_mask, inputs.modality_ids, use_cache=False)
         return head(hidden)
 
     return run

@@ -1,6 +1,7 @@
 """Model adapters, one module per architecture family. Importing this package registers them all."""
 
 from masq_fx.models import (  # noqa: F401  (registration)
+    gemma3,
     idefics3,
     internvl,
     llama,
@@ -16,7 +17,7 @@ from masq_fx.models import (  # noqa: F401  (registration)
 )
 from masq_fx.models.base import DecoderInputs, ModelAdapter
 from masq_fx.models.device import default_device, model_device, place, resolve_device
-from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, supported_families
+from masq_fx.models.registry import UnsupportedModelError, adapter_for, register_adapter, rotatable_families, supported_families
 
 __all__ = [
     "DecoderInputs",
@@ -28,5 +29,6 @@ __all__ = [
     "place",
     "register_adapter",
     "resolve_device",
+    "rotatable_families",
     "supported_families",
 ]

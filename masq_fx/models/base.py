@@ -75,6 +75,9 @@ class ModelAdapter(ABC):
     #: number of rows of the decoder's position ids: 1 for plain RoPE, 3 for M-RoPE
     position_rows: ClassVar[int] = 1
 
+    #: why the decoder's residual stream cannot be rotated (rotations, LaRoSA), said when one is asked for; ``None``: it can
+    rotation_refusal: ClassVar[str | None] = None
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
@@ -132,8 +135,16 @@ class ModelAdapter(ABC):
             features = embeds.new_zeros(layers, *embeds.shape)
         return torch.cat([embeds, *features.to(embeds.dtype)], dim=-1)
 
-    def run_decoder(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def run_decoder(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """The decoder's last hidden state for graph-layout ``inputs_embeds``; ``kwargs`` go to the decoder (cache).
+        ``modality_ids`` are for families whose attention depends on them (Gemma 3's bidirectional images).
 
         Injected features are split off and added to the outputs of :meth:`injection_layers` by forward
         hooks (removed again), as the model's own forward adds them; captures trace through this method.

@@ -24,6 +24,11 @@ def supported_families() -> list[str]:
     return [cls.family for cls in _ADAPTERS]
 
 
+def rotatable_families() -> list[str]:
+    """The supported families whose residual stream rotations and LaRoSA can rotate."""
+    return [cls.family for cls in _ADAPTERS if cls.rotation_refusal is None]
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``; raises :class:`UnsupportedModelError` naming the supported families."""
     for cls in _ADAPTERS:

@@ -25,6 +25,7 @@ family                      modalities in a row
 ``internvl``                text + image
 ``llava-onevision``         text + image + video
 ``voxtral``                 text + audio
+``gemma3``                  text + image
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -503,6 +506,27 @@ def tiny_llava_onevision(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("llava-onevision", model, batch, (Modality.TEXT, Modality.VISION))
 
 
+def tiny_gemma3(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Gemma3ForConditionalGeneration`` (SigLIP tower, pooling projector, Gemma 3 decoder of a sliding layer with a
+    window of 4 and a full one); one 56x56 image per row: 4x4 patches pooled to 4 image tokens between two markers,
+    attending to each other both ways."""
+    size, patch, tokens = 56, 14, 4
+    text = dict(model_type="gemma3_text", **_text_decoder(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=dict(model_type="siglip_vision_model", image_size=size, patch_size=patch, **_vision_tower()),
+        mm_tokens_per_image=tokens,
+        image_token_index=TINY_TOKENS["image"],
+        boi_token_index=TINY_TOKENS["vision_start"],
+        eoi_token_index=TINY_TOKENS["vision_end"],
+    )
+    model = _build(config, Gemma3ForConditionalGeneration, seed)
+    pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    tiny = _one_image_per_row("gemma3", model, seed, batch_size, _image_span(tokens), pixels)
+    tiny.batch["token_type_ids"] = (tiny.batch["input_ids"] == TINY_TOKENS["image"]).long()  # as Gemma 3's processor marks them
+    return tiny
+
+
 def tiny_voxtral(seed: int = 0, batch_size: int = 2) -> TinyModel:
     """``VoxtralForConditionalGeneration`` (Whisper-style encoder, Llama decoder); per row one audio chunk of 32 mel
     frames: 16 encoder positions, four to a token, 4 audio tokens between two markers."""
@@ -543,6 +567,7 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "internvl": tiny_internvl,
     "llava-onevision": tiny_llava_onevision,
     "voxtral": tiny_voxtral,
+    "gemma3": tiny_gemma3,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear
+from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, drop_dead_code, is_linear
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import GRAPH, Capability, Context
 
@@ -86,6 +86,6 @@ class PrepareQuantLinears:
                 continue
             weight, bias = float_linear(gm, node)
             install_linear(gm, node, QuantLinear(weight, bias, name), modality_ids)
-        gm.graph.eliminate_dead_code()
+        drop_dead_code(gm)
         gm.recompile()
         return gm

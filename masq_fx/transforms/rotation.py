@@ -315,6 +315,8 @@ def rotate(captured: CapturedDecoder, config: RotationConfig) -> CapturedDecoder
     """A rotated copy of the float capture ``captured`` (which is left as it was): the same float model, other weights."""
     if any(True for _ in quant_linears(captured.graph_module)):
         raise InputError("rotate the float capture, before any quantization step (PrepareQuantLinears)")
+    if captured.rotation_refusal is not None:
+        raise InputError(f"cannot rotate this {captured.family} model: {captured.rotation_refusal}; quantize it without rotation")
     rotated = captured.copy()
     plan = plan_rotation(rotated.graph_module, rotated.sites, config, rotated.hidden_size, rotated.head_dim)
     record = apply_rotation(rotated.graph_module, config, plan)

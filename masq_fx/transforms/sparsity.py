@@ -165,6 +165,8 @@ def _next_basis(sites: Sequence[SmoothingGroup], writer: SmoothingGroup, norm_si
 
 def plan_sparsity(captured: CapturedDecoder, config: SparsityConfig) -> SparsityPlan:
     """Sites, levels and (LaRoSA) bases of a float capture's decoder layers; refuses graphs LaRoSA cannot rotate."""
+    if config.method == "larosa" and captured.rotation_refusal is not None:
+        raise InputError(f"LaRoSA cannot rotate this {captured.family} model: {captured.rotation_refusal}; use method 'teal'")
     sites: list[tuple[SmoothingGroup, Role]] = []
     for group in captured.groups():
         if group.kind == "other" and config.method == "larosa":
