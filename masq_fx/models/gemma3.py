@@ -68,7 +68,8 @@ class Gemma3Adapter(ModelAdapter):
         full = create_causal_mask(**args, block_sequence_ids=blocks)
         masks = {"full_attention": full}
         if "sliding_attention" in config.layer_types:
-            *_, q_length, kv_length, q_offset, kv_offset = _preprocess_mask_arguments(**args, layer_idx=find_first_full_attention_index(cache))
+            sizes: tuple[Any, ...] = _preprocess_mask_arguments(**args, layer_idx=find_first_full_attention_index(cache))
+            q_length, kv_length, q_offset, kv_offset = sizes[-4:]  # symbolic under export
             queries = torch.arange(q_length, device=inputs_embeds.device) + q_offset
             keys = torch.arange(kv_length, device=inputs_embeds.device) + kv_offset
             window = keys[None, :] > queries[:, None] - config.sliding_window
