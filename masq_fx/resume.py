@@ -88,7 +88,7 @@ class Progress:
             differs = [key for key in expected if found.get(key) != expected[key]]
             if differs:
                 raise ResumeError(
-                    f"{self.directory} holds the progress of another run (its {', '.join(differs)} differ{'s' if len(differs) == 1 else ''}): "
+                    f"{self.directory} holds the progress of another run (different {', '.join(differs)}): "
                     f"rerun with the same model, recipes and calibration, or delete {self.directory} to start over"
                 )
         elif is_leader():

@@ -79,7 +79,7 @@ def test_a_progress_folder_of_another_run_is_refused(calibrated, tmp_path, monke
     interrupt_at(1, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         apply_all(cal, ["smoothquant-w8a8"], progress=False, resume=tmp_path)
-    with pytest.raises(ResumeError, match=r"holds the progress of another run \(its recipes differs?\).*delete .* to start over"):
+    with pytest.raises(ResumeError, match=r"holds the progress of another run \(different recipes\).*delete .* to start over"):
         apply_all(cal, ["rtn-w8a8"], progress=False, resume=tmp_path)
 
 
