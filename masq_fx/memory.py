@@ -10,6 +10,9 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
   current layer only (the largest layer's are counted);
 * the calibration streams at one layer boundary: for every batch the float activations entering
   and leaving the layer and, for MAS learning, the quantized ones, each ``rows × seq × hidden``;
+* what every layer reads besides the stream, computed once before the first layer and held for every
+  batch: the boolean attention mask ``rows × seq × seq`` and the rotary tables ``2 × rows × seq × head_dim``
+  (float32), once per kind of layer (Gemma 3's sliding and full layers each have theirs);
 * one forward pass of the largest batch: its attention scores and MLP intermediates;
 * the rotated copy of the decoder's linear weights that each distinct rotation of the recipes makes
   (:mod:`masq_fx.transforms.rotation`: the rotated float graph).
@@ -59,6 +62,8 @@ class MemoryEstimate:
     moment_modalities: tuple[Modality, ...]
     #: the float (and, for MAS learning, quantized) streams at one layer boundary
     streams: int
+    #: the attention masks and rotary tables of every batch, read by every layer
+    layer_inputs: int
     #: one forward pass of the largest batch
     activations: int
     #: the rotated decoder weights of the recipes' distinct rotations
@@ -66,7 +71,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.decoder_inputs + self.statistics + self.streams + self.activations + self.rotated_weights
+        return self.decoder_inputs + self.statistics + self.streams + self.layer_inputs + self.activations + self.rotated_weights
 
     def parts(self) -> str:
         """The terms, largest first, for messages."""
@@ -76,6 +81,7 @@ class MemoryEstimate:
             "observer statistics"
             + (f" (float64 second moments of {moments} at {self.moment_sites} sites)" if self.moment_sites else ""): self.statistics,
             "calibration streams": self.streams,
+            "attention masks and rotary tables": self.layer_inputs,
             "one forward pass of the largest batch": self.activations,
             "rotated weights": self.rotated_weights,
         }
@@ -113,7 +119,10 @@ def estimate_calibration_memory(
         per_layer[site.layer] = per_layer.get(site.layer, 0) + kept * c * c * _FLOAT64
     statistics = sum(tables + 3 * NUM_MODALITIES * c * _FLOAT32 for c in channels) + max(per_layer.values(), default=0)
     streams = (2 + sum(r.method == "mas" for r in recipes)) * tokens * hidden * width
-    heads = int(getattr(adapter_for(model).text_config(), "num_attention_heads", 1))
+    text = adapter_for(model).text_config()
+    kinds = len(set(getattr(text, "layer_types", None) or ["full_attention"]))
+    layer_inputs = kinds * sum(rows * seq * (seq + 2 * captured.head_dim * _FLOAT32) for rows, seq in shapes)
+    heads = int(getattr(text, "num_attention_heads", 1))
     widest = max(channels, default=hidden)
     activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
     rotations = {r.rotation for r in recipes} - {None}
@@ -126,6 +135,7 @@ def estimate_calibration_memory(
         moment_sites=moment_sites,
         moment_modalities=tuple(moments),
         streams=streams,
+        layer_inputs=layer_inputs,
         activations=activations,
         rotated_weights=len(rotations) * weight_bytes,
     )

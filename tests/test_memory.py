@@ -9,6 +9,7 @@ from masq_fx import memory
 from masq_fx.api import calibration_inputs
 from masq_fx.calibration.calibrate import observe
 from masq_fx.capture.decoder import capture
+from masq_fx.capture.layers import PRE, Segments, start
 from masq_fx.memory import (
     CalibrationMemoryError,
     available_memory,
@@ -50,7 +51,13 @@ def test_inputs_and_statistics_are_estimated_exactly(omni, recipe, one_thread):
     assert estimate.moment_sites == (len(stats) if recipe.moment_modalities else 0)
     stream = sum(s.inputs_embeds.numel() * s.inputs_embeds.element_size() for s in samples)
     assert estimate.streams == (3 if recipe.method == "mas" else 2) * stream
-    assert estimate.total == estimate.decoder_inputs + estimate.statistics + estimate.streams + estimate.activations + estimate.rotated_weights
+    # the mask and rotary tables the layers read, computed before the first layer, held for every batch
+    segments = Segments(captured.graph_module, captured.num_layers)
+    held = [segments(PRE).run(start(sample)) for sample in samples]
+    read = segments.last_reader()
+    assert estimate.layer_inputs == sum(t.numel() * t.element_size() for env in held for name, t in env.items() if isinstance(t, torch.Tensor) and read[name] >= 0)
+    parts = (estimate.decoder_inputs, estimate.statistics, estimate.streams, estimate.layer_inputs, estimate.activations, estimate.rotated_weights)
+    assert estimate.total == sum(parts)
 
 
 def test_too_little_memory_is_refused_with_what_to_lower(omni):
