@@ -1,4 +1,5 @@
-"""Gemma 3: a SigLIP vision tower and pooling projector feeding a Gemma 3 decoder (sandwich norms, local and global layers)."""
+"""Gemma 3: a SigLIP vision tower and pooling projector feeding a Gemma 3 decoder (sandwich norms, local and global
+layers); and the text-only Gemma 3 (1B)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Gemma3ForConditionalGeneration
+from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from transformers.masking_utils import _preprocess_mask_arguments, create_causal_mask, find_first_full_attention_index
 
 from masq_fx.modality import Modality
@@ -24,6 +25,25 @@ def _image_blocks(modality_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(image.bool(), starts.cumsum(1) - 1, -1)
 
 
+#: why neither Gemma 3 can be rotated
+_SANDWICH_NORMS = (
+    "Gemma 3 norms each attention and MLP output before the residual add (sandwich norms, with weights), "
+    "which a rotation of the residual stream does not pass"
+)
+
+
+@register_adapter
+class Gemma3TextAdapter(ModelAdapter):
+    """``Gemma3ForCausalLM`` (Gemma 3 1B, text only): decoder at ``model.model``; as :class:`Gemma3Adapter` without images."""
+
+    family = "gemma3-text"
+    model_classes = (Gemma3ForCausalLM,)
+    rotation_refusal = _SANDWICH_NORMS
+
+    def language_model(self) -> nn.Module:
+        return self.model.get_submodule("model")
+
+
 @register_adapter
 class Gemma3Adapter(ModelAdapter):
     """``Gemma3ForConditionalGeneration``: decoder at ``model.model.language_model``, plain 1-D RoPE (local layers
@@ -38,10 +58,7 @@ class Gemma3Adapter(ModelAdapter):
 
     family = "gemma3"
     model_classes = (Gemma3ForConditionalGeneration,)
-    rotation_refusal = (
-        "Gemma 3 norms each attention and MLP output before the residual add (sandwich norms, with weights), "
-        "which a rotation of the residual stream does not pass"
-    )
+    rotation_refusal = _SANDWICH_NORMS
 
     def language_model(self) -> nn.Module:
         return self.model.get_submodule("model.language_model")

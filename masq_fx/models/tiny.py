@@ -26,6 +26,7 @@ family                      modalities in a row
 ``llava-onevision``         text + image + video
 ``voxtral``                 text + audio
 ``gemma3``                  text + image
+``gemma3-text``             text
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -41,7 +42,9 @@ import torch
 from torch import nn
 from transformers import (
     Gemma3Config,
+    Gemma3ForCausalLM,
     Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -527,6 +530,14 @@ def tiny_gemma3(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return tiny
 
 
+def tiny_gemma3_text(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Gemma3ForCausalLM``; text-only rows of 12 and 9 tokens through a sliding layer (window 4) and a full one."""
+    config = Gemma3TextConfig(**_text_decoder(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+    model = _build(config, Gemma3ForCausalLM, seed)
+    rows = _Rows(seed, batch_size)
+    return TinyModel("gemma3-text", model, rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)]))
+
+
 def tiny_voxtral(seed: int = 0, batch_size: int = 2) -> TinyModel:
     """``VoxtralForConditionalGeneration`` (Whisper-style encoder, Llama decoder); per row one audio chunk of 32 mel
     frames: 16 encoder positions, four to a token, 4 audio tokens between two markers."""
@@ -568,6 +579,7 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "llava-onevision": tiny_llava_onevision,
     "voxtral": tiny_voxtral,
     "gemma3": tiny_gemma3,
+    "gemma3-text": tiny_gemma3_text,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order
