@@ -9,7 +9,8 @@ and where the methods differ per modality; it says nothing about accuracy on rea
 Calibration and evaluation use different random batches (seeds 1.. and 100..).
 
 ``--part families``: every tiny family (``TINY_FAMILIES``), the presets ``smoothquant-w8a8``, ``masquant-w8a8``
-and ``masquant-w4a8``: the last decoder layer's output SQNR per modality, calibrated on the same batches.
+and ``masquant-w4a8`` (``masquant-w4a8-paper``, unrotated, for families whose residual stream cannot be rotated:
+Gemma 3): the last decoder layer's output SQNR per modality, calibrated on the same batches.
 
 Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py [--part methods|families|both]``
 """
@@ -55,19 +56,20 @@ PRESET_NAMES = ("smoothquant-w8a8", "masquant-w8a8", "masquant-w4a8")
 def families() -> None:
     """Every tiny family: the last decoder layer's output SQNR per modality under the presets."""
     print("\nevery tiny family (random weights): last decoder layer's output SQNR in dB vs FP, per modality")
-    print(f"{'family':<22}{'preset':<18}" + "".join(f"{m.name.lower():>10}" for m in Modality))
+    print(f"{'family':<22}{'preset':<22}" + "".join(f"{m.name.lower():>10}" for m in Modality))
     for family in TINY_FAMILIES:
         model, calib_batches = _batches(family, range(1, 5))
         _, eval_batches = _batches(family, range(100, 102))
         adapter = adapter_for(model)
+        names = PRESET_NAMES if adapter.rotation_refusal is None else (*PRESET_NAMES[:-1], "masquant-w4a8-paper")
         evaluation = [adapter.decoder_inputs(b) for b in eval_batches]
-        calibrated = calibrate(model, calib_batches, recipes=PRESET_NAMES, progress=False)
+        calibrated = calibrate(model, calib_batches, recipes=names, progress=False)
         last = calibrated.captured.num_layers - 1
-        for name, quantized in zip(PRESET_NAMES, apply_all(calibrated, PRESET_NAMES, progress=False)):
+        for name, quantized in zip(names, apply_all(calibrated, names, progress=False)):
             reference = in_basis_of(calibrated.captured, quantized.decoder)  # masquant-w4a8 is rotated
             sqnr = per_modality_layer_sqnr(reference, quantized.decoder, evaluation)
             cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
-            print(f"{family:<22}{name:<18}{cells}")
+            print(f"{family:<22}{name:<22}{cells}")
 
 
 def methods() -> None:
