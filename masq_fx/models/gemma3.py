@@ -71,9 +71,10 @@ class Gemma3Adapter(ModelAdapter):
         modality_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if modality_ids is None:
-            return super().run_decoder(inputs_embeds, position_ids, attention_mask, **kwargs)
-        return super().run_decoder(inputs_embeds, position_ids, self._masks(inputs_embeds, position_ids, attention_mask, modality_ids, kwargs.get("cache")), **kwargs)  # type: ignore[arg-type]
+        masks: Any = attention_mask
+        if modality_ids is not None:  # the layers take the masks built here instead of building them from the 2-D one
+            masks = self._masks(inputs_embeds, position_ids, attention_mask, modality_ids, kwargs.get("cache"))
+        return super().run_decoder(inputs_embeds, position_ids, masks, **kwargs)
 
     def _masks(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor, cache: Any) -> dict[str, Any]:
         """The full and sliding layers' masks of the model's forward: causal, or within one image both ways; the
