@@ -10,7 +10,8 @@ Calibration and evaluation use different random batches (seeds 1.. and 100..).
 
 ``--part families``: every tiny family (``TINY_FAMILIES``), the presets ``smoothquant-w8a8``, ``masquant-w8a8``
 and ``masquant-w4a8`` (``masquant-w4a8-paper``, unrotated, for families whose residual stream cannot be rotated:
-Gemma 3): the last decoder layer's output SQNR per modality, calibrated on the same batches.
+Gemma 3): the last decoder layer's output SQNR per modality, calibrated on the same batches; for the
+mixture-of-experts families, the experts of each MoE layer that calibration tokens of each modality reached.
 
 Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py [--part methods|families|both]``
 """
@@ -25,6 +26,7 @@ import torch
 
 from masq_fx.api import apply, apply_all, calibrate
 from masq_fx.app.run_report import in_basis_of
+from masq_fx.calibration.coverage import expert_coverage
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
@@ -70,6 +72,9 @@ def families() -> None:
             sqnr = per_modality_layer_sqnr(reference, quantized.decoder, evaluation)
             cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
             print(f"{family:<22}{name:<22}{cells}")
+        for row in expert_coverage(calibrated.captured.sites, calibrated.stats, calibrated.captured.modalities):
+            seen = ", ".join(f"{m.name.lower()} {n}" for m, n in row.seen.items())
+            print(f"{'':<22}layer {row.layer}: of {row.experts} experts, calibration tokens reached: {seen}; none: {row.unseen}")
 
 
 def methods() -> None:

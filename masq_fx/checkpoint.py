@@ -632,7 +632,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     tensors = _read_tensors(directory, manifest["tensors"])
     graph = manifest["graph"]
     captured = capture(model)
-    expected = {n.meta[MODULE_KEY] for n in captured.graph_module.graph.nodes if MODULE_KEY in n.meta and is_linear(n)}
+    expected = {n.meta[MODULE_KEY] for n in captured.graph_module.graph.nodes if MODULE_KEY in n.meta and is_linear(n)} - captured.routers
     if not graph["include_head"]:
         expected.discard(_HEAD)
     if (graph["linears"] or "sparsity" not in graph) and expected != set(graph["linears"]):

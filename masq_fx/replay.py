@@ -191,7 +191,6 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
         apply_sparsity(gm, edits.sparsity, skip=live)
     for path, value in edits.attributes.items():
         _set_attribute(gm, path, value)
-    modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
     installed: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
         name = node.meta.get(MODULE_KEY)
@@ -201,7 +200,7 @@ def replay(gm: fx.GraphModule, edits: GraphEdits) -> dict[str, fx.Node]:
         if isinstance(module, LinearRecord):
             weight, bias = float_linear(gm, node)
             module = module.build(weight, bias, name)
-        installed[name] = install_linear(gm, node, module, modality_ids)
+        installed[name] = install_linear(gm, node, module)
     missing = set(edits.linears) - set(installed)
     if missing:
         raise ValueError(f"the captured graph has no float linear for {sorted(missing)[:5]}: capture it from the same model")

@@ -14,9 +14,15 @@ from masq_fx.models.tiny import TINY_FAMILIES, TINY_TOKENS, TinyModel, tiny_mode
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+#: the tiny MoE families' layer 1 is sparse: 4 experts of 3 projections each, and a float router
+EXPERTS = 4
 
 
-def layer_linears(i: int) -> set[str]:
+def layer_linears(i: int, family: str = "llama") -> set[str]:
+    """The quantized linears of layer ``i`` (a sparse MoE layer's experts; its router is not one)."""
+    if family.endswith("-moe") and i == 1:
+        experts = {f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
+        return {f"layers.{i}.{p}" for p in PROJECTIONS[:4] + tuple(sorted(experts))}
     return {f"layers.{i}.{p}" for p in PROJECTIONS}
 
 
@@ -57,12 +63,14 @@ def test_placeholders(family):
 
 def test_decoder_linears_are_tagged(family):
     _, _, captured = family
-    expected = set().union(*(layer_linears(i) for i in range(captured.num_layers)))
+    expected = set().union(*(layer_linears(i, captured.family) for i in range(captured.num_layers)))
+    routers = {"layers.1.mlp.gate"} if captured.family.endswith("-moe") else set()
     names = captured.decoder_linears()
-    assert len(names) == 7 * captured.num_layers
+    assert len(names) == len(expected)
     assert set(names) == expected
-    assert set(captured.linear_nodes()) == expected | {"lm_head"}
-    assert set(captured.weights) == expected | {"lm_head"}
+    assert captured.routers == routers
+    assert set(captured.linear_nodes()) == expected | routers | {"lm_head"}
+    assert set(captured.weights) == expected | routers | {"lm_head"}
 
 
 def test_matches_hf_logits_on_multimodal_batch(family):
@@ -126,7 +134,7 @@ def test_layer_nodes(family):
         nodes = captured.layer_nodes(i)
         assert nodes, f"layer {i} has no nodes"
         assert all(n.meta[LAYER_KEY] == i for n in nodes)
-        assert {n.meta[MODULE_KEY] for n in nodes if MODULE_KEY in n.meta} == layer_linears(i)
+        assert {n.meta[MODULE_KEY] for n in nodes if MODULE_KEY in n.meta} - captured.routers == layer_linears(i, captured.family)
         ids = {id(n) for n in nodes}
         assert not ids & seen
         seen |= ids

@@ -94,7 +94,8 @@ def test_rotations_leave_the_float_logits_unchanged(family, config):
     changed = [name for name in rotated.decoder_linears() if not torch.equal(rotated.weights[name], captured.weights[name])]
     expected = set(plan.writers) if config.residual else {o for _, o in plan.heads} | set(plan.online)
     assert expected <= set(changed)
-    assert (len(plan.heads), len(plan.online)) == (captured.num_layers * config.heads, captured.num_layers * config.down)
+    down_projections = sum(site.kind == "activation" for site in captured.groups())  # one per MLP and per expert
+    assert (len(plan.heads), len(plan.online)) == (captured.num_layers * config.heads, down_projections * config.down)
 
 
 @pytest.mark.parametrize("family", ROTATABLE)

@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from masq_fx.api import QuantizedModel
 from masq_fx.calibration import ModalityStats
 from masq_fx.calibration.calibrate import calibration_tokens
+from masq_fx.calibration.coverage import ExpertCoverage, expert_coverage
 from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.errors import InputError
 from masq_fx.eval.sqnr import per_modality_layer_sqnr
@@ -93,6 +94,8 @@ class RunReport:
     metrics: Metrics = field(default_factory=dict)
     #: the fraction of each sparsifier's input zeroed, per modality, over the samples (sparsified graphs)
     sparsity: tuple[SiteSparsity, ...] = ()
+    #: per MoE layer, the experts that calibration tokens of each modality reached
+    experts: tuple[ExpertCoverage, ...] = ()
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
@@ -157,6 +160,8 @@ class RunReport:
         parts = [f"# {self.title}", _recipe_section(self.recipe), self._sqnr_section(image)]
         if self.uncovered:
             parts.append(self._coverage_section())
+        if self.experts:
+            parts.append(self._experts_section())
         if self.branches:
             parts.append(self._cmc_section())
         if self.sparsity:
@@ -186,6 +191,22 @@ class RunReport:
         for modality, sites in self.uncovered.items():
             shown = ", ".join(sites[:4]) + (f", … ({len(sites) - 4} more)" if len(sites) > 4 else "")
             lines.append(f"| {_name(modality)} | {len(sites)} | {_cell(shown)} |")
+        return "\n".join(lines)
+
+    def _experts_section(self) -> str:
+        modalities = list(self.experts[0].seen)
+        lines = [
+            "## Experts",
+            "",
+            "Experts of each mixture-of-experts layer that calibration tokens of each modality were routed to. An "
+            "expert calibrated without a modality uses its fallback scales for it and gets no compensation; one "
+            "no token reached is not smoothed and keeps round-to-nearest weights.",
+            "",
+            "| layer | experts | " + " | ".join(f"with {_name(m)} tokens" for m in modalities) + " | without tokens |",
+            "|---:|---:|" + "---:|" * len(modalities) + "---:|",
+        ]
+        for row in self.experts:
+            lines.append(f"| {row.layer} | {row.experts} | " + " | ".join(str(row.seen[m]) for m in modalities) + f" | {row.unseen} |")
         return "\n".join(lines)
 
     def _sqnr_section(self, image: str) -> str:
@@ -333,6 +354,7 @@ def build(
         )
     reference = capture(quantized.model) if reference is None else reference
     decoder = quantized.decoder
+    routed = {name for site in decoder.sites if site.routed for name in site.linears}  # experts: counted apart
     stages = [StepRecord("capture", decoder.capture_seconds)] if decoder.capture_seconds > 0 else []
     return RunReport(
         title=title,
@@ -343,9 +365,10 @@ def build(
         samples=len(samples),
         linear_params={name: reference.weights[name].numel() for name in reference.decoder_linears()},
         branches=tuple(r for records in context.diagnostics.values() for r in records if isinstance(r, BranchReport)),
-        uncovered=uncovered_sites(context.stats, decoder.modalities),
+        uncovered=uncovered_sites({n: s for n, s in context.stats.items() if n not in routed}, decoder.modalities),
         metrics=dict(metrics or {}),
         sparsity=tuple(achieved_sparsity(decoder, samples, progress=False)) if sparsity_record(decoder.graph_module) else (),
+        experts=tuple(expert_coverage(decoder.sites, context.stats, decoder.modalities)),
     )
 
 

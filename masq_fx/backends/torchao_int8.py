@@ -72,6 +72,7 @@ from typing import Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torchao.quantization import Int8Tensor, PerRow
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
@@ -236,14 +237,16 @@ def _min_rows(x: Tensor, weight: Tensor) -> int:
 
 
 def _int8_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``F.linear`` with int8 weights; inputs of fewer rows than the kernel runs well with (decode) are
-    padded with zero rows (each row is quantized on its own, so the real rows are unchanged)."""
+    """``F.linear`` with int8 weights; inputs of fewer rows than the kernel runs well with (decode, a rarely
+    routed expert) are padded with zero rows (each row is quantized on its own, so the real rows are unchanged)."""
     tokens = x.numel() // x.shape[-1]
     rows = _min_rows(x, weight)
-    if tokens >= rows:
+    # an MoE expert's row count is data-dependent (unbacked) in a compiled graph: padded whatever it is
+    if not guard_or_true(tokens < rows):
         return F.linear(x, weight)
-    padded = F.pad(x.reshape(tokens, x.shape[-1]), (0, 0, 0, rows - tokens))
-    return F.linear(padded, weight)[:tokens].reshape(*x.shape[:-1], -1)
+    flat = x.reshape(tokens, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(rows, x.shape[-1])])  # ``rows`` more: provably enough, unbacked or not
+    return F.linear(padded, weight)[:tokens].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Int8QuantLinear(nn.Module):
@@ -427,6 +430,7 @@ def lower_to_torchao(
         raise ValueError(f"int4_dtype must be torch.bfloat16 (fast) or torch.float32 (the reference's numbers, slow), got {int4_dtype}")
     report = LoweringReport()
     indexed: list[fx.Node] = []
+    token_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
     for node in gm.graph.find_nodes(op="call_module"):
         module = gm.get_submodule(str(node.target))
         if not isinstance(module, QuantLinear):
@@ -444,8 +448,8 @@ def lower_to_torchao(
             lowered = Int8QuantLinear.from_quant_linear(module)
         gm.add_submodule(str(node.target), lowered)
         report.lowered.append(module.name)
-        if branch_layout == "indexed" and lowered.takes_positions:
-            indexed.append(node)
+        if branch_layout == "indexed" and lowered.takes_positions and node.args[1] is token_ids:  # an expert's rows
+            indexed.append(node)  # are not the graph's tokens: its branches stay masked
     if not report.lowered and not report.unlowered:
         raise ValueError("the graph has no QuantLinears: run PrepareQuantLinears and the quantizer transforms first")
     if report.unlowered:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from masq_fx.calibration.observer import ModalityObserver
 from masq_fx.calibration.stats import ModalityStats
-from masq_fx.capture.dataflow import SmoothingGroup
+from masq_fx.capture.dataflow import SmoothingGroup, token_context
 from masq_fx.capture.decoder import MODULE_KEY
 from masq_fx.distributed import reduce
 from masq_fx.errors import InputError
@@ -52,7 +52,6 @@ class InsertObservers:
 
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         graph = gm.graph
-        placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
         nodes = {n.meta[MODULE_KEY]: n for n in graph.nodes if MODULE_KEY in n.meta}
         # linears whose inputs come from the same node (q/k/v; gate/up: one site) share one observer,
         # which watches the tensor the first of them actually reads
@@ -65,7 +64,7 @@ class InsertObservers:
             moments = self.moment_modalities if self.site_moments is None else self.site_moments(site)
             gm.add_submodule(target, ModalityObserver(moments))
             with graph.inserting_after(tensor):
-                observer = graph.call_module(target, (tensor, placeholders["modality_ids"], placeholders["attention_mask"]))
+                observer = graph.call_module(target, (tensor, *token_context(gm, tensor)))
             observer.meta[_SITES_KEY] = site.linears
         return gm
 

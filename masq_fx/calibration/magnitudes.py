@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from masq_fx.calibration.calibrate import reduce_over_ranks
 from masq_fx.calibration.observer import ModalityObserver
+from masq_fx.capture.dataflow import token_context
 from masq_fx.distributed import reduce
 from masq_fx.modality import NUM_MODALITIES
 from masq_fx.models import DecoderInputs
@@ -104,14 +105,13 @@ def run_probes(gm: fx.GraphModule, probes: Mapping[fx.Node, nn.Module], samples:
 
     The probe nodes and modules are removed afterwards, so the graph is left as it was.
     """
-    placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
     added: list[fx.Node] = []
     try:
         for index, (node, probe) in enumerate(probes.items()):
             target = f"{_PROBE_PREFIX}{index}"
             gm.add_submodule(target, probe)
             with gm.graph.inserting_after(node):
-                added.append(gm.graph.call_module(target, (node, placeholders["modality_ids"], placeholders["attention_mask"])))
+                added.append(gm.graph.call_module(target, (node, *token_context(gm, node))))
         gm.recompile()
         for sample in tqdm(samples, desc=desc, unit="sample", disable=not progress):
             gm(*sample.args())

@@ -27,9 +27,10 @@ class ModalityObserver(nn.Module):
         self.stats: ModalityStats | None = None
 
     def forward(self, x: Tensor, modality_ids: Tensor, attention_mask: Tensor | None = None) -> None:
-        """Record ``x`` ``[batch, seq, C]``; tokens where ``attention_mask`` ``[batch, seq]`` is 0 are skipped."""
-        if x.dim() != 3:
-            raise InputError(f"x must be [batch, seq, channels], got shape {tuple(x.shape)}")
+        """Record ``x`` ``[..., C]`` (``[batch, seq, C]``, or the ``[tokens, C]`` routed to an expert); tokens where
+        ``attention_mask`` (``x``'s leading shape) is 0 are skipped."""
+        if x.dim() < 2:
+            raise InputError(f"x must be [batch, seq, channels] or [tokens, channels], got shape {tuple(x.shape)}")
         with torch.no_grad():
             if self.stats is None:
                 self.stats = ModalityStats.empty(x.shape[-1], self.moment_modalities, device=x.device)

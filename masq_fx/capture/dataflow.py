@@ -14,6 +14,12 @@ pattern decides the group's kind:
 * ``"activation"``: ``act(linear_a) * linear_b`` for an elementwise activation (a gated MLP);
 * ``"other"``: anything else, e.g. a linear reading the residual stream directly.
 
+Mixture-of-experts blocks (:mod:`masq_fx.models.experts`) add two cases. An expert's linears read the rows
+of a token stream routed to it (``aten.index(tokens, [rows])``): each expert is a group of its own whose kind
+is that of the gathered stream, marked ``routed`` (:func:`token_context` gives such rows their modality ids).
+A linear whose output picks experts (it flows into an ``aten.topk`` without crossing another linear) is a
+``router``: it stays float, and is a site only so that rewrites of its input (rotations) reach it.
+
 Module names and ``nn_module_stack`` classes are never consulted, so a model whose names mislead
 (or an unfamiliar architecture) is grouped by what it computes. Upstream searches run on a
 networkx copy of the graph whose edges into linear nodes are cut, so they never cross a linear.
@@ -34,6 +40,7 @@ from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, is_linear, iter_linea
 aten = torch.ops.aten
 
 HEAD = "lm_head"
+_CONTEXT_KEY = "masq_fx.token_context"
 #: Ops whose output holds the same values as their first argument (layout or dtype changes only).
 PASSTHROUGH = frozenset({
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.t,
@@ -45,6 +52,7 @@ _REDUCTIONS = frozenset({aten.mean, aten.var, aten.var_mean, aten.std, aten.std_
 _ATTENTION_OPS = frozenset({aten.scaled_dot_product_attention})
 _MATMULS = frozenset({aten.matmul, aten.bmm, aten.einsum})
 _SOFTMAX = frozenset({aten.softmax, aten._softmax, aten._safe_softmax})
+_TOPK = frozenset({aten.topk})
 _ACTIVATIONS = frozenset({
     aten.silu, aten.gelu, aten.relu, aten.sigmoid, aten.tanh, aten.mish, aten.hardswish,
     aten.leaky_relu, aten.elu,
@@ -67,6 +75,10 @@ class SmoothingGroup:
     norm_weight: str | None = None
     norm_bias: str | None = None
     layer: int | None = None
+    #: the linears read only the tokens routed to one expert (its rows of a stream, or what is computed from them)
+    routed: bool = False
+    #: the linears choose experts (an MoE router): kept float, neither observed nor quantized
+    router: bool = False
 
 
 def _packet(arg: fx.node.Argument) -> torch._ops.OpOverloadPacket | None:
@@ -88,6 +100,73 @@ def input_node(linear: fx.Node) -> fx.Node:
     source = look_through(linear.args[0])
     assert isinstance(source, fx.Node)
     return source
+
+
+def row_gather(arg: fx.node.Argument) -> fx.Node | None:
+    """The ``rows`` index if ``arg`` (past passthrough ops) selects rows of a flattened token stream
+    (``tokens.view(-1, C)[rows]``: the tokens routed to one expert), else ``None``."""
+    source = look_through(arg)
+    if _packet(source) is not aten.index or not isinstance(source, fx.Node):
+        return None
+    indices = source.args[1]
+    if isinstance(indices, (list, tuple)) and len(indices) == 1 and isinstance(indices[0], fx.Node) and _tensor_dims(look_through(source.args[0])) == 3:
+        return indices[0]
+    return None
+
+
+def _tensor_dims(arg: fx.node.Argument) -> int | None:
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _rows(tensor: fx.Node) -> tuple[bool, fx.Node | None]:
+    """(whether ``tensor``'s rows are tokens flattened from ``[batch, seq]``, the expert ``rows`` they were gathered at).
+
+    Follows first arguments upstream (an expert's down_proj reads ``act(gate) * up`` of its gathered rows) until a
+    ``[batch, seq, C]`` stream, its ``[tokens, C]`` view, or a row gather.
+    """
+    node: fx.node.Argument = tensor
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_module"):
+        rows = row_gather(node)
+        if rows is not None:
+            return True, rows
+        dims = _tensor_dims(node)
+        if dims == 3:
+            return False, None
+        if dims == 2 and _tensor_dims(look_through(node)) == 3:
+            return True, None
+        node = node.args[0] if node.args else None
+    return False, None
+
+
+def token_context(gm: fx.GraphModule, tensor: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The ``modality_ids`` and ``attention_mask`` nodes aligned with the token rows of ``tensor``.
+
+    The graph's placeholders for a token stream ``[batch, seq, C]``; flattened for its ``[tokens, C]`` view (an
+    MoE block's input); for the rows routed to an expert (:func:`row_gather`) and what is computed from them,
+    gathered at the same rows. The nodes are inserted once, right before ``tensor``, and reused.
+    """
+    placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    flat, rows = _rows(tensor)
+    if not flat:
+        return placeholders["modality_ids"], placeholders["attention_mask"]
+    anchor = tensor if rows is None else rows  # what the made nodes are found again by
+    found = []
+    for name in ("modality_ids", "attention_mask"):
+        key = (name, anchor.name)
+        owner = placeholders[name] if rows is None else rows  # the made node is a user of it
+        node = next((user for user in owner.users if user.meta.get(_CONTEXT_KEY) == key), None)
+        if node is None:
+            with gm.graph.inserting_before(tensor):  # after what it reads (placeholders, rows), before any reader of tensor
+                node = gm.graph.call_function(aten.reshape.default, (placeholders[name], [-1]))
+                if rows is not None:
+                    node = gm.graph.call_function(aten.index.Tensor, (node, [rows]))
+            node.meta[_CONTEXT_KEY] = key
+            for made in (node, *node.all_input_nodes):
+                if LAYER_KEY in tensor.meta and made.op != "placeholder":
+                    made.meta[LAYER_KEY] = tensor.meta[LAYER_KEY]
+        found.append(node)
+    return found[0], found[1]
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -174,18 +253,30 @@ class _Dataflow:
             for act, other in ((a, b), (b, a))
         )
 
-    def group(self, source: fx.Node, linears: list[fx.Node]) -> SmoothingGroup:
+    def routers(self) -> set[fx.Node]:
+        """The linears whose outputs reach an ``aten.topk`` without crossing another linear."""
+        found: set[fx.Node] = set()
+        for name, node in self.graph.nodes(data="node"):
+            if _packet(node) in _TOPK:
+                found.update(a for a in (self.graph.nodes[n]["node"] for n in nx.ancestors(self.graph, name)) if is_linear(a))
+        return found
+
+    def group(self, source: fx.Node, linears: list[fx.Node], router: bool = False) -> SmoothingGroup:
         weight = bias = None
-        if (params := self.norm_params(source)) is not None:
+        gathered = row_gather(source) is not None
+        stream = look_through(source.args[0]) if gathered else source
+        assert isinstance(stream, fx.Node)
+        if (params := self.norm_params(stream)) is not None:
             kind, (weight, bias) = "norm", params
-        elif self.is_attention(source):
+        elif self.is_attention(stream):
             kind = "attention"
-        elif self.is_gated_activation(source):
+        elif self.is_gated_activation(stream):
             kind = "activation"
         else:
             kind = "other"
         names = tuple(node.meta[MODULE_KEY] for node in linears)
-        return SmoothingGroup(kind, source.name, names, weight, bias, linears[0].meta.get(LAYER_KEY))
+        routed = _rows(source)[1] is not None  # an expert's gate/up (its gathered rows) and down_proj
+        return SmoothingGroup(kind, source.name, names, weight, bias, linears[0].meta.get(LAYER_KEY), routed, router)
 
 
 def smoothing_groups(gm: fx.GraphModule, include_head: bool = False) -> list[SmoothingGroup]:
@@ -193,9 +284,10 @@ def smoothing_groups(gm: fx.GraphModule, include_head: bool = False) -> list[Smo
 
     The LM head (``lm_head``) is left out unless ``include_head``.
     """
-    by_source: dict[fx.Node, list[fx.Node]] = {}
+    flow = _Dataflow(gm)
+    routers = flow.routers()
+    by_source: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
     for name, node in iter_linears(gm):
         if include_head or name != HEAD:
-            by_source.setdefault(input_node(node), []).append(node)
-    flow = _Dataflow(gm)
-    return [flow.group(source, linears) for source, linears in by_source.items()]
+            by_source.setdefault((input_node(node), node in routers), []).append(node)
+    return [flow.group(source, linears, router) for (source, router), linears in by_source.items()]

@@ -41,7 +41,10 @@ PLACEHOLDERS = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask
 MODULE_KEY = "masq_fx.module"
 LAYER_KEY = "masq_fx.layer"
 _DECODER_PREFIX = "decoder."
-_LAYER_PATH = re.compile(r"^decoder\.layers\.(\d+)$")
+#: a decoder layer's module path in a node's ``nn_module_stack``: ``decoder.layers.3``, or with export's own naming
+#: ``model.language_model.layers.3`` and ``decoder.layers.slice(None, 48, None).3`` (the model slices its layer list);
+#: the towers are not in the graph, so every ``layers.N`` there is the decoder's
+_LAYER_PATH = re.compile(r"(?:^|\.)layers\.(?:slice\([^)]*\)\.)?(\d+)$")
 
 
 class _ExportableDecoder(nn.Module):
@@ -108,16 +111,21 @@ class CapturedDecoder:
         return copy.deepcopy(self, memo)
 
     def groups(self, include_head: bool = False) -> list[SmoothingGroup]:
-        """The :attr:`sites` of the decoder layers (and the LM head's if ``include_head``)."""
-        return [site for site in self.sites if site.layer is not None or include_head]
+        """The :attr:`sites` of the decoder layers (and the LM head's if ``include_head``), MoE routers left out."""
+        return [site for site in self.sites if (site.layer is not None or include_head) and not site.router]
+
+    @property
+    def routers(self) -> frozenset[str]:
+        """Module names of the MoE router linears (kept float)."""
+        return frozenset(name for site in self.sites if site.router for name in site.linears)
 
     def linear_nodes(self) -> dict[str, fx.Node]:
         """Module name → its linear node, in graph order."""
         return {n.meta[MODULE_KEY]: n for n in self.graph_module.graph.nodes if MODULE_KEY in n.meta}
 
     def decoder_linears(self) -> list[str]:
-        """Module names of the linears inside decoder layers (the quantization targets)."""
-        return [name for name, node in self.linear_nodes().items() if LAYER_KEY in node.meta]
+        """Module names of the linears inside decoder layers but the MoE routers (the quantization targets)."""
+        return [name for name, node in self.linear_nodes().items() if LAYER_KEY in node.meta and name not in self.routers]
 
     def layer_nodes(self, index: int) -> list[fx.Node]:
         """All nodes of decoder layer ``index``, in graph order."""
@@ -154,7 +162,7 @@ def module_name_of(attr: str) -> str:
 
 def _layer_index(node: fx.Node) -> int | None:
     for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        match = _LAYER_PATH.match(path)
+        match = _LAYER_PATH.search(path)
         if match:
             return int(match.group(1))
     return None

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
 from masq_fx.models.device import model_device
+from masq_fx.models.experts import unfuse_experts
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ class ModelAdapter(ABC):
     rotation_refusal: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
+        """Adapt ``model``; fused mixture-of-experts tensors are unfused in place into per-expert linears that
+        view them (:func:`~masq_fx.models.experts.unfuse_experts`: same outputs, and exportable)."""
         self.model = model
+        unfuse_experts(model)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -1,9 +1,11 @@
-"""Qwen3: a decoder-only text model (Qwen2's layout plus RMS norms on queries and keys); every token is text."""
+"""Qwen3 (dense and MoE): decoder-only text models (Qwen2's layout plus RMS norms on queries and keys); every token is text."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
-from transformers import Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
@@ -18,7 +20,20 @@ class Qwen3Adapter(ModelAdapter):
     """
 
     family = "qwen3"
-    model_classes = (Qwen3ForCausalLM,)
+    model_classes: ClassVar[tuple[type[nn.Module], ...]] = (Qwen3ForCausalLM,)  # the MoE adapter below sets its own
 
     def language_model(self) -> nn.Module:
         return self.model.get_submodule("model")
+
+
+@register_adapter
+class Qwen3MoeAdapter(Qwen3Adapter):
+    """``Qwen3MoeForCausalLM``: Qwen3's layout with sparse MoE blocks (a top-k router and fused experts).
+
+    The experts are unfused into per-expert linears (:mod:`masq_fx.models.experts`), each quantized and
+    calibrated on the tokens routed to it; the router (``mlp.gate``) stays float. Layers in
+    ``mlp_only_layers`` keep a dense MLP.
+    """
+
+    family = "qwen3-moe"
+    model_classes = (Qwen3MoeForCausalLM,)

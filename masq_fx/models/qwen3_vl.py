@@ -1,13 +1,13 @@
-"""Qwen3-VL (dense): a vision tower feeding a Qwen3 decoder with interleaved 3-row M-RoPE and DeepStack."""
+"""Qwen3-VL (dense and MoE): a vision tower feeding a Qwen3 decoder with interleaved 3-row M-RoPE and DeepStack."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
@@ -29,7 +29,7 @@ class Qwen3VLAdapter(ModelAdapter):
     """
 
     family = "qwen3-vl"
-    model_classes = (Qwen3VLForConditionalGeneration,)
+    model_classes: ClassVar[tuple[type[nn.Module], ...]] = (Qwen3VLForConditionalGeneration,)  # the MoE adapter below sets its own
     position_rows = 3
 
     def language_model(self) -> nn.Module:
@@ -48,3 +48,16 @@ class Qwen3VLAdapter(ModelAdapter):
         for layer, feature in enumerate(features):
             dense[layer][mask] = feature.to(embeds.dtype)
         return dense
+
+
+@register_adapter
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """``Qwen3VLMoeForConditionalGeneration``: Qwen3-VL with sparse MoE decoder blocks (Qwen3-VL-30B-A3B, 235B-A22B).
+
+    The experts are unfused into per-expert linears (:mod:`masq_fx.models.experts`): each is calibrated per
+    modality on the tokens routed to it, so an expert that no vision token reached falls back to its text
+    statistics; the router (``mlp.gate``) stays float.
+    """
+
+    family = "qwen3-vl-moe"
+    model_classes = (Qwen3VLMoeForConditionalGeneration,)

@@ -20,6 +20,8 @@ family                      modalities in a row
 ``qwen2.5-omni-thinker``    text + image + audio
 ``qwen3``                   text
 ``qwen3-vl``                text + image
+``qwen3-moe``               text
+``qwen3-vl-moe``            text + image
 ``mistral3``                text + image
 ``idefics3``                text + image
 ``internvl``                text + image
@@ -69,8 +71,12 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     VoxtralConfig,
     VoxtralForConditionalGeneration,
 )
@@ -342,10 +348,35 @@ def tiny_qwen3(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("qwen3", model, batch)
 
 
+def _moe(experts: int, top_k: int) -> dict[str, Any]:
+    """A sparse MoE decoder: layer 0 keeps a dense MLP, layer 1 routes each token to ``top_k`` of ``experts``."""
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=64, mlp_only_layers=[0], norm_topk_prob=True)
+
+
+def tiny_qwen3_moe(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen3MoeForCausalLM`` (layer 1 sparse, 4 experts, top 2); text-only rows of 12 and 9 tokens."""
+    model = _build(Qwen3MoeConfig(**_text_decoder(head_dim=16, **_moe(4, 2))), Qwen3MoeForCausalLM, seed)
+    rows = _Rows(seed, batch_size)
+    batch = rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)])
+    return TinyModel("qwen3-moe", model, batch)
+
+
 def tiny_qwen3_vl(seed: int = 0, batch_size: int = 2, video: bool = False) -> TinyModel:
     """``Qwen3VLForConditionalGeneration``; one 1x4x4-patch image (4 merged tokens) per row, and with ``video``
     a one-frame clip after it. Its 2-block tower's DeepStack features of both blocks are added after decoder
     layers 0 and 1."""
+    return _qwen3_vl("qwen3-vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration, seed, batch_size, video)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, batch_size: int = 2, experts: int = 4, top_k: int = 2) -> TinyModel:
+    """``Qwen3VLMoeForConditionalGeneration``: :func:`tiny_qwen3_vl` with a sparse layer 1 (``top_k`` of ``experts``;
+    with many experts some see no tokens of a modality, or none at all)."""
+    return _qwen3_vl("qwen3-vl-moe", Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, seed, batch_size, moe=_moe(experts, top_k))
+
+
+def _qwen3_vl(
+    family: str, config_cls: type, model_cls: type[nn.Module], seed: int, batch_size: int, video: bool = False, moe: dict[str, Any] | None = None
+) -> TinyModel:
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -358,8 +389,8 @@ def tiny_qwen3_vl(seed: int = 0, batch_size: int = 2, video: bool = False) -> Ti
         num_position_embeddings=_GRID[1] * _GRID[2],  # a 4x4 learned grid, interpolated to each image's
         deepstack_visual_indexes=[0, 1],
     )
-    text = _text_decoder(head_dim=16, rope_parameters=dict(_MROPE_INTERLEAVED))
-    return _qwen_vl("qwen3-vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, seed, batch_size, text, video)
+    text = _text_decoder(head_dim=16, rope_parameters=dict(_MROPE_INTERLEAVED), **(moe or {}))
+    return _qwen_vl(family, config_cls, model_cls, vision, seed, batch_size, text, video)
 
 
 def tiny_qwen2_audio(seed: int = 0, batch_size: int = 2) -> TinyModel:
@@ -573,6 +604,8 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "qwen2.5-omni-thinker": tiny_qwen25_omni_thinker,
     "qwen3": tiny_qwen3,
     "qwen3-vl": tiny_qwen3_vl,
+    "qwen3-moe": tiny_qwen3_moe,
+    "qwen3-vl-moe": tiny_qwen3_vl_moe,
     "mistral3": tiny_mistral3,
     "idefics3": tiny_idefics3,
     "internvl": tiny_internvl,

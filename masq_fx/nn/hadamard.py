@@ -128,7 +128,8 @@ class Rotation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = (x.reshape(*shape[:-1], -1, self.width) * self.signs.to(x.dtype)).reshape(*shape[:-1], -1, *self.sizes)
+        blocks = shape[-1] // self.width  # explicit, so that no rows (an expert no token reached) reshape too
+        y = (x.reshape(*shape[:-1], blocks, self.width) * self.signs.to(x.dtype)).reshape(*shape[:-1], blocks, *self.sizes)
         for axis, factor in enumerate(self.factors()):
             dim = y.dim() - len(self.sizes) + axis
             y = torch.movedim(torch.movedim(y, dim, -1) @ factor.to(x.dtype), -1, dim)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 
 def top_k(x: Tensor, keep: int) -> Tensor:
@@ -111,7 +112,7 @@ class SparseInputLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[:-1].numel() == 1:
+        if guard_or_false(x.shape[:-1].numel() == 1):  # an MoE expert's unbacked row count in a compiled graph: dense
             flat = x.reshape(-1)
             index = self.sparsifier.kept(flat)
             offsets = torch.arange(self.bags, device=x.device) * (index.shape[0] // self.bags)

@@ -118,7 +118,11 @@ def gptq_codes(
 
 
 def _row_hessian(module: QuantLinear, stats, row: int) -> Tensor:
+    """The second moment of a scale row's tokens; of all the site's tokens for a fallback row none of whose
+    modalities it saw (an expert only vision tokens were routed to falls back from text to them)."""
     modalities = [m for m in Modality if int(module.row_of_modality[m]) == row and stats.count[m] > 0]
+    if not modalities and row == int(module.row_of_modality[Modality.TEXT]):
+        modalities = stats.present()
     missing = [m for m in modalities if m not in stats.moments]
     if missing or not modalities:
         names = ", ".join(m.name.lower() for m in missing) or "any modality"
@@ -145,6 +149,8 @@ class GPTQWeights:
         for module in modules:
             if module.name not in context.stats:
                 raise ValueError(f"no calibration statistics for {module.name}: run Calibrate before GPTQ")
+        # an MoE expert no calibration token was routed to has no Hessian: it keeps its round-to-nearest codes
+        modules = [m for m in modules if context.stats[m.name].present()]
         bar = tqdm(total=len(modules), desc="GPTQ", unit="linear", disable=not self.progress or context.layer is not None)
 
         def solve(module: QuantLinear) -> list[Tensor]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from masq_fx.capture.dataflow import token_context
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, drop_dead_code, is_linear
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import GRAPH, Capability, Context
@@ -34,12 +35,16 @@ def module_path(name: str) -> str:
     return name if name == "lm_head" else _DECODER + name
 
 
-def install_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module, modality_ids: fx.Node) -> fx.Node:
-    """Replace the float linear ``node`` by a call of ``module`` at its :func:`module_path` with ``(x, modality_ids)``.
+def install_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.Node:
+    """Replace the float linear ``node`` by a call of ``module`` at its :func:`module_path` with ``(x, modality_ids)``
+    (the ids of ``x``'s rows: :func:`~masq_fx.capture.dataflow.token_context`).
 
     The float weight and bias nodes go when nothing else reads them (the module holds them).
     """
     target = module_path(node.meta[MODULE_KEY])
+    x = node.args[0]
+    assert isinstance(x, fx.Node)
+    modality_ids, _ = token_context(gm, x)
     gm.add_submodule(target, module)  # replaces the parameter holder at the same path
     with gm.graph.inserting_after(node):
         replacement = gm.graph.call_module(target, (node.args[0], modality_ids))
@@ -69,7 +74,7 @@ def float_linear(gm: fx.GraphModule, node: fx.Node) -> tuple:
 
 @dataclass
 class PrepareQuantLinears:
-    """Swap decoder linears (and ``lm_head`` if ``include_head``) for identity QuantLinears."""
+    """Swap decoder linears (and ``lm_head`` if ``include_head``) but MoE routers for identity QuantLinears."""
 
     include_head: bool = False
     name: str = "prepare_quant_linears"
@@ -79,13 +84,13 @@ class PrepareQuantLinears:
     def __call__(self, gm: fx.GraphModule, context: Context) -> fx.GraphModule:
         if any(context.in_scope(m.name) for m in quant_linears(gm)):
             raise RuntimeError("the graph is already prepared: PrepareQuantLinears must run once")
-        modality_ids = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "modality_ids")
+        routers = context.captured.routers
         for node in list(gm.graph.nodes):
             name = node.meta.get(MODULE_KEY)
-            if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head) or not context.in_scope(name):
+            if name is None or not is_linear(node) or (LAYER_KEY not in node.meta and not self.include_head) or not context.in_scope(name) or name in routers:
                 continue
             weight, bias = float_linear(gm, node)
-            install_linear(gm, node, QuantLinear(weight, bias, name), modality_ids)
+            install_linear(gm, node, QuantLinear(weight, bias, name))
         drop_dead_code(gm)
         gm.recompile()
         return gm

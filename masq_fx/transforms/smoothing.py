@@ -66,18 +66,30 @@ class SmoothingConfig:
 
 def scale_rows(
     stats: ModalityStats, model_modalities: tuple[Modality, ...], per_modality: bool
-) -> tuple[Tensor, Tensor, list[Modality]]:
-    """Activation abs-max per scale row ``[rows, C]``, the modality → row map, and absent modalities."""
+) -> tuple[Tensor, Tensor, list[Modality]] | None:
+    """Activation abs-max per scale row ``[rows, C]``, the modality → row map, and absent modalities; ``None``
+    when no token reached the site (an MoE expert calibration never routed to: it is not smoothed).
+
+    Row 0 is the fallback of the modalities without tokens: text's, or where the site saw no text (an expert
+    only vision tokens reached) all its tokens'.
+    """
+    present = stats.present()
+    if not present:
+        return None
     if not per_modality:
         return stats.all_tokens().absmax[None], torch.zeros(NUM_MODALITIES, dtype=torch.long), []
-    present = stats.present()
-    if Modality.TEXT not in present:
-        raise ValueError("calibration has no text tokens; MAS needs text as the fallback row")
-    rows = torch.zeros(NUM_MODALITIES, dtype=torch.long)
-    for index, modality in enumerate(present):
-        rows[modality] = index
     absent = [m for m in model_modalities if m not in present]
-    return torch.stack([stats.of(m).absmax for m in present]), rows, absent
+    rows = torch.zeros(NUM_MODALITIES, dtype=torch.long)
+    own: list[Modality]
+    if Modality.TEXT in present:
+        own = [m for m in present if m != Modality.TEXT]
+        tables = [stats.of(Modality.TEXT).absmax]
+    else:
+        own = present if len(present) > 1 else []
+        tables = [stats.all_tokens().absmax]
+    for index, modality in enumerate(own, start=1):
+        rows[modality] = index
+    return torch.stack(tables + [stats.of(m).absmax for m in own]), rows, absent
 
 
 def smoothquant_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float, min_scale: float) -> Tensor:
@@ -110,8 +122,12 @@ class SmoothScales:
             stats = context.stats.get(linears[0])
             if stats is None:
                 raise ValueError(f"no calibration statistics for {linears[0]}: run Calibrate before SmoothScales")
-            act, rows, absent = scale_rows(stats, context.captured.modalities, self.config.per_modality)
-            missing.update(absent)
+            found = scale_rows(stats, context.captured.modalities, self.config.per_modality)
+            if found is None:  # an expert no calibration token was routed to keeps its weights unscaled
+                continue
+            act, rows, absent = found
+            if not group.routed:  # an expert missing a modality is counted in the run report, not warned of
+                missing.update(absent)
             modules = [cast(QuantLinear, gm.get_submodule(str(nodes[n].target))) for n in linears]
             if self.config.variant == "tied" and len(modules) > 1:
                 self._tie(gm, group, [nodes[n] for n in linears], modules, act, rows)
@@ -141,7 +157,8 @@ class SmoothScales:
     ) -> None:
         w = torch.stack([m.weight.detach().abs().amax(0) for m in modules]).amax(0)
         scales = nn.Parameter(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), requires_grad=False)
-        folded = self.config.fold_into_norm and group.kind == "norm" and bool(group.norm_weight) and scales.shape[0] == 1
+        # an expert's rows share the norm with the router and the other experts: divide them after the gather
+        folded = self.config.fold_into_norm and group.kind == "norm" and bool(group.norm_weight) and not group.routed and scales.shape[0] == 1
         for module in modules:
             module.set_scales(scales, rows)
             module.divide_upstream(folded=folded)

@@ -163,6 +163,11 @@ def _next_basis(sites: Sequence[SmoothingGroup], writer: SmoothingGroup, norm_si
     return site_basis[norm_sites.index(following)]
 
 
+def _stream(group: SmoothingGroup) -> str:
+    """What identifies the stream a norm site reads: its norm's γ (shared by a router and its experts), else its source."""
+    return group.norm_weight or group.source
+
+
 def plan_sparsity(captured: CapturedDecoder, config: SparsityConfig) -> SparsityPlan:
     """Sites, levels and (LaRoSA) bases of a float capture's decoder layers; refuses graphs LaRoSA cannot rotate."""
     if config.method == "larosa" and captured.rotation_refusal is not None:
@@ -186,11 +191,12 @@ def plan_sparsity(captured: CapturedDecoder, config: SparsityConfig) -> Sparsity
     norm_sites = [group for group in captured.sites if group.kind == "norm"]
     site_basis: list[int] = []
     for group in norm_sites:
+        previous = norm_sites[len(site_basis) - 1] if site_basis else None
         if group.layer is None:
             site_basis.append(site_basis[-1])
-        elif config.granularity == "block" or not site_basis or norm_sites[len(site_basis) - 1].layer != group.layer:
+        elif previous is None or previous.layer != group.layer or (config.granularity == "block" and _stream(previous) != _stream(group)):
             site_basis.append(len(set(site_basis)))
-        else:
+        else:  # the same layer, or the same norm's stream (an MoE block's router and experts read one)
             site_basis.append(site_basis[-1])
     bases: dict[str, int] = {}
     adapters = []
@@ -298,6 +304,10 @@ def magnitude_thresholds(gm: fx.GraphModule, plan: SparsityPlan, samples: Sequen
     return torch.tensor([obs.histogram.quantile(site.level) for site, obs in zip(plan.sites, observers)], dtype=torch.float32)
 
 
+#: ops between an expert's down_proj and its block's output: the routing weight and the add at the expert's rows
+_EXPERT_COMBINE = frozenset({aten.mul, aten.index_add})
+
+
 def _skip_operand(linear: fx.Node) -> tuple[fx.Node, int]:
     """The residual add a writer's output flows into, and the index of its other operand (the skip connection)."""
     current = linear
@@ -309,7 +319,7 @@ def _skip_operand(linear: fx.Node) -> tuple[fx.Node, int]:
         if user.target in (aten.add.Tensor, torch.add):
             return user, 0 if user.args[1] is current else 1
         target = user.target
-        if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in PASSTHROUGH:
+        if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in PASSTHROUGH | _EXPERT_COMBINE:
             break
         current = user
     raise InputError(f"{linear.meta.get(MODULE_KEY)}'s output does not flow into a residual add: LaRoSA cannot place its residual adapter; use method 'teal'")
@@ -345,8 +355,12 @@ def apply_sparsity(gm: fx.GraphModule, source: SparsityRecord, skip: Iterable[st
         with graph.inserting_after(embeds):
             entry = graph.call_module(_ENTRY, (embeds,))
         embeds.replace_all_uses_with(entry, delete_user_cb=lambda user: user is not entry)
+        adapted_adds: set[fx.Node] = set()
         for name, a, b in plan.adapters:
             add, index = _skip_operand(linears[name])
+            if add in adapted_adds:  # an MoE block's experts all write into one add
+                continue
+            adapted_adds.add(add)
             target = _ADAPTER + name.replace(".", "_")
             gm.add_submodule(target, BasisChange((q[a].T @ q[b]).to(dtype=dtype, device=device)))
             with graph.inserting_before(add):
