@@ -238,14 +238,16 @@ def _min_rows(x: Tensor, weight: Tensor) -> int:
 
 def _int8_linear(x: Tensor, weight: Tensor) -> Tensor:
     """``F.linear`` with int8 weights; inputs of fewer rows than the kernel runs well with (decode, a rarely
-    routed expert) are padded with zero rows (each row is quantized on its own, so the real rows are unchanged)."""
+    routed expert) are padded with zero rows (each row is quantized on its own, so the real rows are unchanged).
+    An MoE expert's rows, a data-dependent count in a compiled graph, are padded without branching."""
     tokens = x.numel() // x.shape[-1]
     rows = _min_rows(x, weight)
-    # an MoE expert's row count is data-dependent (unbacked) in a compiled graph: padded whatever it is
-    if not guard_or_true(tokens < rows):
+    if not guard_or_true(tokens < rows):  # unbacked (an expert's rows): treated as few
         return F.linear(x, weight)
     flat = x.reshape(tokens, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(rows, x.shape[-1])])  # ``rows`` more: provably enough, unbacked or not
+    # ``rows`` more (at least 2: torchao's activation quantizer needs to know there is more than one row), so that
+    # the count is provably enough even unbacked
+    padded = torch.cat([flat, flat.new_zeros(max(rows, 2), x.shape[-1])])
     return F.linear(padded, weight)[:tokens].reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -234,6 +234,10 @@ class ModelAdapter(ABC):
             positions = self.default_position_ids(bsz, seq, input_ids.device)
         elif positions.dim() == 2 and self.position_rows > 1:
             positions = positions.expand(self.position_rows, bsz, seq).clone()
+        if positions.is_floating_point():  # Qwen3-Omni computes its M-RoPE positions in float; graphs take integers
+            if not bool((positions == positions.round()).all()):
+                raise InputError(f"{type(self.model).__name__} made fractional position ids; masq_fx graphs take integer positions")
+            positions = positions.long()
         if "mm_token_type_ids" in batch:
             mods = modality_ids_from_token_types(batch["mm_token_type_ids"], policy)
             mods = torch.where(attention_mask.bool(), mods, 0)

@@ -1,4 +1,4 @@
-"""Qwen3-VL (dense and MoE): a vision tower feeding a Qwen3 decoder with interleaved 3-row M-RoPE and DeepStack."""
+"""Qwen3-VL (dense and MoE) and the Qwen3-Omni-MoE thinker: a vision tower feeding a Qwen3 decoder with interleaved 3-row M-RoPE and DeepStack."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+from transformers import Qwen3OmniMoeThinkerForConditionalGeneration, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
@@ -61,3 +61,18 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
 
     family = "qwen3-vl-moe"
     model_classes = (Qwen3VLMoeForConditionalGeneration,)
+
+
+@register_adapter
+class Qwen3OmniMoeThinkerAdapter(Qwen3VLAdapter):
+    """``Qwen3OmniMoeThinkerForConditionalGeneration`` (the text-generating half of Qwen3-Omni-30B-A3B): Qwen3-VL's
+    vision tower with DeepStack, an audio encoder, and a sparse MoE decoder with interleaved 3-row M-RoPE.
+
+    Tri-modal: image and video placeholders are vision tokens, audio placeholders audio tokens (the config's
+    ``image_token_id``/``video_token_id``/``audio_token_id``); the start/end markers are text. The experts are
+    unfused and calibrated per modality on their routed tokens, as for ``qwen3-vl-moe``. The talker and
+    code2wav parts of the full Omni model are not handled.
+    """
+
+    family = "qwen3-omni-moe-thinker"
+    model_classes = (Qwen3OmniMoeThinkerForConditionalGeneration,)

@@ -22,6 +22,7 @@ family                      modalities in a row
 ``qwen3-vl``                text + image
 ``qwen3-moe``               text
 ``qwen3-vl-moe``            text + image
+``qwen3-omni-moe-thinker``  text + image + audio
 ``mistral3``                text + image
 ``idefics3``                text + image
 ``internvl``                text + image
@@ -73,6 +74,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3OmniMoeThinkerConfig,
+    Qwen3OmniMoeThinkerForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -206,9 +209,26 @@ def _audio_tokens(frames: int) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-def _audio_span(frames: int) -> list[int]:
+def _audio_span(frames: int, tokens: Callable[[int], int] = _audio_tokens) -> list[int]:
     t = TINY_TOKENS
-    return [t["audio_start"]] + [t["audio"]] * _audio_tokens(frames) + [t["audio_end"]]
+    return [t["audio_start"]] + [t["audio"]] * tokens(frames) + [t["audio_end"]]
+
+
+def _audio_encoder(**extra: Any) -> dict[str, Any]:
+    """A Whisper-style audio encoder of 1 layer of width 32 (2 heads) on 16 mel bins, projecting to the decoder width."""
+    return dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=_MEL_BINS, output_dim=HIDDEN, **extra)
+
+
+def _omni_batch(seed: int, batch_size: int, audio_tokens: Callable[[int], int] = _audio_tokens) -> dict[str, torch.Tensor]:
+    """Per row text, one image (4 tokens), text, one audio clip (of ``_audio_frames(row)`` frames), text."""
+    rows = _Rows(seed, batch_size)
+    frames = [_audio_frames(i) for i in range(batch_size)]
+    image = _image_span(_IMAGE_TOKENS)
+    audio = [_audio_span(n, audio_tokens) for n in frames]
+    batch = rows.left_pad([rows.text(i, 3, 2) + image + rows.text(i, 2, 2) + audio[i] + rows.text(i, 3, 2) for i in range(batch_size)])
+    batch.update(_qwen_image_inputs(rows.gen, batch_size))
+    batch.update(_audio_inputs(rows.gen, frames))
+    return batch
 
 
 def _audio_inputs(gen: torch.Generator, frames: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -374,10 +394,35 @@ def tiny_qwen3_vl_moe(seed: int = 0, batch_size: int = 2, experts: int = 4, top_
     return _qwen3_vl("qwen3-vl-moe", Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, seed, batch_size, moe=_moe(experts, top_k))
 
 
-def _qwen3_vl(
-    family: str, config_cls: type, model_cls: type[nn.Module], seed: int, batch_size: int, video: bool = False, moe: dict[str, Any] | None = None
-) -> TinyModel:
-    vision = dict(
+def tiny_qwen3_omni_moe_thinker(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen3OmniMoeThinkerForConditionalGeneration`` (layer 1 sparse, 4 experts, top 2); per row one image
+    (4 tokens, DeepStack features after layers 0 and 1), then one audio clip (5 or 4 tokens)."""
+    t = TINY_TOKENS
+    config = Qwen3OmniMoeThinkerConfig(
+        text_config=_text_decoder(head_dim=16, rope_parameters=dict(_MROPE_INTERLEAVED), **_moe(4, 2)),
+        vision_config=_qwen3_vision_tower(),
+        audio_config=_audio_encoder(downsample_hidden_size=8),
+        image_token_id=t["image"],
+        video_token_id=t["video"],
+        audio_token_id=t["audio"],
+        audio_start_token_id=t["audio_start"],
+    )
+    config.vision_start_token_id = t["vision_start"]  # read by its position code, not declared by the config class
+    model = _build(config, Qwen3OmniMoeThinkerForConditionalGeneration, seed)
+    batch = _omni_batch(seed, batch_size, _qwen3_audio_tokens)
+    return TinyModel("qwen3-omni-moe-thinker", model, batch, (Modality.TEXT, Modality.VISION, Modality.AUDIO))
+
+
+def _qwen3_audio_tokens(frames: int) -> int:
+    """Placeholder tokens of a clip shorter than one 100-frame window: three stride-2 convolutions."""
+    for _ in range(3):
+        frames = (frames - 1) // 2 + 1
+    return frames
+
+
+def _qwen3_vision_tower() -> dict[str, Any]:
+    """Qwen3-VL's tower: 2 blocks of width 32, a learned 4x4 position grid, DeepStack features of both blocks."""
+    return dict(
         depth=2,
         hidden_size=32,
         intermediate_size=64,
@@ -389,6 +434,12 @@ def _qwen3_vl(
         num_position_embeddings=_GRID[1] * _GRID[2],  # a 4x4 learned grid, interpolated to each image's
         deepstack_visual_indexes=[0, 1],
     )
+
+
+def _qwen3_vl(
+    family: str, config_cls: type, model_cls: type[nn.Module], seed: int, batch_size: int, video: bool = False, moe: dict[str, Any] | None = None
+) -> TinyModel:
+    vision = _qwen3_vision_tower()
     text = _text_decoder(head_dim=16, rope_parameters=dict(_MROPE_INTERLEAVED), **(moe or {}))
     return _qwen_vl(family, config_cls, model_cls, vision, seed, batch_size, text, video)
 
@@ -423,31 +474,11 @@ def tiny_qwen25_omni_thinker(seed: int = 0, batch_size: int = 2) -> TinyModel:
     config = Qwen2_5OmniThinkerConfig(
         text_config=_text_decoder(rope_parameters=dict(_MROPE)),
         vision_config=_qwen_vision_tower(),
-        audio_config=dict(
-            d_model=32,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            num_mel_bins=_MEL_BINS,
-            max_source_positions=_AUDIO_FRAMES // 2,
-            n_window=_AUDIO_FRAMES // 4,  # chunks of 2 * n_window frames
-            output_dim=HIDDEN,
-        ),
+        audio_config=_audio_encoder(max_source_positions=_AUDIO_FRAMES // 2, n_window=_AUDIO_FRAMES // 4),  # chunks of 2 * n_window frames
         **thinker_token_fields(t),
     )
     model = _build(config, Qwen2_5OmniThinkerForConditionalGeneration, seed)
-    rows = _Rows(seed, batch_size)
-    frames = [_audio_frames(i) for i in range(batch_size)]
-    image = _image_span(_IMAGE_TOKENS)
-    batch = rows.left_pad(
-        [
-            rows.text(i, 3, 2) + image + rows.text(i, 2, 2) + _audio_span(frames[i]) + rows.text(i, 3, 2)
-            for i in range(batch_size)
-        ]
-    )
-    batch.update(_qwen_image_inputs(rows.gen, batch_size))
-    batch.update(_audio_inputs(rows.gen, frames))
-    return TinyModel("qwen2.5-omni-thinker", model, batch, (Modality.TEXT, Modality.VISION, Modality.AUDIO))
+    return TinyModel("qwen2.5-omni-thinker", model, _omni_batch(seed, batch_size), (Modality.TEXT, Modality.VISION, Modality.AUDIO))
 
 
 def _vision_tower(**extra: Any) -> dict[str, Any]:
@@ -606,6 +637,7 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "qwen3-vl": tiny_qwen3_vl,
     "qwen3-moe": tiny_qwen3_moe,
     "qwen3-vl-moe": tiny_qwen3_vl_moe,
+    "qwen3-omni-moe-thinker": tiny_qwen3_omni_moe_thinker,
     "mistral3": tiny_mistral3,
     "idefics3": tiny_idefics3,
     "internvl": tiny_internvl,
