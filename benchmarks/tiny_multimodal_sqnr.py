@@ -58,7 +58,7 @@ PRESET_NAMES = ("smoothquant-w8a8", "masquant-w8a8", "masquant-w4a8")
 def families() -> None:
     """Every tiny family: the last decoder layer's output SQNR per modality under the presets."""
     print("\nevery tiny family (random weights): last decoder layer's output SQNR in dB vs FP, per modality")
-    print(f"{'family':<22}{'preset':<22}" + "".join(f"{m.name.lower():>10}" for m in Modality))
+    print(f"{'family':<24}{'preset':<22}" + "".join(f"{m.name.lower():>10}" for m in Modality))
     for family in TINY_FAMILIES:
         model, calib_batches = _batches(family, range(1, 5))
         _, eval_batches = _batches(family, range(100, 102))
@@ -71,10 +71,10 @@ def families() -> None:
             reference = in_basis_of(calibrated.captured, quantized.decoder)  # masquant-w4a8 is rotated
             sqnr = per_modality_layer_sqnr(reference, quantized.decoder, evaluation)
             cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
-            print(f"{family:<22}{name:<22}{cells}")
+            print(f"{family:<24}{name:<22}{cells}")
         for row in expert_coverage(calibrated.captured.sites, calibrated.stats, calibrated.captured.modalities):
             seen = ", ".join(f"{m.name.lower()} {n}" for m, n in row.seen.items())
-            print(f"{'':<22}layer {row.layer}: of {row.experts} experts, calibration tokens reached: {seen}; none: {row.unseen}")
+            print(f"{'':<24}layer {row.layer}: of {row.experts} experts, calibration tokens reached: {seen}; none: {row.unseen}")
 
 
 def methods() -> None:
