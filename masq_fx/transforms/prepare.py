@@ -47,7 +47,7 @@ def install_linear(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> fx.N
     modality_ids, _ = token_context(gm, x)
     gm.add_submodule(target, module)  # replaces the parameter holder at the same path
     with gm.graph.inserting_after(node):
-        replacement = gm.graph.call_module(target, (node.args[0], modality_ids))
+        replacement = gm.graph.call_module(target, (x, modality_ids))
     replacement.meta.update(node.meta)
     node.replace_all_uses_with(replacement)
     params = [a for a in node.args[1:] if isinstance(a, fx.Node)]
