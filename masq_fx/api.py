@@ -37,7 +37,7 @@ from masq_fx.calibration import ModalityStats, calibration_tokens, observe
 from masq_fx.calibration.calibrate import STATS
 from masq_fx.capture.dataflow import SmoothingGroup
 from masq_fx.capture.decoder import CapturedDecoder, capture
-from masq_fx.distributed import reduce, shard
+from masq_fx.distributed import assign, ranks, reduce, shard
 from masq_fx.errors import CoverageWarning, InputError
 from masq_fx.generation import CachedDecoder, capture_cached, generate, transplant
 from masq_fx.memory import available_memory, estimate_calibration_memory, require_memory, weight_caches_fit
@@ -179,6 +179,8 @@ class Calibrated:
     moment_modalities: tuple[Modality, ...]
     #: content sha256 of each calibration sample (recorded in the checkpoint manifest)
     data_hashes: tuple[str, ...] = ()
+    #: the rank holding each calibration batch, in a process group (:func:`~masq_fx.distributed.assign`)
+    sample_ranks: tuple[int, ...] = ()
     _stats: dict[str, ModalityStats] | None = field(default=None, repr=False)
 
     def missing_modalities(self) -> tuple[Modality, ...]:
@@ -199,7 +201,7 @@ class Calibrated:
 
     def context(self) -> Context:
         """A fresh whole-graph pipeline context on a copy of the float graph, with :attr:`stats` collected."""
-        return Context(self.captured.copy(), self.samples, stats=dict(self.stats), provided={STATS})
+        return Context(self.captured.copy(), self.samples, self.sample_ranks, stats=dict(self.stats), provided={STATS})
 
 
 def calibrate(
@@ -222,18 +224,30 @@ def calibrate(
     moved there; the captures, statistics and quantized state then live on it.
 
     In a ``torch.distributed`` process group (``torchrun``), every rank calls it with the same batches and
-    keeps its share (batch ``i`` on rank ``i mod N``); :func:`apply_all` then reduces the statistics over
-    the ranks at each layer (:mod:`masq_fx.distributed`).
+    keeps its share (:func:`~masq_fx.distributed.assign`: balanced by tokens per modality); :func:`apply_all`
+    then reduces the statistics over the ranks at each layer (:mod:`masq_fx.distributed`).
     """
     place(model, device)
     resolved = [resolve_recipe(r) for r in recipes]
-    batches = shard(list(calibration))
+    everything = list(calibration)
+    owners = assign([_token_counts(adapter_for(model), b) for b in everything]) if ranks() is not None else ()
+    batches = shard(everything, owners)
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
     samples = calibration_inputs(model, batches, progress)
     release(model.parameters())  # the towers and embeddings ran; mapped pages are read again when needed
     moments = tuple(m for m in Modality if m in set(moment_modalities))
-    return Calibrated(model, captured, samples, moments, tuple(data_hashes))
+    return Calibrated(model, captured, samples, moments, tuple(data_hashes), owners)
+
+
+def _token_counts(adapter: ModelAdapter, batch: Batch) -> list[int]:
+    """Tokens of each modality in a processed batch (what its share of the work grows with)."""
+    if "input_ids" not in batch:
+        raise InputError("every calibration batch needs 'input_ids' (the processor's output)")
+    mask = batch.get("attention_mask")
+    ids = adapter.batch_modality_ids(batch)
+    ids = ids if mask is None else ids[mask.bool()]
+    return torch.bincount(ids.flatten().cpu(), minlength=len(Modality)).tolist()
 
 
 def apply(
@@ -263,7 +277,7 @@ def apply_all(
     finds the saved layers of the same model, recipes and calibration there continues after them
     (:mod:`masq_fx.resume`); delete the folder once the results are saved."""
     resolved = [resolve_recipe(r) for r in recipes]
-    saved = None if resume is None else Progress(resume, calibrated.model, resolved, calibrated.samples)
+    saved = None if resume is None else Progress(resume, calibrated.model, resolved, calibrated.samples, calibrated.sample_ranks)
     absent = calibrated.missing_modalities()
     for recipe in resolved:
         if absent and recipe.modality_aware:
@@ -289,7 +303,7 @@ def apply_all(
         if sparsity is not None:
             floats = sparsify(floats, sparsity, calibrated.samples, progress=progress)
         chosen = {i: r for i, r in enumerate(resolved) if (r.rotation, r.sparsity) == (rotation, sparsity)}
-        group = {i: Job(Context(floats.copy(), calibrated.samples), recipe_steps(r, progress=False)) for i, r in chosen.items()}
+        group = {i: Job(Context(floats.copy(), calibrated.samples, calibrated.sample_ranks), recipe_steps(r, progress=False)) for i, r in chosen.items()}
         with warnings.catch_warnings():
             if absent:  # said once above, in plain words
                 warnings.simplefilter("ignore", CoverageWarning)

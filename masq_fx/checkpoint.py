@@ -91,7 +91,7 @@ from torch import Tensor, fx, nn
 from transformers import PretrainedConfig
 
 from masq_fx.calibration.calibrate import calibration_tokens
-from masq_fx.capture.decoder import MODULE_KEY, CapturedDecoder, capture, is_linear
+from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.distributed import gather_shards, is_leader
 from masq_fx.errors import InputError
 from masq_fx.files import fsync_directory, write_bytes_atomically
@@ -206,11 +206,12 @@ def model_identity(model: nn.Module, weights: bool = True) -> dict[str, str]:
     return identity
 
 
-def calibration_record(samples: Sequence[DecoderInputs], data_hashes: Sequence[str]) -> dict[str, Any]:
-    """What the checkpoint records of its calibration set: every rank's samples, in a process group."""
+def calibration_record(samples: Sequence[DecoderInputs], data_hashes: Sequence[str], ranks: Sequence[int] = ()) -> dict[str, Any]:
+    """What the checkpoint records of its calibration set: every rank's samples, in a process group (``ranks``:
+    the rank holding each)."""
     fields = ("inputs_embeds", "position_ids", "modality_ids", "attention_mask")
     local = [(tensors_sha256((f, getattr(s, f)) for f in fields), calibration_tokens([s])) for s in samples]
-    everyone = gather_shards(local)
+    everyone = gather_shards(local, ranks)
     digest = hashlib.sha256("".join(d for d, _ in everyone).encode())  # of each sample's, in calibration order
     return {
         "samples": len(everyone),
@@ -369,7 +370,7 @@ def save(
     rank 0 alone writes.
     """
     target = Path(directory)
-    calibration = calibration_record(context.calibration, data_hashes)
+    calibration = calibration_record(context.calibration, data_hashes, context.sample_ranks)
     if not is_leader():
         return target
     _check_replaceable(target, overwrite)
@@ -632,9 +633,7 @@ def load(directory: str | os.PathLike, model: nn.Module) -> CapturedDecoder:
     tensors = _read_tensors(directory, manifest["tensors"])
     graph = manifest["graph"]
     captured = capture(model)
-    expected = {n.meta[MODULE_KEY] for n in captured.graph_module.graph.nodes if MODULE_KEY in n.meta and is_linear(n)} - captured.routers
-    if not graph["include_head"]:
-        expected.discard(_HEAD)
+    expected = set(captured.decoder_linears()) | ({_HEAD} if graph["include_head"] else set())
     if (graph["linears"] or "sparsity" not in graph) and expected != set(graph["linears"]):
         raise CheckpointError(
             f"the captured graph's linears ({len(expected)}) do not match the checkpoint's ({len(graph['linears'])}): "

@@ -1,7 +1,8 @@
 """Data parallelism over the ranks of a ``torch.distributed`` process group (launched by ``torchrun``).
 
-Every rank holds the whole model and a share of the calibration batches (batch ``i`` goes to rank
-``i mod N``). The ranks meet at each decoder layer: they reduce the observers' statistics (maxima and
+Every rank holds the whole model and a share of the calibration batches (:func:`assign`: each run of
+``N`` consecutive batches gives one batch to every rank, the largest to the rank with the fewest tokens of
+its modalities so far). The ranks meet at each decoder layer: they reduce the observers' statistics (maxima and
 minima exactly, counts and second moments as sums), so every rank derives the same smoothing scales,
 GPTQ weights and CMC branches; MAS learning sums its gradients over the ranks at every step, so every
 rank holds the same learned scales. Rank 0 alone writes files. Without a process group, or in a group
@@ -103,8 +104,37 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shard(items: Sequence[T], what: str = "calibration batches") -> list[T]:
-    """This rank's share of ``items``: item ``i`` goes to rank ``i mod N`` (every item, without a group)."""
+def assign(costs: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The rank that holds each item, from its cost (tokens of each modality); all rank 0 without a group.
+
+    Items ``kN … kN + N - 1`` go one to each rank (so a step over ``N`` consecutive samples, as MAS learning
+    takes, spreads evenly); within such a block the costliest item goes first, each to the rank whose
+    heaviest modality share (tokens so far over the modality's total) stays lowest. The same on every
+    rank: ties go to the lower item and rank.
+    """
+    group = ranks()
+    if group is None:
+        return (0,) * len(costs)
+    totals = [sum(column) or 1 for column in zip(*costs)]
+    load = [[0] * len(totals) for _ in range(group.size)]
+
+    def share(rank: int, cost: Sequence[int]) -> tuple[float, int, int]:
+        after = [held + c for held, c in zip(load[rank], cost)]
+        return max(a / t for a, t in zip(after, totals)), sum(after), rank
+
+    owner = [0] * len(costs)
+    for start in range(0, len(costs), group.size):
+        block = sorted(range(start, min(start + group.size, len(costs))), key=lambda i: (-max(c / t for c, t in zip(costs[i], totals)), i))
+        free = list(range(group.size))
+        for item in block:
+            owner[item] = min(free, key=lambda r: share(r, costs[item]))
+            free.remove(owner[item])
+            load[owner[item]] = [held + c for held, c in zip(load[owner[item]], costs[item])]
+    return tuple(owner)
+
+
+def shard(items: Sequence[T], owners: Sequence[int], what: str = "calibration batches") -> list[T]:
+    """This rank's share of ``items``, ``owners`` being each item's rank (:func:`assign`); every item without a group."""
     group = ranks()
     if group is None:
         return list(items)
@@ -112,7 +142,7 @@ def shard(items: Sequence[T], what: str = "calibration batches") -> list[T]:
         raise InputError(
             f"{group.size} ranks but only {len(items)} {what}: give every rank at least one (more batches, or fewer processes)"
         )
-    return list(items[group.rank :: group.size])
+    return [item for item, owner in zip(items, owners, strict=True) if owner == group.rank]
 
 
 @contextmanager
@@ -189,10 +219,13 @@ def gather(value: T) -> list[T]:
     return found
 
 
-def gather_shards(items: Sequence[T]) -> list[T]:
-    """Every rank's :func:`shard` of a sequence put back in its order; ``items`` without a group."""
-    shards = gather(list(items))
-    return [shards[i % len(shards)][i // len(shards)] for i in range(sum(map(len, shards)))]
+def gather_shards(items: Sequence[T], owners: Sequence[int]) -> list[T]:
+    """Every rank's :func:`shard` of a sequence put back in its order (``owners`` as given to it); ``items``
+    without a group."""
+    shards = [iter(held) for held in gather(list(items))]
+    if len(shards) == 1:
+        return list(items)
+    return [next(shards[owner]) for owner in owners]
 
 
 def owners(costs: Sequence[float]) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, fx, nn
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import DummyLayer, StaticLayer, get_layer_types_and_kwargs
 
 from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_dead_code, drop_unused_attributes, dynamic_dim, model_modalities, module_nodes
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
@@ -39,6 +39,8 @@ CACHE_START = "cache_start"
 
 #: attention layer types whose cache is a plain :class:`StaticLayer` over every slot (the mask tells them apart)
 _CACHED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: layers that keep no cache of their own (they reuse an earlier layer's keys and values: Gemma 4's shared KV layers)
+_UNCACHED = "dummy"
 
 
 def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
@@ -50,10 +52,11 @@ def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
     position 0, and a window shorter than the cache made export fail. Here every layer keeps all
     ``max_cache_len`` slots (a sliding layer costs as much memory as a full one) and the window lives
     in the mask alone: the model's sliding mask (key slot > query slot - window) over whole-cache
-    slots is what HF computes. Other layer types (chunked, linear, indexed attention) are refused.
+    slots is what HF computes. Layers that reuse another's keys and values keep none. Other layer types (chunked, linear,
+    indexed attention) are refused.
     """
     types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    unsupported = sorted({t for t in types if t not in _CACHED_LAYER_TYPES})
+    unsupported = sorted({t for t in types if t not in (*_CACHED_LAYER_TYPES, _UNCACHED)})
     if unsupported:
         raise InputError(
             f"capture_cached supports {' and '.join(_CACHED_LAYER_TYPES)} layers, but this {family} model has "
@@ -61,14 +64,15 @@ def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
             "score it with the cache-free graph (QuantizedModel.logits, capture) instead of KV-cache generation"
         )
     cache = StaticCache(max_cache_len=max_cache_len, config=config)
-    cache.layers = [StaticLayer(max_cache_len=max_cache_len) for _ in types]
+    cache.layers = [DummyLayer() if t == _UNCACHED else StaticLayer(max_cache_len=max_cache_len) for t in types]
     return cache
 
 
-def _static_layers(cache: StaticCache) -> list[StaticLayer]:
-    """``cache``'s layers, all static: keys, values and a tensor ``cumulative_length`` allocated up front."""
-    assert all(type(layer) is StaticLayer for layer in cache.layers)
-    return cast(list[StaticLayer], cache.layers)
+def _static_layers(cache: StaticCache) -> dict[int, StaticLayer]:
+    """``cache``'s layers that keep a cache, by layer index: keys, values and a tensor ``cumulative_length`` allocated up front."""
+    kept = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, DummyLayer)}
+    assert all(type(layer) is StaticLayer for layer in kept.values())
+    return cast(dict[int, StaticLayer], kept)
 
 
 class _CachedExportable(nn.Module):
@@ -82,12 +86,10 @@ class _CachedExportable(nn.Module):
         self.lm_head = adapter.lm_head()
         config = adapter.text_config()
         self.cache = static_cache(config, max_cache_len, adapter.family)
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         parameter = next(self.decoder.parameters())
         self.cache_dtype, self.device = parameter.dtype, parameter.device
-        self.cache.early_initialization(batch_size, heads, head_dim, self.cache_dtype, self.device)
-        for i, layer in enumerate(_static_layers(self.cache)):
+        self.cache.early_initialization(batch_size, *adapter.kv_shapes(), self.cache_dtype, self.device)
+        for i, layer in _static_layers(self.cache).items():
             self.register_buffer(f"cache_keys_{i}", layer.keys, persistent=False)
             self.register_buffer(f"cache_values_{i}", layer.values, persistent=False)
             self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
@@ -100,7 +102,7 @@ class _CachedExportable(nn.Module):
         attention_mask: Tensor,
         cache_start: Tensor,
     ) -> Tensor:
-        for layer in _static_layers(self.cache):
+        for layer in _static_layers(self.cache).values():
             layer.cumulative_length.copy_(cache_start[0])
         hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, modality_ids, cache=self.cache, use_cache=True)
         if self.logits_to_keep:

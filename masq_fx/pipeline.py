@@ -104,6 +104,8 @@ class Context:
 
     captured: CapturedDecoder
     calibration: Sequence[DecoderInputs] = ()
+    #: the rank holding each calibration sample, in a process group (empty without one)
+    sample_ranks: tuple[int, ...] = ()
     #: module name of a linear → statistics of its input (linears sharing an input share the object)
     stats: dict[str, ModalityStats] = field(default_factory=dict)
     provided: set[Capability] = field(default_factory=set)

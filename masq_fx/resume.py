@@ -54,8 +54,8 @@ class ResumeError(InputError):
     """A progress folder that belongs to another run, or that cannot be read."""
 
 
-def _fingerprint(model: nn.Module, recipes: Sequence[Recipe], samples: Sequence[DecoderInputs]) -> dict[str, Any]:
-    calibration = calibration_record(samples, ())
+def _fingerprint(model: nn.Module, recipes: Sequence[Recipe], samples: Sequence[DecoderInputs], ranks: Sequence[int]) -> dict[str, Any]:
+    calibration = calibration_record(samples, (), ranks)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -71,14 +71,22 @@ def _layer_name(layer: int) -> str:
 
 
 class Progress:
-    """The progress folder of one :func:`~masq_fx.api.apply_all` run of ``recipes`` (index ``k`` → ``recipe-<k>/``)."""
+    """The progress folder of one :func:`~masq_fx.api.apply_all` run of ``recipes`` (index ``k`` → ``recipe-<k>/``);
+    ``ranks``: the rank holding each calibration sample, in a process group."""
 
-    def __init__(self, directory: str | os.PathLike, model: nn.Module, recipes: Sequence[Recipe], samples: Sequence[DecoderInputs]) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        model: nn.Module,
+        recipes: Sequence[Recipe],
+        samples: Sequence[DecoderInputs],
+        ranks: Sequence[int] = (),
+    ) -> None:
         self.directory = Path(directory)
         self.model = model
         #: the recipe index of each job this object is for (see :meth:`of`)
         self.indices = list(range(len(recipes)))
-        expected = _fingerprint(model, recipes, samples)
+        expected = _fingerprint(model, recipes, samples, ranks)
         run = self.directory / RUN
         if run.exists():
             try:

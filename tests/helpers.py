@@ -19,6 +19,11 @@ from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, recipe_steps
 
+#: W8A8's relative logit error bound on the tiny Gemma 4 models: their attention takes q·k of unit-RMS heads with no
+#: 1/√d (QK norms, scaling 1), so the random weights' softmax is sharp and amplifies q/k quantization error (12-13%
+#: on ``gemma4-text``, 1-3% on the other families)
+GEMMA4_ERROR = 0.2
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -18,12 +18,29 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 EXPERTS = 4
 
 
+def _experts(prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
 def layer_linears(i: int, family: str = "llama") -> set[str]:
-    """The quantized linears of layer ``i`` (a sparse MoE layer's experts; its router is not one)."""
+    """The quantized linears of layer ``i`` (a sparse MoE layer's experts; its router is not one).
+
+    Gemma 4: every layer gates in its per-layer input; layer 1 has no ``v_proj`` (its values are its keys in
+    ``gemma4``; it reuses layer 0's keys and values, so it has no ``k_proj`` either, in ``gemma4-text``, whose
+    layers have a dense MLP beside their experts)."""
     if "-moe" in family and i == 1:
-        experts = {f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
-        return {f"layers.{i}.{p}" for p in PROJECTIONS[:4] + tuple(sorted(experts))}
+        return {f"layers.{i}.{p}" for p in PROJECTIONS[:4] + _experts("mlp.")}
+    if family.startswith("gemma4"):
+        dropped = {"self_attn.v_proj"} | ({"self_attn.k_proj"} if family == "gemma4-text" else set()) if i == 1 else set()
+        moe = _experts("") if family == "gemma4-text" else ()
+        return {f"layers.{i}.{p}" for p in (*PROJECTIONS, "per_layer_input_gate", "per_layer_projection", *moe) if p not in dropped}
     return {f"layers.{i}.{p}" for p in PROJECTIONS}
+
+
+def float_linears(family: str) -> set[str]:
+    """The linears of the graph that stay float: the head, MoE routers, Gemma 4's per-layer input projection."""
+    routers = {"layers.1.mlp.gate"} if "-moe" in family else {"layers.0.router.proj", "layers.1.router.proj"} if family == "gemma4-text" else set()
+    return {"lm_head"} | routers | ({"per_layer_model_projection"} if family.startswith("gemma4") else set())
 
 
 def hf_logits(tiny: TinyModel, batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -64,13 +81,13 @@ def test_placeholders(family):
 def test_decoder_linears_are_tagged(family):
     _, _, captured = family
     expected = set().union(*(layer_linears(i, captured.family) for i in range(captured.num_layers)))
-    routers = {"layers.1.mlp.gate"} if "-moe" in captured.family else set()
+    floats = float_linears(captured.family)
     names = captured.decoder_linears()
     assert len(names) == len(expected)
     assert set(names) == expected
-    assert captured.routers == routers
-    assert set(captured.linear_nodes()) == expected | routers | {"lm_head"}
-    assert set(captured.weights) == expected | routers | {"lm_head"}
+    assert captured.routers == floats - {"lm_head", "per_layer_model_projection"}
+    assert set(captured.linear_nodes()) == expected | floats
+    assert set(captured.weights) == expected | floats
 
 
 def test_matches_hf_logits_on_multimodal_batch(family):

@@ -136,17 +136,34 @@ def test_a_failing_rank_stops_every_rank_with_where_and_nothing_is_written(tmp_p
     assert not list(tmp_path.glob("checkpoint*")) and not list(tmp_path.glob("rank*"))
 
 
-def test_shards_are_round_robin_and_put_back_in_order(monkeypatch):
+def test_shards_are_balanced_by_tokens_and_put_back_in_order(monkeypatch):
     from masq_fx import distributed
 
     items = list(range(7))
-    assert shard(items) == items and gather_shards(items) == items  # no process group
+    costs = [[100, 0, 0], [10, 0, 0], [10, 0, 0], [10, 0, 0], [100, 0, 0], [10, 0, 0], [10, 0, 0]]
+    assert distributed.assign(costs) == (0,) * 7  # no process group
+    assert shard(items, ()) == items and gather_shards(items, ()) == items
     monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(1, 3))
-    assert shard(items) == [1, 4]
-    monkeypatch.setattr(distributed, "gather", lambda value: [[0, 3, 6], value, [2, 5]])
-    assert gather_shards([1, 4]) == items
+    owners = distributed.assign(costs)
+    # one of every 3 consecutive items to each rank; the second long item goes to a rank without the first
+    assert sorted(owners[:3]) == sorted(owners[3:6]) == [0, 1, 2] and owners[0] != owners[4]
+    assert owners == (0, 1, 2, 2, 1, 0, 2)
+    assert shard(items, owners) == [1, 4]
+    monkeypatch.setattr(distributed, "gather", lambda value: [[0, 5], value, [2, 3, 6]])
+    assert gather_shards([1, 4], owners) == items
     with pytest.raises(InputError, match="3 ranks but only 2 calibration batches"):
-        shard([0, 1])
+        shard([0, 1], (0, 1))
+
+
+def test_token_balance_follows_each_modality(monkeypatch):
+    """Audio and text batches alternate, so taking every other batch would give one rank all the audio."""
+    from masq_fx import distributed
+
+    costs = [[0, 0, 400], [300, 0, 0]] * 4
+    monkeypatch.setattr(distributed, "ranks", lambda: distributed.Ranks(0, 2))
+    owners = distributed.assign(costs)
+    for modality in (0, 2):
+        assert [sum(c[modality] for c, o in zip(costs, owners) if o == r) for r in (0, 1)] == [sum(c[modality] for c in costs) // 2] * 2
 
 
 def test_mas_steps_must_spread_evenly_over_the_ranks():

@@ -33,3 +33,22 @@ def test_smollm2_graph_structure(smollm2_captured):
     assert len(smollm2_captured.decoder_linears()) == 7 * 30
     assert smollm2_captured.num_layers == 30 and smollm2_captured.hidden_size == 576
     assert "lm_head" in smollm2_captured.linear_nodes()
+
+
+def test_converted_weights_are_kept_and_read_back_identical(smollm2, tmp_path):
+    """The float weights converted from the GGUF file are kept in the cache folder, whole or not at all, and a
+    later load reads the same model and tokenizer from there."""
+    from masq_fx.builtin.smollm2 import _content_hash, _keep, load_smollm2, smollm2_gguf_path
+
+    model, tokenizer = smollm2
+    _keep(tmp_path / f"smollm2-{_content_hash(smollm2_gguf_path())}", model, tokenizer)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    again, tokens = load_smollm2(cache=tmp_path)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    text = "<|im_start|>user\nWhat is 2+2? ünïcödé<|im_end|>"
+    assert tokens(text)["input_ids"] == tokenizer(text)["input_ids"] and tokens.chat_template == tokenizer.chat_template
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    _keep(blocked / "smollm2-x", model, tokenizer)  # a cache folder that cannot be made is skipped

@@ -62,7 +62,13 @@ def test_larosa_rotations_alone_leave_the_float_logits_unchanged(family, granula
     per_block = 2 if granularity == "block" else 1
     assert len(plan.adapters) == per_block * captured.num_layers - 1
     assert len(plan.entry) == 1 + len(captured.injection_layers)
-    # the KV-cache graph, prefill then one decode step, equals the dense one
+
+
+@pytest.mark.parametrize("family", ROTATABLE)
+def test_larosa_rotations_alone_leave_the_cached_graph_unchanged(family):
+    """The KV-cache graph with the rotations, prefill then one decode step, equals the dense one."""
+    tiny, captured, inputs, _ = float_family(family)
+    rotated = sparsify(captured, SparsityConfig(levels=(0.0, 0.0), granularity="block"), [inputs], progress=False)
     plain = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
     cached = capture_cached(tiny.model, batch_size=2, max_cache_len=32, logits_to_keep=0)
     transplant(rotated, cached)

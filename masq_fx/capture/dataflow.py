@@ -104,12 +104,15 @@ def input_node(linear: fx.Node) -> fx.Node:
 
 def row_gather(arg: fx.node.Argument) -> fx.Node | None:
     """The ``rows`` index if ``arg`` (past passthrough ops) selects rows of a flattened token stream
-    (``tokens.view(-1, C)[rows]``: the tokens routed to one expert), else ``None``."""
+    (``tokens.view(-1, C)[rows]``, or of a norm of that view as Gemma 4 has: the tokens routed to one expert),
+    else ``None``."""
     source = look_through(arg)
     if _packet(source) is not aten.index or not isinstance(source, fx.Node):
         return None
-    indices = source.args[1]
-    if isinstance(indices, (list, tuple)) and len(indices) == 1 and isinstance(indices[0], fx.Node) and _tensor_dims(look_through(source.args[0])) == 3:
+    indices, base = source.args[1], source.args[0]
+    if not (isinstance(indices, (list, tuple)) and len(indices) == 1 and isinstance(indices[0], fx.Node) and isinstance(base, fx.Node)):
+        return None
+    if _tensor_dims(look_through(base)) == 3 or (_tensor_dims(base) == 2 and _rows(base) == (True, None)):
         return indices[0]
     return None
 

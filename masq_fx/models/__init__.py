@@ -2,6 +2,7 @@
 
 from masq_fx.models import (  # noqa: F401  (registration)
     gemma3,
+    gemma4,
     idefics3,
     internvl,
     llama,

@@ -174,6 +174,16 @@ class ModelAdapter(ABC):
         config: Any = self.model.config  # a PretrainedConfig (or a plain config object)
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    def kv_shapes(self) -> tuple[list[int], list[int]]:
+        """Each decoder layer's key/value heads and head size (Gemma 4's full-attention layers have their own)."""
+        config = self.text_config()
+        layers = getattr(config, "per_layer_config", None)
+        count = int(config.num_hidden_layers)
+        configs = [layers[i] for i in range(count)] if layers is not None else [config] * count
+        heads = [int(c.num_key_value_heads) for c in configs]
+        sizes = [int(getattr(c, "head_dim", None) or config.hidden_size // config.num_attention_heads) for c in configs]
+        return heads, sizes
+
     def context_length(self) -> int | None:
         """The longest sequence the decoder's positions are trained for (``None`` when the config does not say)."""
         length = getattr(self.text_config(), "max_position_embeddings", None)
@@ -234,21 +244,26 @@ class ModelAdapter(ABC):
             positions = self.default_position_ids(bsz, seq, input_ids.device)
         elif positions.dim() == 2 and self.position_rows > 1:
             positions = positions.expand(self.position_rows, bsz, seq).clone()
+        elif positions.shape[0] == 1 and bsz > 1:  # one row of positions for the whole batch (Gemma 4)
+            positions = positions.expand(bsz, seq).clone()
         if positions.is_floating_point():  # Qwen3-Omni computes its M-RoPE positions in float; graphs take integers
             if not bool((positions == positions.round()).all()):
                 raise InputError(f"{type(self.model).__name__} made fractional position ids; masq_fx graphs take integer positions")
             positions = positions.long()
-        if "mm_token_type_ids" in batch:
-            mods = modality_ids_from_token_types(batch["mm_token_type_ids"], policy)
-            mods = torch.where(attention_mask.bool(), mods, 0)
-        else:
-            mods = modality_ids(input_ids, self.modality_tokens(), policy, attention_mask)
         return DecoderInputs(
             inputs_embeds=embeds.detach(),
             position_ids=positions.detach(),
-            modality_ids=mods,
+            modality_ids=self.batch_modality_ids(batch, policy),
             attention_mask=attention_mask.long(),
         )
+
+    def batch_modality_ids(self, batch: Mapping[str, torch.Tensor], policy: ModalityPolicy = ModalityPolicy()) -> torch.Tensor:
+        """The modality of each token of a processed ``batch`` ``[batch, seq]`` (padding is text)."""
+        attention_mask = batch.get("attention_mask")
+        if "mm_token_type_ids" not in batch:
+            return modality_ids(batch["input_ids"], self.modality_tokens(), policy, attention_mask)
+        mods = modality_ids_from_token_types(batch["mm_token_type_ids"], policy)
+        return mods if attention_mask is None else torch.where(attention_mask.bool(), mods, 0)
 
 
 def _adds(feature: torch.Tensor) -> Any:

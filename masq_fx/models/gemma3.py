@@ -15,7 +15,7 @@ from masq_fx.models.base import ModelAdapter
 from masq_fx.models.registry import register_adapter
 
 
-def _image_blocks(modality_ids: torch.Tensor) -> torch.Tensor:
+def image_blocks(modality_ids: torch.Tensor) -> torch.Tensor:
     """Each vision token's image index in its row (consecutive vision tokens are one image), -1 elsewhere: the block
     ids of the forward's bidirectional image mask. In integer arithmetic: a shifted boolean tensor makes inductor's
     vectorized CPU code fail to compile (torch 2.13) when the row has a single token (decode)."""
@@ -81,7 +81,7 @@ class Gemma3Adapter(ModelAdapter):
         sliding ones also within the window. Built from index-based masks: the forward's own composition expands
         its sliding mask with ``vmap``, which ``torch.compile`` cannot trace in an exported graph."""
         config = self.text_config()
-        blocks = _image_blocks(modality_ids)
+        blocks = image_blocks(modality_ids)
         args = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         full = create_causal_mask(**args, block_sequence_ids=blocks)
         masks = {"full_attention": full}

@@ -30,6 +30,8 @@ family                      modalities in a row
 ``voxtral``                 text + audio
 ``gemma3``                  text + image
 ``gemma3-text``             text
+``gemma4``                  text + image + audio
+``gemma4-text``             text
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -48,6 +50,10 @@ from transformers import (
     Gemma3ForCausalLM,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForCausalLM,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -600,6 +606,56 @@ def tiny_gemma3_text(seed: int = 0, batch_size: int = 2) -> TinyModel:
     return TinyModel("gemma3-text", model, rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)]))
 
 
+def _gemma4_decoder(layer_types: list[str], **extra: Any) -> dict[str, Any]:
+    """A Gemma 4 decoder with per-layer inputs (8 wide a layer; Gemma 4 E2B has them)."""
+    return _text_decoder(head_dim=16, layer_types=layer_types, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, **extra)
+
+
+def tiny_gemma4(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Gemma4ForConditionalGeneration`` (vision tower, audio encoder, Gemma 4 decoder of a sliding layer with a window of
+    4 and a full one whose values are its keys, with their own head size of 32 and one KV head; per-layer inputs; image
+    tokens attending to each other both ways in the sliding layer). Per row text, one image (a 4x4 grid of 14-pixel
+    patches pooled 2x2 into 4 tokens), text, one audio clip (40 or 32 mel frames, 4 to a token), text."""
+    t = TINY_TOKENS
+    text = dict(
+        model_type="gemma4_text",
+        **_gemma4_decoder(["sliding_attention", "full_attention"], sliding_window=4, attention_k_eq_v=True, use_bidirectional_attention="vision"),
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+    )
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=dict(model_type="gemma4_vision", head_dim=16, num_key_value_heads=2, patch_size=_PATCH, pooling_kernel_size=2, position_embedding_size=8, **_vision_tower()),
+        audio_config=dict(model_type="gemma4_audio", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[_MEL_BINS, 4], output_proj_dims=48, conv_kernel_size=3, attention_chunk_size=4, attention_context_left=5),
+        image_token_id=t["image"], video_token_id=t["video"], audio_token_id=t["audio"],
+        boi_token_id=t["vision_start"], eoi_token_id=t["vision_end"], boa_token_id=t["audio_start"], eoa_token_index=t["audio_end"],
+    )
+    model = _build(config, Gemma4ForConditionalGeneration, seed)
+    rows = _Rows(seed, batch_size)
+    frames = [_audio_frames(i) for i in range(batch_size)]
+    audio = [_audio_span(n, lambda frames: frames // 4) for n in frames]
+    batch = rows.left_pad([rows.text(i, 3, 2) + _image_span(_IMAGE_TOKENS) + rows.text(i, 2, 2) + audio[i] + rows.text(i, 3, 2) for i in range(batch_size)])
+    grid = torch.cartesian_prod(torch.arange(4), torch.arange(4)).flip(-1)  # (x, y) of a 4x4 patch grid, row by row
+    batch["pixel_values"] = torch.rand(batch_size, len(grid), 3 * _PATCH * _PATCH, generator=rows.gen)
+    batch["image_position_ids"] = grid.expand(batch_size, *grid.shape).clone()
+    batch["input_features"] = torch.randn(batch_size, _AUDIO_FRAMES, _MEL_BINS, generator=rows.gen)
+    batch["input_features_mask"] = torch.arange(_AUDIO_FRAMES) < torch.tensor(frames)[:, None]
+    batch["mm_token_type_ids"] = _mm_token_types(batch["input_ids"])
+    return TinyModel("gemma4", model, batch, (Modality.TEXT, Modality.VISION, Modality.AUDIO))
+
+
+def tiny_gemma4_text(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Gemma4ForCausalLM`` with the 26B-A4B model's layer: a dense MLP beside 4 experts (top 2) with Gemma 4's router;
+    per-layer inputs; layer 1 reuses layer 0's keys and values (shared KV). Text-only rows of 12 and 9 tokens."""
+    config = Gemma4TextConfig(
+        **_gemma4_decoder(["full_attention", "full_attention"], num_kv_shared_layers=1),
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+    )
+    model = _build(config, Gemma4ForCausalLM, seed)
+    rows = _Rows(seed, batch_size)
+    return TinyModel("gemma4-text", model, rows.left_pad([rows.text(i, 12, 9) for i in range(batch_size)]))
+
+
 def tiny_voxtral(seed: int = 0, batch_size: int = 2) -> TinyModel:
     """``VoxtralForConditionalGeneration`` (Whisper-style encoder, Llama decoder); per row one audio chunk of 32 mel
     frames: 16 encoder positions, four to a token, 4 audio tokens between two markers."""
@@ -645,6 +701,8 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "voxtral": tiny_voxtral,
     "gemma3": tiny_gemma3,
     "gemma3-text": tiny_gemma3_text,
+    "gemma4": tiny_gemma4,
+    "gemma4-text": tiny_gemma4_text,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order

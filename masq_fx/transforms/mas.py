@@ -141,6 +141,14 @@ def _floating(values: Env, names: tuple[str, ...]) -> dict[str, Tensor]:
     return {n: values[n] for n in names if isinstance(values[n], Tensor) and values[n].is_floating_point()}
 
 
+def _token_major(output: Tensor, valid: Tensor) -> Tensor:
+    """A layer output as ``[batch, seq, d]``: hidden states as they are, keys and values ``[batch, heads, seq, d]``
+    handed to later layers (Gemma 4's shared KV layers) with the tokens moved to the second axis."""
+    if output.shape[:2] != valid.shape and output.dim() == 4 and output.shape[0] == valid.shape[0] and output.shape[2] == valid.shape[1]:
+        output = output.transpose(1, 2)
+    return output.flatten(2)
+
+
 def _quantized_linears(module: nn.Module) -> list[QuantLinear]:
     return [sub for sub in module.modules() if isinstance(sub, QuantLinear) and sub.weight_quant is not None]
 
@@ -287,8 +295,9 @@ class LearnMAS:
         """AdamW on the layer's scales (and clipping ratios); the mean loss of every epoch.
 
         Each step averages the gradients of ``step_samples`` consecutive calibration samples. In a process
-        group a step's samples are spread over the ranks (rank ``r`` holds samples ``r, r + N, …``) and
-        their gradients summed over the ranks, so every rank takes the same step.
+        group a step's samples are spread over the ranks (each holds one of every ``N`` consecutive samples:
+        :func:`~masq_fx.distributed.assign`) and their gradients summed over the ranks, so every rank takes
+        the same step.
         """
         cfg = self.config
         group = ranks()
@@ -330,7 +339,7 @@ class LearnMAS:
         outputs = _floating(segment.run(env), segment.outputs)
         valid = sample.attention_mask.bool()
         loss = cast(Tensor, sum(  # a layer has outputs: a Tensor, never the start 0
-            modality_weighted_mae(o, target[name], sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
+            modality_weighted_mae(_token_major(o, valid), _token_major(target[name], valid), sample.modality_ids, valid, cfg.loss_weights, cfg.normalization)
             for name, o in outputs.items()
         ))
         if not torch.isfinite(loss):
