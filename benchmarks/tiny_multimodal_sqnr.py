@@ -10,16 +10,17 @@ Calibration and evaluation use different random batches (seeds 1.. and 100..).
 
 ``--part families``: every tiny family (``TINY_FAMILIES``), the presets ``smoothquant-w8a8``, ``masquant-w8a8``
 and ``masquant-w4a8`` (``masquant-w4a8-paper``, unrotated, for families whose residual stream cannot be rotated:
-Gemma 3): the last decoder layer's output SQNR per modality, calibrated on the same batches; for the
+Gemma 3 and 4): the last decoder layer's output SQNR per modality, calibrated on the same batches; for the
 mixture-of-experts families, the experts of each MoE layer that calibration tokens of each modality reached.
 
-Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py [--part methods|families|both]``
+Run: ``.venv/bin/python benchmarks/tiny_multimodal_sqnr.py [--part methods|families|both] [--families F ...]``
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -55,19 +56,19 @@ def _batches(family: str, seeds: range):
 PRESET_NAMES = ("smoothquant-w8a8", "masquant-w8a8", "masquant-w4a8")
 
 
-def families() -> None:
-    """Every tiny family: the last decoder layer's output SQNR per modality under the presets."""
+def families(names: Sequence[str] = TINY_FAMILIES) -> None:
+    """The tiny families ``names``: the last decoder layer's output SQNR per modality under the presets."""
     print("\nevery tiny family (random weights): last decoder layer's output SQNR in dB vs FP, per modality")
     print(f"{'family':<24}{'preset':<22}" + "".join(f"{m.name.lower():>10}" for m in Modality))
-    for family in TINY_FAMILIES:
+    for family in names:
         model, calib_batches = _batches(family, range(1, 5))
         _, eval_batches = _batches(family, range(100, 102))
         adapter = adapter_for(model)
-        names = PRESET_NAMES if adapter.rotation_refusal is None else (*PRESET_NAMES[:-1], "masquant-w4a8-paper")
+        presets = PRESET_NAMES if adapter.rotation_refusal is None else (*PRESET_NAMES[:-1], "masquant-w4a8-paper")
         evaluation = [adapter.decoder_inputs(b) for b in eval_batches]
-        calibrated = calibrate(model, calib_batches, recipes=names, progress=False)
+        calibrated = calibrate(model, calib_batches, recipes=presets, progress=False)
         last = calibrated.captured.num_layers - 1
-        for name, quantized in zip(names, apply_all(calibrated, names, progress=False)):
+        for name, quantized in zip(presets, apply_all(calibrated, presets, progress=False)):
             reference = in_basis_of(calibrated.captured, quantized.decoder)  # masquant-w4a8 is rotated
             sqnr = per_modality_layer_sqnr(reference, quantized.decoder, evaluation)
             cells = "".join(f"{sqnr[last, m]:>10.2f}" if (last, m) in sqnr else f"{'—':>10}" for m in Modality)
@@ -109,13 +110,14 @@ def methods() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("methods", "families", "both"), default="both")
+    parser.add_argument("--families", nargs="+", choices=TINY_FAMILIES, default=TINY_FAMILIES, help="the families of --part families")
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     if args.part in ("methods", "both"):
         methods()
     if args.part in ("families", "both"):
-        families()
+        families(args.families)
 
 
 if __name__ == "__main__":

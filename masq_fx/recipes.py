@@ -142,8 +142,6 @@ class Recipe:
                 )
         _check_keys(cls, data, "recipe")
         learning = _config(MASLearningConfig, data.get("learning", {}), "recipe learning")
-        if learning.checkpoint is not None:
-            learning = replace(learning, checkpoint=Path(learning.checkpoint))
         default = cls()
 
         def section(name: str, config: type) -> Any:

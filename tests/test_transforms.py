@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from torch import nn
 
 from masq_fx.calibration.calibrate import Calibrate, InsertObservers
@@ -516,9 +515,9 @@ def _scale_tables(context: Context) -> dict[str, torch.Tensor]:
     return {m.name: m.scales.detach().clone() for m in quant_linears(context.graph_module) if m.scales is not None}
 
 
-def test_mas_learning_reduces_the_loss_keeps_scales_positive_and_resumes(omni, tmp_path):
-    checkpoint = tmp_path / "mas.safetensors"
-    config = MASLearningConfig(epochs=4, checkpoint=checkpoint)
+def test_mas_learning_reduces_the_loss_and_keeps_scales_positive(omni):
+    hf_state = {k: v.clone() for k, v in omni.model.state_dict().items()}
+    config = MASLearningConfig(epochs=4)
     context = smoothed(omni, TIED_ROUTED, W4, A8)
     init_logits = logits(context, omni.inputs)
     init_scales = _scale_tables(context)
@@ -543,47 +542,10 @@ def test_mas_learning_reduces_the_loss_keeps_scales_positive_and_resumes(omni, t
 
     assert mae(learned_logits) <= mae(init_logits), (mae(learned_logits), mae(init_logits))
 
-    # resume: a second run on a fresh capture with the same checkpoint learns nothing and reproduces
-    saved = load_file(str(checkpoint))
-    assert int(saved["completed_layers"][0]) == 2
-    assert all(torch.equal(saved[f"{n}.scales"], s) for n, s in learned_scales.items())
-    hf_state = {k: v.clone() for k, v in omni.model.state_dict().items()}
-    again = smoothed(omni, TIED_ROUTED, W4, A8, captured=capture(omni.model))
-    assert not torch.equal(logits(again, omni.inputs), learned_logits)
-    resumed = LearnMAS(config, progress=False)
-    Pipeline([resumed]).run(again, progress=False)
-    assert resumed.losses == {}
-    assert torch.equal(logits(again, omni.inputs), learned_logits)
-    assert all(torch.equal(s, _scale_tables(again)[n]) for n, s in learned_scales.items())
     # learned scales keep the smoothing exact (the routers share the tables), HF weights untouched
-    with quantizers_off(again.graph_module):
-        torch.testing.assert_close(logits(again, omni.inputs), omni.reference, rtol=0, atol=1e-4)
+    with quantizers_off(context.graph_module):
+        torch.testing.assert_close(logits(context, omni.inputs), omni.reference, rtol=0, atol=1e-4)
     assert all(torch.equal(v, hf_state[k]) for k, v in omni.model.state_dict().items())
-
-
-def test_interrupted_mas_resumes_to_the_uninterrupted_result(omni, tmp_path, monkeypatch):
-    config = MASLearningConfig(epochs=1, checkpoint=tmp_path / "mas.safetensors")
-    full = smoothed(omni, PER_LINEAR, W4, A8)
-    Pipeline([LearnMAS(replace(config, checkpoint=None), progress=False)]).run(full, progress=False)
-
-    learn = LearnMAS._learn
-
-    def crash_at_layer_1(self, layer, *args):
-        if layer == 1:
-            raise KeyboardInterrupt
-        return learn(self, layer, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(LearnMAS, "_learn", crash_at_layer_1)
-        with pytest.raises(KeyboardInterrupt):
-            Pipeline([LearnMAS(config, progress=False)]).run(smoothed(omni, PER_LINEAR, W4, A8), progress=False)
-    assert config.checkpoint.exists() and not config.checkpoint.with_suffix(".safetensors.tmp").exists()
-
-    resumed_context = smoothed(omni, PER_LINEAR, W4, A8)
-    resumed = LearnMAS(config, progress=False)
-    Pipeline([resumed]).run(resumed_context, progress=False)
-    assert sorted(resumed.losses) == [1]
-    assert torch.equal(logits(resumed_context, omni.inputs), logits(full, omni.inputs))
 
 
 def test_mas_learning_clamps_to_min_scale_and_leaves_folded_scales_fixed(omni, monkeypatch):

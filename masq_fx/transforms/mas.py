@@ -17,9 +17,6 @@ every step (they stay positive). A non-finite loss raises an error naming the la
 Both streams stay in the model's dtype (a bfloat16 model's layers run in bfloat16, as they will
 after quantization); the QuantLinears compute in float32 and the loss is taken in float32.
 
-With ``checkpoint`` set, the learned scales are written atomically after every layer, and a
-rerun with the same file skips the layers already learned (resume after an interruption).
-
 With ``learn_clipping`` the loss also trains a clipping ratio per output channel (group) of every
 quantized weight in the layer (OmniQuant's learnable weight clipping): the ratio shrinks the range
 whose extreme sets the quantization scale, trading clipped outliers for a finer grid where the
@@ -39,19 +36,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, cast
 
-import safetensors.torch
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from masq_fx.capture.layers import PRE, Env, Segment, Segments, advance, start
-from masq_fx.distributed import is_leader, ranks, reduce, total
+from masq_fx.distributed import ranks, reduce, total
 from masq_fx.errors import InputError
-from masq_fx.files import write_bytes_atomically
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.nn.quant_linear import QuantLinear, quantizers_off
 from masq_fx.pipeline import CALIBRATION_DATA, Capability, Context
@@ -91,9 +84,6 @@ class MASLearningConfig:
     #: calibration samples whose gradients each optimizer step averages; ``None``: one per rank (1 in a
     #: single process). In a process group it must be a multiple of the number of ranks
     step_samples: int | None = None
-    #: file the learned scales are saved to after each layer, and resumed from (by rank 0, read by every rank:
-    #: on several machines it must be on a shared filesystem)
-    checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -217,17 +207,14 @@ class LearnMAS:
                 "own_channels=...)) (a recipe with cmc.own_channels set does), or turn own_channels_in_loop off"
             )
         samples = list(context.calibration)
-        done = self._resume(gm, context)
         if context.layer is None:
-            self._learn_all(gm, context, samples, done)
+            self._learn_all(gm, context, samples)
         else:
             data = context.layer_data
             if data is None or data.quantized_inputs is None:
                 raise RuntimeError("a layer-sequential run must give LearnMAS the layer's float outputs and quantized inputs")
             segment = Segments(gm, context.captured.num_layers)(context.layer)
-            if context.layer not in done:
-                self._learn(context.layer, segment, data.quantized_inputs, data.float_outputs, samples, context.stats)
-                self._save(gm, context.layer)
+            self._learn(context.layer, segment, data.quantized_inputs, data.float_outputs, samples, context.stats)
         for module in gm.modules():
             if isinstance(module, QuantLinear) and context.in_scope(module.name):
                 if module.scales is not None:
@@ -237,7 +224,7 @@ class LearnMAS:
                     module.set_quantizers(static_scale=calibrate_static_scale(_smoothed_absmax(module, context), module.act_quant))
         return gm
 
-    def _learn_all(self, gm: fx.GraphModule, context: Context, samples: list, done: set[int]) -> None:
+    def _learn_all(self, gm: fx.GraphModule, context: Context, samples: list) -> None:
         """Every layer in turn; the float stream is the graph itself with its quantizers off."""
         segments = Segments(gm, context.captured.num_layers)
         last = segments.last_reader()
@@ -248,11 +235,9 @@ class LearnMAS:
         bar = tqdm(total=segments.num_layers, desc="MAS layers", unit="layer", disable=not self.progress)
         for layer in range(segments.num_layers):
             segment = segments(layer)
-            if layer not in done:
-                with torch.no_grad(), quantizers_off(segment.module):
-                    targets = [segment.run(env) for env in fp_envs]
-                self._learn(layer, segment, q_envs, targets, samples, context.stats)
-                self._save(gm, layer)
+            with torch.no_grad(), quantizers_off(segment.module):
+                targets = [segment.run(env) for env in fp_envs]
+            self._learn(layer, segment, q_envs, targets, samples, context.stats)
             with torch.no_grad():
                 with quantizers_off(segment.module):
                     fp_envs = [advance(env, segment.run(env), layer, last) for env in fp_envs]
@@ -357,44 +342,6 @@ class LearnMAS:
             p.clamp_(self.config.min_clip_ratio, 1.0)
         for rows in tied:
             rows.project()
-
-    def _save(self, gm: fx.GraphModule, layer: int) -> None:
-        path = self.config.checkpoint
-        if path is None or not is_leader():
-            return
-        state = {}
-        for m in gm.modules():
-            if isinstance(m, QuantLinear):
-                for key in ("scales", "clip_ratios"):
-                    if getattr(m, key) is not None:
-                        state[f"{m.name}.{key}"] = getattr(m, key).detach().clone(memory_format=torch.contiguous_format)
-        state["completed_layers"] = torch.tensor([layer + 1])
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomically(path, safetensors.torch.save(state))
-
-    def _resume(self, gm: fx.GraphModule, context: Context) -> set[int]:
-        """The layers the checkpoint file holds; their scales (and ratios) are loaded into the linears in scope."""
-        path = self.config.checkpoint
-        if path is None or not Path(path).exists():
-            return set()
-        state = load_file(str(path))
-        completed = int(state.pop("completed_layers")[0])
-        for module in gm.modules():
-            if not isinstance(module, QuantLinear) or not context.in_scope(module.name):
-                continue
-            saved = state.get(f"{module.name}.scales")
-            if module.scales is not None and saved is not None and saved.shape == module.scales.shape:
-                with torch.no_grad():
-                    module.scales.copy_(saved)
-            saved = state.get(f"{module.name}.clip_ratios")
-            if saved is not None and module.weight_quant is not None:
-                ratios = module.learn_clipping()
-                if saved.shape == ratios.shape:
-                    with torch.no_grad():
-                        ratios.copy_(saved)
-                ratios.requires_grad_(False)
-        return set(range(completed))
 
 
 __all__ = ["LEARNED_SCALES", "LearnMAS", "MASLearningConfig", "modality_weighted_mae"]
