@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from masq_fx import PRESETS, QuantizedModel, apply, calibrate, load, quantize
+from masq_fx.capture.positions import POSITION_INPUTS, position_placeholders
 from masq_fx.errors import InputError, MissingFileError
+from masq_fx.generation import full_attention_mask
 from masq_fx.models.tiny import tiny_model
 from masq_fx.recipes import RECIPE_VERSION, Recipe, preset, resolve_recipe
+from masq_fx.transforms.cmc import CMCConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +44,29 @@ def test_quantize_generate_and_round_trip(omni, quantized, tmp_path, one_thread)
 
 
 def test_lowered_model_generates_compiled(omni, one_thread):
+    """The lowered model (int8 GEMMs, indexed CMC branches) generates through one compiled KV-cache graph
+    (``fullgraph=True``: a graph break raises), whose prefill and decode steps compute what the eager graph does."""
     model, batch = omni
-    qm = quantize(model, preset("mas-init", 8, 8), [batch], progress=False)
+    qm = quantize(model, replace(preset("mas-init", 8, 8), cmc=CMCConfig(rank=4)), [batch], progress=False)
     reference = qm.logits(batch)
     assert not qm.lower().unlowered
     assert (qm.logits(batch) - reference).abs().max() <= 2e-2 * reference.abs().max()
     assert qm.generate(batch, max_new_tokens=3, compiled=True).shape == (2, 3)
-    assert list(qm._cached) == [(2, batch["input_ids"].shape[1] + 3)], "one generation graph, reused"
+    key = (2, batch["input_ids"].shape[1] + 3)
+    assert list(qm._cached) == [key], "one generation graph, reused"
+    cached, compiled = qm._cached[key], qm._compiled[key]
+    # the indexed CMC branches take the token positions in the cached graph too
+    assert [n.name for n in position_placeholders(cached.graph_module)] == list(POSITION_INPUTS)
+    prompt = qm.decoder_inputs(batch)
+    mask = full_attention_mask(prompt.attention_mask, key[1])
+    prefill = (*replace(prompt, attention_mask=mask).args(), torch.tensor([0]))
+    token = qm.adapter.embed(torch.tensor([[3], [5]]))
+    decode = (token, prompt.position_ids[..., -1:] + 1, torch.zeros(2, 1, dtype=torch.long), mask, torch.tensor([prompt.attention_mask.shape[1]]))
+    for args in (prefill, decode):  # the same cache slots are written by both, in this order
+        with torch.no_grad():
+            eager = cached.graph_module(*args)
+        # compiled int8 GEMMs (oneDNN) round differently from eager torchao: argmax may flip at near ties
+        assert (compiled(*args) - eager).abs().max() <= 2e-2 * eager.abs().max()
     with pytest.raises(ValueError, match="save before lower"):
         qm.save("unused")
 
