@@ -13,12 +13,15 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
 * what every layer reads besides the stream, computed once before the first layer and held for every
   batch: the boolean attention mask ``rows × seq × seq`` and the rotary tables ``2 × rows × seq × head_dim``
   (float32), once per kind of layer (Gemma 3's sliding and full layers each have theirs);
-* one forward pass of the largest batch: its attention scores and MLP intermediates;
+* one layer pass on the largest batch: its ``heads × seq × seq`` attention tensors (2 at once without
+  gradients, 6 under MAS learning's autograd, as measured on SmolLM2) and MLP intermediates;
 * the rotated copy of the decoder's linear weights that each distinct rotation of the recipes makes
   (:mod:`masq_fx.transforms.rotation`: the rotated float graph).
 
 Model weights are already loaded when this runs, so they are not counted; nor are the copies of
-the decoder weights that transforms make (quantized codes, per-modality rows).
+the decoder weights that transforms make (quantized codes, per-modality rows), nor allocator slack: on
+SmolLM2 the measured peak stays 0.2-0.7 GiB above the estimate at 2,048 and 4,096 tokens
+(``benchmarks/memory_estimate.py``).
 
 After the work, the reference (fake-quant) path would keep each linear's float32 weights once computed;
 :func:`weight_caches_fit` says whether they fit in half the free memory, and a quantized model whose caches
@@ -64,7 +67,7 @@ class MemoryEstimate:
     streams: int
     #: the attention masks and rotary tables of every batch, read by every layer
     layer_inputs: int
-    #: one forward pass of the largest batch
+    #: one pass of a layer on the largest batch (its attention tensors, under autograd for MAS learning)
     activations: int
     #: the rotated decoder weights of the recipes' distinct rotations
     rotated_weights: int = 0
@@ -82,10 +85,18 @@ class MemoryEstimate:
             + (f" (float64 second moments of {moments} at {self.moment_sites} sites)" if self.moment_sites else ""): self.statistics,
             "calibration streams": self.streams,
             "attention masks and rotary tables": self.layer_inputs,
-            "one forward pass of the largest batch": self.activations,
+            "one layer pass on the largest batch": self.activations,
             "rotated weights": self.rotated_weights,
         }
         return ", ".join(f"{name} {_gib(size)}" for name, size in sorted(terms.items(), key=lambda t: -t[1]) if size)
+
+
+#: float32 ``[heads, seq, seq]`` attention tensors a layer pass holds at its peak, measured on SmolLM2 (one sample of
+#: 2,048 and 4,096 tokens, peak RSS growth against seq²): about 1.6 without gradients (scores, masked scores and
+#: probabilities overlap), about 5.7 when MAS learning runs it under autograd (the saved probabilities and their
+#: gradients besides); rounded up
+_FORWARD_SCORES = 2
+_LEARNING_SCORES = 6
 
 
 def _gib(size: int) -> str:
@@ -124,7 +135,8 @@ def estimate_calibration_memory(
     layer_inputs = kinds * sum(rows * seq * (seq + 2 * captured.head_dim * _FLOAT32) for rows, seq in shapes)
     heads = int(getattr(text, "num_attention_heads", 1))
     widest = max(channels, default=hidden)
-    activations = max((rows * (heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
+    scores = _LEARNING_SCORES if any(r.method == "mas" for r in recipes) else _FORWARD_SCORES
+    activations = max((rows * (scores * heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
     rotations = {r.rotation for r in recipes} - {None}
     weight_bytes = sum(w.numel() * w.element_size() for w in captured.weights.values())
     return MemoryEstimate(
