@@ -54,8 +54,8 @@ def test_smollm2_learned_recipe_gives_identical_checkpoint_bytes(smollm2, tmp_pa
     windows = token_windows(tokenizer, "calibration", window=64, count=2)
     batches = [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in windows]
     recipe = PRESETS["masquant-w4a8"]  # MAS with learned clipping, GPTQ and CMC
-    # on the first 4 of the 30 layers: the later ones repeat the same steps on the same kind of weights
-    recipe = replace(recipe, learning=replace(recipe.learning, epochs=1), modules=ModuleFilter(include=(r"layers\.[0-3]\..*",)))
+    # on the first 2 of the 30 layers: the later ones repeat the same steps on the same kind of weights
+    recipe = replace(recipe, learning=replace(recipe.learning, epochs=1), modules=ModuleFilter(include=(r"layers\.[01]\..*",)))
     calibrated = calibrate(model, batches, recipes=[recipe], progress=False)  # deterministic; the learning was not
     for run in ("a", "b"):
         apply(calibrated, recipe, progress=False).save(tmp_path / run)

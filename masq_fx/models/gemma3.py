@@ -3,7 +3,7 @@ layers); and the text-only Gemma 3 (1B)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class Gemma3Adapter(ModelAdapter):
     """
 
     family = "gemma3"
-    model_classes = (Gemma3ForConditionalGeneration,)
+    model_classes: ClassVar[tuple[type[nn.Module], ...]] = (Gemma3ForConditionalGeneration,)  # Gemma 4's adapter sets its own
     rotation_refusal = _SANDWICH_NORMS
 
     def language_model(self) -> nn.Module:
@@ -72,24 +72,34 @@ class Gemma3Adapter(ModelAdapter):
         **kwargs: Any,
     ) -> torch.Tensor:
         masks: Any = attention_mask
-        if modality_ids is not None:  # the layers take the masks built here instead of building them from the 2-D one
+        if modality_ids is not None and self.images_both_ways():  # the layers take the masks built here
             masks = self._masks(inputs_embeds, position_ids, attention_mask, modality_ids, kwargs.get("cache"))
         return super().run_decoder(inputs_embeds, position_ids, masks, **kwargs)
 
+    def images_both_ways(self) -> bool:
+        """Whether the tokens of one image attend to each other both ways (Gemma 3: always)."""
+        return True
+
     def _masks(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor, cache: Any) -> dict[str, Any]:
         """The full and sliding layers' masks of the model's forward: causal, or within one image both ways; the
-        sliding ones also within the window. Built from index-based masks: the forward's own composition expands
-        its sliding mask with ``vmap``, which ``torch.compile`` cannot trace in an exported graph."""
+        sliding ones also within the window."""
         config = self.text_config()
-        blocks = image_blocks(modality_ids)
         args = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-        full = create_causal_mask(**args, block_sequence_ids=blocks)
+        full = create_causal_mask(**args, block_sequence_ids=image_blocks(modality_ids))
         masks = {"full_attention": full}
         if "sliding_attention" in config.layer_types:
-            sizes: tuple[Any, ...] = _preprocess_mask_arguments(**args, layer_idx=find_first_full_attention_index(cache))
-            q_length, kv_length, q_offset, kv_offset = sizes[-4:]  # symbolic under export
-            queries = torch.arange(q_length, device=inputs_embeds.device) + q_offset
-            keys = torch.arange(kv_length, device=inputs_embeds.device) + kv_offset
-            window = keys[None, :] > queries[:, None] - config.sliding_window
-            masks["sliding_attention"] = full & window if full.dtype == torch.bool else full.masked_fill(~window, torch.finfo(full.dtype).min)
+            masks["sliding_attention"] = within_window(full, args, find_first_full_attention_index(cache))
         return masks
+
+
+def within_window(mask: Any, mask_args: dict[str, Any], layer_idx: int) -> Any:
+    """``mask`` (of layer ``layer_idx``'s cache, made from ``mask_args``) also within the config's sliding window. Built
+    from indices: the forward's own composition expands its sliding mask with ``vmap``, which ``torch.compile``
+    cannot trace in an exported graph."""
+    sizes: tuple[Any, ...] = _preprocess_mask_arguments(**mask_args, layer_idx=layer_idx)
+    q_length, kv_length, q_offset, kv_offset = sizes[-4:]  # symbolic under export
+    device = mask_args["inputs_embeds"].device
+    queries = torch.arange(q_length, device=device) + q_offset
+    keys = torch.arange(kv_length, device=device) + kv_offset
+    window = keys[None, :] > queries[:, None] - mask_args["config"].sliding_window
+    return mask & window if mask.dtype == torch.bool else mask.masked_fill(~window, torch.finfo(mask.dtype).min)

@@ -9,10 +9,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration, PreTrainedModel
-from transformers.masking_utils import _preprocess_mask_arguments, create_causal_mask
+from transformers.masking_utils import create_causal_mask
 
 from masq_fx.models.base import ModelAdapter
-from masq_fx.models.gemma3 import image_blocks
+from masq_fx.models.gemma3 import Gemma3Adapter, image_blocks, within_window
 from masq_fx.models.registry import register_adapter
 
 #: why Gemma 4 cannot be rotated
@@ -66,7 +66,7 @@ class _PerLayerInputs(ModelAdapter):
         if self._per_layer_width():
             inputs_embeds, per_layer = inputs_embeds.split([int(config.hidden_size), self._per_layer_width()], dim=-1)
             kwargs["per_layer_inputs"] = per_layer.unflatten(-1, (int(config.num_hidden_layers), -1))
-        return super().run_decoder(inputs_embeds, position_ids, attention_mask, **kwargs)
+        return super().run_decoder(inputs_embeds, position_ids, attention_mask, modality_ids, **kwargs)
 
 
 @register_adapter
@@ -82,7 +82,7 @@ class Gemma4TextAdapter(_PerLayerInputs):
 
 
 @register_adapter
-class Gemma4Adapter(_PerLayerInputs):
+class Gemma4Adapter(_PerLayerInputs, Gemma3Adapter):
     """``Gemma4ForConditionalGeneration``: decoder at ``model.model.language_model``; image, video and audio placeholders.
 
     Image and video placeholders are vision tokens and audio placeholders audio tokens (the processor's
@@ -91,44 +91,26 @@ class Gemma4Adapter(_PerLayerInputs):
     full-attention layers may read their values from the keys (``attention_k_eq_v``: no ``v_proj``); every
     projection a layer has is quantized, its per-layer input gate and projection included. Where the config asks
     for it (``use_bidirectional_attention="vision"``), an image's tokens attend to each other both ways in the
-    sliding layers: the graph derives each image's block from ``modality_ids`` and builds that mask. Sandwich
-    norms and the per-layer output scale: rotations and LaRoSA are refused (TEAL works).
+    sliding layers (not in the full ones, unlike Gemma 3): the graph derives each image's block from
+    ``modality_ids`` and builds that mask. Sandwich norms and the per-layer output scale: rotations and LaRoSA are
+    refused (TEAL works).
     """
 
     family = "gemma4"
     model_classes = (Gemma4ForConditionalGeneration,)
     rotation_refusal = _SANDWICH_NORMS
 
-    def language_model(self) -> nn.Module:
-        return self.model.get_submodule("model.language_model")
-
-    def run_decoder(
-        self,
-        inputs_embeds: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        modality_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        masks: Any = attention_mask
-        if modality_ids is not None and self.text_config().use_bidirectional_attention == "vision":
-            masks = self._masks(inputs_embeds, position_ids, attention_mask, modality_ids, kwargs.get("cache"))
-        return super().run_decoder(inputs_embeds, position_ids, masks, **kwargs)
+    def images_both_ways(self) -> bool:
+        return self.text_config().use_bidirectional_attention == "vision"
 
     def _masks(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor, cache: Any) -> dict[str, Any]:
-        """The model's masks: causal in full layers; in sliding layers causal or within one image both ways, and within
-        the window. Index-based, as the forward's own composition (``vmap``) cannot be compiled from an exported graph."""
+        """The model's masks: causal in full layers; in sliding layers causal or within one image both ways, and
+        within the window."""
         config = self.text_config()
-        embeds = inputs_embeds[..., : int(config.hidden_size)]
-        args = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        args = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         masks = {"full_attention": create_causal_mask(**args)}
         if "sliding_attention" in config.layer_types:
             sliding = config.layer_types.index("sliding_attention")
             both_ways = create_causal_mask(**args, block_sequence_ids=image_blocks(modality_ids), layer_idx=sliding)
-            sizes: tuple[Any, ...] = _preprocess_mask_arguments(**args, layer_idx=sliding)
-            q_length, kv_length, q_offset, kv_offset = sizes[-4:]  # symbolic under export
-            queries = torch.arange(q_length, device=embeds.device) + q_offset
-            keys = torch.arange(kv_length, device=embeds.device) + kv_offset
-            window = keys[None, :] > queries[:, None] - config.sliding_window
-            masks["sliding_attention"] = both_ways & window if both_ways.dtype == torch.bool else both_ways.masked_fill(~window, torch.finfo(both_ways.dtype).min)
+            masks["sliding_attention"] = within_window(both_ways, args, sliding)
         return masks
