@@ -230,7 +230,8 @@ def calibrate(
     place(model, device)
     resolved = [resolve_recipe(r) for r in recipes]
     everything = list(calibration)
-    owners = assign([_token_counts(adapter_for(model), b) for b in everything]) if ranks() is not None else ()
+    adapter = adapter_for(model)  # once: making one walks the model's modules
+    owners = assign([_token_counts(adapter, b) for b in everything]) if ranks() is not None else ()
     batches = shard(everything, owners)
     captured = capture(model)
     require_memory(estimate_calibration_memory(model, captured, resolved, batches), available_memory())
