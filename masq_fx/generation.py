@@ -32,6 +32,7 @@ from masq_fx.capture.positions import add_position_inputs, position_placeholders
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for
+from masq_fx.models.linear_attention import RecurrentLayer
 from masq_fx.replay import graph_edits, replay
 
 CACHE_START = "cache_start"
@@ -43,8 +44,8 @@ _CACHED_LAYER_TYPES = ("full_attention", "sliding_attention")
 _UNCACHED = "dummy"
 
 
-def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
-    """A ``StaticCache`` for ``config`` (a text config) whose every layer is a plain :class:`StaticLayer` of ``max_cache_len`` slots.
+def static_cache(config: Any, max_cache_len: int, family: str, recurrent: dict[int, RecurrentLayer] | None = None) -> StaticCache:
+    """A ``StaticCache`` for ``config`` (a text config) whose every attention layer is a plain :class:`StaticLayer` of ``max_cache_len`` slots.
 
     HF gives sliding-window layers a ``StaticSlidingWindowLayer``: a ring of ``sliding_window`` slots
     whose update branch and mask sizes follow a Python int (``cumulative_length_int``). Export
@@ -52,11 +53,13 @@ def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
     position 0, and a window shorter than the cache made export fail. Here every layer keeps all
     ``max_cache_len`` slots (a sliding layer costs as much memory as a full one) and the window lives
     in the mask alone: the model's sliding mask (key slot > query slot - window) over whole-cache
-    slots is what HF computes. Layers that reuse another's keys and values keep none. Other layer types (chunked, linear,
-    indexed attention) are refused.
+    slots is what HF computes. Layers that reuse another's keys and values keep none; linear-attention layers keep
+    the fixed-size state given in ``recurrent`` (by layer index, :meth:`ModelAdapter.recurrent_layers`). Other
+    layer types (chunked, indexed attention) are refused.
     """
+    recurrent = recurrent or {}
     types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    unsupported = sorted({t for t in types if t not in (*_CACHED_LAYER_TYPES, _UNCACHED)})
+    unsupported = sorted({t for i, t in enumerate(types) if t not in (*_CACHED_LAYER_TYPES, _UNCACHED) and i not in recurrent})
     if unsupported:
         raise InputError(
             f"capture_cached supports {' and '.join(_CACHED_LAYER_TYPES)} layers, but this {family} model has "
@@ -64,13 +67,15 @@ def static_cache(config: Any, max_cache_len: int, family: str) -> StaticCache:
             "score it with the cache-free graph (QuantizedModel.logits, capture) instead of KV-cache generation"
         )
     cache = StaticCache(max_cache_len=max_cache_len, config=config)
-    cache.layers = [DummyLayer() if t == _UNCACHED else StaticLayer(max_cache_len=max_cache_len) for t in types]
+    cache.layers = [
+        recurrent[i] if i in recurrent else DummyLayer() if t == _UNCACHED else StaticLayer(max_cache_len=max_cache_len) for i, t in enumerate(types)
+    ]
     return cache
 
 
 def _static_layers(cache: StaticCache) -> dict[int, StaticLayer]:
     """``cache``'s layers that keep a cache, by layer index: keys, values and a tensor ``cumulative_length`` allocated up front."""
-    kept = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, DummyLayer)}
+    kept = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, (DummyLayer, RecurrentLayer))}
     assert all(type(layer) is StaticLayer for layer in kept.values())
     return cast(dict[int, StaticLayer], kept)
 
@@ -84,15 +89,19 @@ class _CachedExportable(nn.Module):
         self.adapter = adapter  # runs ``self.decoder`` (its language model), adding injected features
         self.decoder = adapter.language_model()
         self.lm_head = adapter.lm_head()
-        config = adapter.text_config()
-        self.cache = static_cache(config, max_cache_len, adapter.family)
         parameter = next(self.decoder.parameters())
         self.cache_dtype, self.device = parameter.dtype, parameter.device
+        self.recurrent = adapter.recurrent_layers(batch_size, self.cache_dtype, self.device)
+        self.cache = static_cache(adapter.text_config(), max_cache_len, adapter.family, self.recurrent)
         self.cache.early_initialization(batch_size, *adapter.kv_shapes(), self.cache_dtype, self.device)
         for i, layer in _static_layers(self.cache).items():
             self.register_buffer(f"cache_keys_{i}", layer.keys, persistent=False)
             self.register_buffer(f"cache_values_{i}", layer.values, persistent=False)
             self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
+        for i, state in self.recurrent.items():
+            self.register_buffer(f"cache_conv_{i}", state.conv, persistent=False)
+            self.register_buffer(f"cache_state_{i}", state.state, persistent=False)
+            self.register_buffer(f"cache_start_{i}", state.start, persistent=False)
 
     def forward(
         self,
@@ -104,6 +113,8 @@ class _CachedExportable(nn.Module):
     ) -> Tensor:
         for layer in _static_layers(self.cache).values():
             layer.cumulative_length.copy_(cache_start[0])
+        for state in self.recurrent.values():
+            state.start.copy_(cache_start)
         hidden = self.adapter.run_decoder(inputs_embeds, position_ids, attention_mask, modality_ids, cache=self.cache, use_cache=True)
         if self.logits_to_keep:
             hidden = hidden[:, -self.logits_to_keep :]

@@ -27,7 +27,15 @@ def layer_linears(i: int, family: str = "llama") -> set[str]:
 
     Gemma 4: every layer gates in its per-layer input; layer 1 has no ``v_proj`` (its values are its keys in
     ``gemma4``; it reuses layer 0's keys and values, so it has no ``k_proj`` either, in ``gemma4-text``, whose
-    layers have a dense MLP beside their experts)."""
+    layers have a dense MLP beside their experts).
+
+    Qwen3.5: layer 0 is linear attention (its four input projections and ``out_proj``); in ``qwen3.5-moe`` both
+    layers are sparse, with a shared expert and its gate beside the experts."""
+    if family.startswith("qwen3.5"):
+        mixer = [f"linear_attn.{p}" for p in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")] if i == 0 else PROJECTIONS[:4]
+        shared = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj", "mlp.shared_expert_gate")
+        mlp = (*_experts("mlp."), *shared) if family == "qwen3.5-moe" else PROJECTIONS[4:]
+        return {f"layers.{i}.{p}" for p in (*mixer, *mlp)}
     if "-moe" in family and i == 1:
         return {f"layers.{i}.{p}" for p in PROJECTIONS[:4] + _experts("mlp.")}
     if family.startswith("gemma4"):
@@ -39,7 +47,7 @@ def layer_linears(i: int, family: str = "llama") -> set[str]:
 
 def float_linears(family: str) -> set[str]:
     """The linears of the graph that stay float: the head, MoE routers, Gemma 4's per-layer input projection."""
-    routers = {"layers.1.mlp.gate"} if "-moe" in family else {"layers.0.router.proj", "layers.1.router.proj"} if family == "gemma4-text" else set()
+    routers = {"layers.0.mlp.gate", "layers.1.mlp.gate"} if family == "qwen3.5-moe" else {"layers.1.mlp.gate"} if "-moe" in family else {"layers.0.router.proj", "layers.1.router.proj"} if family == "gemma4-text" else set()
     return {"lm_head"} | routers | ({"per_layer_model_projection"} if family.startswith("gemma4") else set())
 
 

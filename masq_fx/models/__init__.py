@@ -10,6 +10,7 @@ from masq_fx.models import (  # noqa: F401  (registration)
     llava_onevision,
     mistral3,
     qwen3,
+    qwen3_5,
     qwen3_vl,
     qwen_audio,
     qwen_omni,

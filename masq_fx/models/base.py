@@ -29,6 +29,7 @@ from masq_fx.errors import InputError
 from masq_fx.modality import ModalityPolicy, ModalityTokens, modality_ids, modality_ids_from_token_types
 from masq_fx.models.device import model_device
 from masq_fx.models.experts import unfuse_experts
+from masq_fx.models.linear_attention import RecurrentLayer
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,10 @@ class ModelAdapter(ABC):
         heads = [int(c.num_key_value_heads) for c in configs]
         sizes = [int(getattr(c, "head_dim", None) or config.hidden_size // config.num_attention_heads) for c in configs]
         return heads, sizes
+
+    def recurrent_layers(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> dict[int, RecurrentLayer]:
+        """The KV-cache layers of the decoder's linear-attention layers, by layer index (none: every layer attends)."""
+        return {}
 
     def context_length(self) -> int | None:
         """The longest sequence the decoder's positions are trained for (``None`` when the config does not say)."""

@@ -32,6 +32,8 @@ family                      modalities in a row
 ``gemma3-text``             text
 ``gemma4``                  text + image + audio
 ``gemma4-text``             text
+``qwen3.5``                 text + image
+``qwen3.5-moe``             text + image
 ==========================  ======================
 
 Token ids shared by all tiny configs: pad 0, text 1..239, and the special ids in :data:`TINY_TOKENS`.
@@ -76,6 +78,10 @@ from transformers import (
     Qwen2AudioForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
@@ -442,6 +448,38 @@ def _qwen3_vision_tower() -> dict[str, Any]:
     )
 
 
+def _qwen3_5_decoder(**extra: Any) -> dict[str, Any]:
+    """Qwen3.5's hybrid decoder: layer 0 Gated DeltaNet linear attention (2 key / 4 value heads of 16, a 4-tap
+    convolution), layer 1 full attention with an output gate; rotary on half of each head, 3-row M-RoPE interleaved."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+    return _text_decoder(
+        head_dim=16,
+        rope_parameters=rope,
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        **extra,
+    )
+
+
+def tiny_qwen3_5(seed: int = 0, batch_size: int = 2, video: bool = False) -> TinyModel:
+    """``Qwen3_5ForConditionalGeneration``: a Qwen3-VL-style tower (no DeepStack) and the hybrid decoder of
+    :func:`_qwen3_5_decoder`; one 1x4x4-patch image (4 merged tokens) per row."""
+    vision = {k: v for k, v in _qwen3_vision_tower().items() if k != "deepstack_visual_indexes"}
+    return _qwen_vl("qwen3.5", Qwen3_5Config, Qwen3_5ForConditionalGeneration, vision, seed, batch_size, _qwen3_5_decoder(), video)
+
+
+def tiny_qwen3_5_moe(seed: int = 0, batch_size: int = 2) -> TinyModel:
+    """``Qwen3_5MoeForConditionalGeneration``: :func:`tiny_qwen3_5` whose layers route each token to 2 of 4 experts
+    beside a gated shared expert."""
+    vision = {k: v for k, v in _qwen3_vision_tower().items() if k != "deepstack_visual_indexes"}
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    return _qwen_vl("qwen3.5-moe", Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, vision, seed, batch_size, _qwen3_5_decoder(**moe))
+
+
 def _qwen3_vl(
     family: str, config_cls: type, model_cls: type[nn.Module], seed: int, batch_size: int, video: bool = False, moe: dict[str, Any] | None = None
 ) -> TinyModel:
@@ -703,6 +741,8 @@ _BUILDERS: dict[str, Callable[[int, int], TinyModel]] = {
     "gemma3-text": tiny_gemma3_text,
     "gemma4": tiny_gemma4,
     "gemma4-text": tiny_gemma4_text,
+    "qwen3.5": tiny_qwen3_5,
+    "qwen3.5-moe": tiny_qwen3_5_moe,
 }
 
 #: the families :func:`tiny_model` can build, in a fixed order

@@ -1,0 +1,96 @@
+"""Qwen3.5's own mechanisms (the capture, KV-cache generation and round-trip tests run for every family): the
+exportable gated delta rule against HF's reference kernels, and the linear-attention state the KV-cache graph
+carries from call to call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
+
+from masq_fx.capture.decoder import capture
+from masq_fx.generation import capture_cached, full_attention_mask
+from masq_fx.memory import estimate_calibration_memory, observed_channels
+from masq_fx.models import DecoderInputs, adapter_for
+from masq_fx.models.linear_attention import gated_delta_rule
+from masq_fx.models.tiny import tiny_model
+from masq_fx.recipes import PRESETS
+
+
+def _inputs(gen: torch.Generator, batch: int, tokens: int, key_heads: int, repeat: int, dim: int) -> tuple[torch.Tensor, ...]:
+    heads = key_heads * repeat
+    q = torch.randn(batch, tokens, key_heads, dim, generator=gen)
+    k = torch.randn(batch, tokens, key_heads, dim, generator=gen)
+    v = torch.randn(batch, tokens, heads, dim, generator=gen)
+    decay = -torch.rand(batch, tokens, heads, generator=gen) * 2  # log space, ≤ 0
+    beta = torch.rand(batch, tokens, heads, generator=gen)
+    state = torch.randn(batch, heads, dim, dim, generator=gen)
+    return q, k, v, decay, beta, state
+
+
+@settings(max_examples=12, deadline=None)
+@given(tokens=st.integers(1, 24), repeat=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_gated_delta_rule_equals_the_token_by_token_recurrence(tokens, repeat, seed):
+    q, k, v, decay, beta, state = _inputs(torch.Generator().manual_seed(seed), 2, tokens, 2, repeat, 8)
+    out, last = gated_delta_rule(q, k, v, decay, beta, state)
+    expected, expected_last = torch_recurrent_gated_delta_rule(
+        q, k, v, g=decay, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, expected_last, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_delta_rule_over_many_chunks_equals_hf_chunked_kernel():
+    """One whole-call chunk of 150 tokens equals HF's kernel chunking them by 64 (three chunks, the last padded)."""
+    q, k, v, decay, beta, state = _inputs(torch.Generator().manual_seed(0), 1, 150, 2, 2, 16)
+    decay = decay * 0.05  # memory reaching across chunks
+    out, last = gated_delta_rule(q, k, v, decay, beta, state)
+    expected, expected_last = torch_chunk_gated_delta_rule(
+        q, k, v, g=decay, beta=beta, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, expected_last, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen35():
+    tiny = tiny_model("qwen3.5")
+    adapter = adapter_for(tiny.model)
+    return tiny, adapter, adapter.decoder_inputs(tiny.batch)
+
+
+def test_a_prompt_continued_across_calls_equals_one_call(qwen35, one_thread):
+    """The KV-cache graph carries each linear-attention layer's convolution window and recurrent state: a prompt
+    fed in two calls (3 tokens, then the rest at slot 3) gives the last logits of one call; a later call at slot 0
+    starts afresh (the states are read as zeros, whatever the previous sequence left)."""
+    tiny, adapter, inputs = qwen35
+    cached = capture_cached(tiny.model, batch_size=2, max_cache_len=24)
+    mask = full_attention_mask(inputs.attention_mask, 24)
+
+    def call(start: int, stop: int) -> torch.Tensor:
+        part = DecoderInputs(inputs.inputs_embeds[:, start:stop], inputs.position_ids[..., start:stop], inputs.modality_ids[:, start:stop], mask)
+        with torch.no_grad():
+            return cached(part, start)
+
+    length = inputs.inputs_embeds.shape[1]
+    whole = call(0, length)
+    call(0, 3)
+    split = call(3, length)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call(0, length), whole, rtol=0, atol=0)
+    with torch.no_grad():
+        prefill = capture(tiny.model)(inputs)[:, -1:]
+    torch.testing.assert_close(whole, prefill, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_estimate_counts_the_linear_attention_maps(qwen35):
+    """A layer pass holds 5 float32 ``[value heads, seq, seq]`` maps of the gated delta rule, more than full
+    attention's 2 ``[heads, seq, seq]`` here (4 heads each)."""
+    tiny, _, _ = qwen35
+    captured = capture(tiny.model)
+    estimate = estimate_calibration_memory(tiny.model, captured, PRESETS["smoothquant-w8a8"], [tiny.batch])
+    rows, seq = tiny.batch["input_ids"].shape
+    widest = max(observed_channels(captured))
+    assert estimate.activations == rows * (5 * 4 * seq * seq + 4 * seq * widest) * 4
