@@ -27,7 +27,16 @@ from torch import Tensor, fx, nn
 from transformers import StaticCache
 from transformers.cache_utils import DummyLayer, StaticLayer, get_layer_types_and_kwargs
 
-from masq_fx.capture.decoder import CapturedDecoder, annotate, drop_dead_code, drop_unused_attributes, dynamic_dim, model_modalities, module_nodes
+from masq_fx.capture.decoder import (
+    CapturedDecoder,
+    annotate,
+    drop_dead_code,
+    drop_unused_attributes,
+    dynamic_dim,
+    materialize_norm_offsets,
+    model_modalities,
+    module_nodes,
+)
 from masq_fx.capture.positions import add_position_inputs, position_placeholders
 from masq_fx.errors import InputError
 from masq_fx.modality import Modality
@@ -171,6 +180,7 @@ def capture_cached(model: nn.Module, batch_size: int, max_cache_len: int, logits
         )
     gm = program.module()
     drop_unused_attributes(gm)
+    materialize_norm_offsets(gm)
     annotate(gm)
     return CachedDecoder(
         graph_module=gm,

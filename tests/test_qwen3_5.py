@@ -10,13 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule
 
+from masq_fx.api import quantize
 from masq_fx.capture.decoder import capture
 from masq_fx.generation import capture_cached, full_attention_mask
 from masq_fx.memory import estimate_calibration_memory, observed_channels
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.linear_attention import gated_delta_rule
 from masq_fx.models.tiny import tiny_model
+from masq_fx.nn.routing import routers
 from masq_fx.recipes import PRESETS
+from masq_fx.replay import replaced_attributes
 
 
 def _inputs(gen: torch.Generator, batch: int, tokens: int, key_heads: int, repeat: int, dim: int) -> tuple[torch.Tensor, ...]:
@@ -94,3 +97,33 @@ def test_memory_estimate_counts_the_linear_attention_maps(qwen35):
     rows, seq = tiny.batch["input_ids"].shape
     widest = max(observed_channels(captured))
     assert estimate.activations == rows * (5 * 4 * seq * seq + 4 * seq * widest) * 4
+
+
+def test_one_plus_gamma_norms_become_plain_norm_sites(qwen35):
+    """The capture gives each ``x̂·(1 + γ)`` norm the sum as its weight (produced by the capture, the HF parameter
+    untouched, not an edit); the layers' inputs then group as norm sites, and gated outputs as ``gated`` sites."""
+    tiny, adapter, inputs = qwen35
+    captured = capture(tiny.model)
+    gm = captured.graph_module
+    path = "decoder.layers.0.input_layernorm.weight"
+    hf = tiny.model.get_parameter("model.language_model.layers.0.input_layernorm.weight")
+    assert torch.equal(gm.get_parameter(path), hf.float() + 1) and not torch.equal(hf, gm.get_parameter(path))
+    assert replaced_attributes(gm, adapter) == {}
+    kinds = {site.linears[0]: (site.kind, site.norm_weight) for site in captured.sites}
+    assert kinds["layers.0.linear_attn.in_proj_qkv"] == ("norm", path)
+    assert kinds["lm_head"] == ("norm", "decoder.norm.weight")
+    assert kinds["layers.0.linear_attn.out_proj"][0] == kinds["layers.1.self_attn.o_proj"][0] == "gated"
+
+
+def test_smoothing_folds_into_a_norm_only_when_its_group_reads_it_alone(one_thread):
+    """SmoothQuant folds a layer's scales into its input norm; an MoE block's post-attention norm is read by the
+    router and the experts beside the shared expert, so the shared expert's scales are divided by a router node."""
+    tiny = tiny_model("qwen3.5-moe")
+    qm = quantize(tiny.model, "smoothquant-w8a8", [tiny.batch], progress=False)
+    gm, float_gm = qm.decoder.graph_module, capture(tiny.model).graph_module
+    for path, folded in (("decoder.layers.0.input_layernorm.weight", True), ("decoder.layers.0.post_attention_layernorm.weight", False)):
+        assert torch.equal(gm.get_parameter(path), float_gm.get_parameter(path)) != folded
+    assert [readers for _, readers in routers(gm) if "layers.0.mlp.shared_expert.gate_proj" in readers]
+    with torch.no_grad():
+        fp = tiny.model(**tiny.batch).logits
+    assert (qm.logits(tiny.batch) - fp).norm() < 0.1 * fp.norm()

@@ -12,6 +12,8 @@ pattern decides the group's kind:
   times a parameter γ and plus a parameter β, which are reported so the scale can be folded in;
 * ``"attention"``: ``scaled_dot_product_attention``, or a matmul downstream of a softmax;
 * ``"activation"``: ``act(linear_a) * linear_b`` for an elementwise activation (a gated MLP);
+* ``"gated"``: ``x * act(g)`` where ``g`` comes from a linear but ``x`` is not one (Qwen3.5's gated attention
+  output, its linear-attention output through a gated norm);
 * ``"other"``: anything else, e.g. a linear reading the residual stream directly.
 
 Mixture-of-experts blocks (:mod:`masq_fx.models.experts`) add two cases. An expert's linears read the rows
@@ -63,7 +65,7 @@ _ACTIVATIONS = frozenset({
 class SmoothingGroup:
     """Linears that read the same activation, and what produced it.
 
-    ``kind`` is ``"norm"``, ``"attention"``, ``"activation"`` or ``"other"``; ``source`` is the fx
+    ``kind`` is ``"norm"``, ``"attention"``, ``"activation"``, ``"gated"`` or ``"other"``; ``source`` is the fx
     name of the producing node; ``linears`` are module names in graph order; ``norm_weight`` and
     ``norm_bias`` are the get_attr targets of a norm group's γ and β (``None`` when absent);
     ``layer`` is the decoder layer of the linears (``None`` outside the layers).
@@ -256,6 +258,13 @@ class _Dataflow:
             for act, other in ((a, b), (b, a))
         )
 
+    def is_gate(self, source: fx.Node) -> bool:
+        """``x * act(g)`` with ``g`` computed from a linear's output (not a gated MLP: see :meth:`is_gated_activation`)."""
+        if _packet(source) is not aten.mul:
+            return False
+        factors = [look_through(x) for x in source.args[:2]]
+        return any(isinstance(f, fx.Node) and _packet(f) in _ACTIVATIONS and self.reaches(f, frozenset({aten.linear})) for f in factors)
+
     def routers(self) -> set[fx.Node]:
         """The linears whose outputs reach an ``aten.topk`` without crossing another linear."""
         found: set[fx.Node] = set()
@@ -275,6 +284,8 @@ class _Dataflow:
             kind = "attention"
         elif self.is_gated_activation(stream):
             kind = "activation"
+        elif self.is_gate(stream):
+            kind = "gated"
         else:
             kind = "other"
         names = tuple(node.meta[MODULE_KEY] for node in linears)

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx, nn
@@ -180,6 +180,54 @@ def annotate(gm: fx.GraphModule) -> None:
                 node.meta[MODULE_KEY] = module_name_of(attr)
 
 
+#: the graph module holding what :func:`materialize_norm_offsets` produced
+NORM_OFFSETS = "masq_fx_norm_offsets"
+
+
+class ProducedTensors(nn.Module):
+    """Graph tensors a float rewrite produced (graph path → tensor): the float model's own values, not edits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.produced: dict[str, torch.Tensor] = {}
+
+
+def materialize_norm_offsets(gm: fx.GraphModule) -> None:
+    """Give norms that scale by ``1 + γ`` (Qwen3.5, Gemma) the sum as their parameter.
+
+    The graph's ``x̂ · (γ.to(float32) + 1)`` becomes ``x̂ · γ'`` with ``γ' = γ.to(float32) + 1`` computed once (the
+    same float op, so the same values), so smoothing, rotations and LaRoSA fold into ``γ'`` as into any norm
+    weight. ``γ'`` replaces ``γ`` at its graph path (the HF model's tensor is untouched) and is recorded as produced
+    by the capture (:data:`NORM_OFFSETS`), so it counts as the float model's own, not as an edit.
+    """
+    record = ProducedTensors()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2:
+            continue
+        tensor, one = node.args if isinstance(node.args[1], (int, float)) else node.args[::-1]
+        if one != 1 or not isinstance(tensor, fx.Node) or not all(user.target is torch.ops.aten.mul.Tensor for user in node.users):
+            continue
+        chain = [tensor]
+        while chain[-1].op == "call_function" and chain[-1].target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default):
+            chain.append(cast(fx.Node, chain[-1].args[0]))
+        param = chain[-1]
+        checks = [user for user in param.users if user.target is torch.ops.aten._assert_tensor_metadata.default]  # of γ's dtype
+        if param.op != "get_attr" or any(len(link.users) != 1 for link in chain[:-1]) or len(param.users) != 1 + len(checks):
+            continue
+        for check in checks:
+            gm.graph.erase_node(check)
+        owner, _, name = str(param.target).rpartition(".")
+        old = getattr(gm.get_submodule(owner), name)
+        summed = nn.Parameter(old.detach().to(node.meta["val"].dtype) + 1, requires_grad=False)
+        setattr(gm.get_submodule(owner), name, summed)
+        record.produced[str(param.target)] = summed
+        node.replace_all_uses_with(tensor)
+        gm.graph.erase_node(node)
+    if record.produced:
+        gm.add_submodule(NORM_OFFSETS, record)
+        gm.recompile()
+
+
 def dynamic_dim(limit: int) -> Any:
     """An export dimension of ``1 … limit``, dynamic: ``Dim.DYNAMIC`` (export fails if the model specialises it)
     rather than a named ``Dim``, whose stricter check refuses guards some torch versions cannot prove for
@@ -250,6 +298,7 @@ def capture(model: nn.Module, example: DecoderInputs | None = None) -> CapturedD
         )
     gm = program.module()
     drop_unused_attributes(gm)
+    materialize_norm_offsets(gm)
     annotate(gm)
     seconds = time.perf_counter() - start
     cfg = adapter.text_config()

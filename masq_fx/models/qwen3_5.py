@@ -28,15 +28,11 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     like the attention projections: they read the same norm, so they share its smoothing scales. The
     depthwise causal convolution, the decay parameters and the gated norm stay float. Their cache is a
     convolution window and a float32 recurrent state per layer (:class:`RecurrentLayer`), so
-    KV-cache generation holds a fixed-size state for three layers in four. Rotations (and LaRoSA) are refused.
+    KV-cache generation holds a fixed-size state for three layers in four.
     """
 
     family = "qwen3.5"
     model_classes: ClassVar[tuple[type[nn.Module], ...]] = (Qwen3_5ForConditionalGeneration,)  # the MoE adapter below sets its own
-    rotation_refusal = (
-        "Qwen3.5's norms scale by 1 + γ and its attention outputs are gated, which the rotation plan does not "
-        "fold yet (use masquant-w4a8-paper or another preset without rotation)"
-    )
 
     def injection_layers(self) -> tuple[int, ...]:
         return ()

@@ -8,9 +8,11 @@ channels carry outliers. Three rotations, each a field of :class:`RotationConfig
   into the linears reading it (γ becomes 1, so the RMSNorm commutes with ``Q``); the decoder's input
   embeddings are rotated by a node at the graph's entry (every hidden-width block: DeepStack features
   enter the stream too); the linears reading the stream after a norm (q/k/v, gate/up, the LM head) take
-  ``W Q``; the linears writing into it (o_proj, down_proj) take ``Qᵀ W`` and ``b Q``.
+  ``W Q``; the linears writing into it (o_proj, down_proj, and those reading a gated output: Qwen3.5's)
+  take ``Qᵀ W`` and ``b Q``.
 * ``heads``: each value head is rotated by one ``H`` of the head width (``v_proj`` rows) and ``o_proj``'s
   columns of every query head counter-rotated; attention is linear in the values, so nothing else changes.
+  A gated attention output (an elementwise gate between attention and ``o_proj``) is not rotated.
 * ``down``: an online rotation of ``down_proj``'s input (a :class:`~masq_fx.nn.hadamard.Rotation` node in
   the graph, fast Kronecker factors) with ``down_proj``'s weight counter-rotated.
 
@@ -132,7 +134,7 @@ def plan_rotation(gm: fx.GraphModule, sites: Iterable[SmoothingGroup], config: R
                     f"{site.linears[0]} reads a LayerNorm (it has a bias β): rotations need RMSNorm decoders; quantize without rotation"
                 )
             readers.extend((name, site.norm_weight) for name in site.linears)
-        elif site.kind in ("attention", "activation"):
+        elif site.kind in ("attention", "activation", "gated"):  # a gate's elementwise product: no head rotation through it
             writers.extend(site.linears)
             if site.kind == "activation" and config.down:
                 online.extend(site.linears)

@@ -130,7 +130,8 @@ class SmoothScales:
                 missing.update(absent)
             modules = [cast(QuantLinear, gm.get_submodule(str(nodes[n].target))) for n in linears]
             if self.config.variant == "tied" and len(modules) > 1:
-                self._tie(gm, group, [nodes[n] for n in linears], modules, act, rows)
+                shared = any(other.norm_weight == group.norm_weight and other is not group for other in context.captured.sites)
+                self._tie(gm, group, [nodes[n] for n in linears], modules, act, rows, shared)
             else:
                 for module in modules:
                     w = module.weight.detach().abs().amax(0)
@@ -154,11 +155,13 @@ class SmoothScales:
         modules: list[QuantLinear],
         act: Tensor,
         rows: Tensor,
+        shared: bool,
     ) -> None:
+        """``shared``: other sites read the group's norm (an MoE block's router and experts beside a shared expert)."""
         w = torch.stack([m.weight.detach().abs().amax(0) for m in modules]).amax(0)
         scales = nn.Parameter(smoothquant_scales(act, w, self.config.alpha, self.config.min_scale), requires_grad=False)
         # an expert's rows share the norm with the router and the other experts: divide them after the gather
-        folded = self.config.fold_into_norm and group.kind == "norm" and bool(group.norm_weight) and not group.routed and scales.shape[0] == 1
+        folded = self.config.fold_into_norm and group.kind == "norm" and bool(group.norm_weight) and not group.routed and not shared and scales.shape[0] == 1
         for module in modules:
             module.set_scales(scales, rows)
             module.divide_upstream(folded=folded)

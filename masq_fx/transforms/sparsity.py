@@ -156,10 +156,11 @@ class SparsityPlan:
         )
 
 
-def _next_basis(sites: Sequence[SmoothingGroup], writer: SmoothingGroup, norm_sites: list[SmoothingGroup], site_basis: list[int]) -> int:
-    """The basis of the first norm site after ``writer`` (graph order): the stream it writes into is read there."""
+def _next_basis(sites: Sequence[SmoothingGroup], writer: SmoothingGroup, norm_sites: list[SmoothingGroup], site_basis: list[int], reading: str) -> int:
+    """The basis of the first norm site after ``writer`` (graph order) reading another stream than ``reading`` (the one
+    the writer's block reads: an MoE block's experts may come after its shared expert): its stream is written there."""
     after = list(sites)[list(sites).index(writer) + 1 :]
-    following = next(group for group in after if group.kind == "norm")
+    following = next(group for group in after if group.kind == "norm" and _stream(group) != reading)
     return site_basis[norm_sites.index(following)]
 
 
@@ -200,13 +201,13 @@ def plan_sparsity(captured: CapturedDecoder, config: SparsityConfig) -> Sparsity
             site_basis.append(site_basis[-1])
     bases: dict[str, int] = {}
     adapters = []
-    reading = 0
+    reading, stream = 0, ""
     for group in captured.sites:
         if group.kind == "norm":
-            reading = site_basis[norm_sites.index(group)]
+            reading, stream = site_basis[norm_sites.index(group)], _stream(group)
             bases.update((name, reading) for name in group.linears)
             continue
-        writes = _next_basis(captured.sites, group, norm_sites, site_basis)
+        writes = _next_basis(captured.sites, group, norm_sites, site_basis, stream)
         for name in group.linears:
             bases[name] = writes
             if writes != reading:
@@ -309,7 +310,10 @@ _EXPERT_COMBINE = frozenset({aten.mul, aten.index_add})
 
 
 def _skip_operand(linear: fx.Node) -> tuple[fx.Node, int]:
-    """The residual add a writer's output flows into, and the index of its other operand (the skip connection)."""
+    """The residual add a writer's output flows into, and the index of its other operand (the skip connection).
+
+    Adds whose other operand is another writer's output are the block's own sums (Qwen3.5's shared expert beside
+    the routed ones) and are passed through."""
     current = linear
     while True:
         users = [u for u in current.users if u.target is not aten._assert_tensor_metadata.default]
@@ -317,12 +321,31 @@ def _skip_operand(linear: fx.Node) -> tuple[fx.Node, int]:
             break
         user = users[0]
         if user.target in (aten.add.Tensor, torch.add):
-            return user, 0 if user.args[1] is current else 1
-        target = user.target
-        if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in PASSTHROUGH | _EXPERT_COMBINE:
-            break
+            index = 0 if user.args[1] is current else 1
+            if not _written(user.args[index]):
+                return user, index
+        else:
+            target = user.target
+            if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in PASSTHROUGH | _EXPERT_COMBINE:
+                break
         current = user
     raise InputError(f"{linear.meta.get(MODULE_KEY)}'s output does not flow into a residual add: LaRoSA cannot place its residual adapter; use method 'teal'")
+
+
+def _written(arg: fx.node.Argument) -> bool:
+    """Whether ``arg`` is a linear's output, past data-moving and expert-combining ops."""
+    stack, seen = [arg], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target is aten.linear.default:
+            return True
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.overloadpacket in PASSTHROUGH | _EXPERT_COMBINE:
+            stack.extend(node.all_input_nodes)
+    return False
 
 
 def apply_sparsity(gm: fx.GraphModule, source: SparsityRecord, skip: Iterable[str] = ()) -> SparsityRecord:
