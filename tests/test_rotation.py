@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from masq_fx.api import apply_all, calibrate, load
 from masq_fx.app.cli import main
 from masq_fx.backends import compile_graph, lower_to_torchao
-from masq_fx.capture.dataflow import SmoothingGroup
+from masq_fx.capture.dataflow import SmoothingGroup, smoothing_groups
+from masq_fx.capture.decoder import annotate
 from masq_fx.errors import InputError
 from masq_fx.generation import capture_cached, full_attention_mask, generate, transplant
 from masq_fx.memory import estimate_calibration_memory
@@ -133,6 +134,33 @@ def test_rotate_step_in_a_whole_graph_pipeline_equals_rotate():
         assert torch.equal(context.captured(inputs), rotate(captured, config)(inputs))
     with pytest.raises(InputError, match="already rotated"):
         Pipeline([Rotate(config)]).run(context, progress=False)
+
+
+class _FusedAttention(torch.nn.Module):
+    """An attention whose values are cut from a fused q/k/v projection (Phi-3's ``qkv_proj``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv_proj = torch.nn.Linear(16, 48, bias=False)
+        self.o_proj = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = (qkv[..., i * 16 : (i + 1) * 16].view(1, -1, 2, 8).transpose(1, 2) for i in range(3))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(1, -1, 16))
+
+
+def test_values_cut_from_a_fused_projection_get_no_head_rotation():
+    """The value heads of a fused q/k/v projection are a slice of its rows: rotating them would rotate q and k too,
+    so the plan refuses the head rotation, naming the fix (GQA's whole-dim slices, ``x[:, :, None]``, still pass)."""
+    gm = torch.export.export(_FusedAttention(), (torch.randn(1, 5, 16),)).module()
+    annotate(gm)
+    sites = smoothing_groups(gm)
+    attention = next(site for site in sites if site.kind == "attention")
+    assert attention.linears == ("o_proj",)
+    with pytest.raises(InputError, match="cannot find the value projection.*rotation.heads"):
+        plan_rotation(gm, [attention], RotationConfig(residual=False, down=False), 16, 8)
 
 
 def test_unrotatable_graphs_are_refused_with_the_fix():

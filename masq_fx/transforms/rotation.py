@@ -113,8 +113,17 @@ def _value_linear(attention: fx.Node) -> str | None:
         target = arg.target
         if arg.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.overloadpacket not in _VALUE_PATH:
             return None
+        if target.overloadpacket is aten.slice and not _whole(arg):  # values cut from a fused projection (qkv_proj)
+            return None
         arg = arg.args[0]
     return arg.meta.get(MODULE_KEY) if isinstance(arg, fx.Node) else None
+
+
+def _whole(node: fx.Node) -> bool:
+    """Whether an ``aten.slice`` node keeps its whole dim (as ``x[:, :, None]`` does), not a part of it."""
+    source, dim, start, end, step = (list(node.args) + [0, None, None, 1])[:5]
+    size = source.meta["val"].shape[dim] if isinstance(source, fx.Node) and "val" in source.meta else None
+    return bool(start in (None, 0) and step == 1 and (end is None or (size is not None and end >= size)))
 
 
 def _attention_node(gm: fx.GraphModule, site: SmoothingGroup) -> fx.Node:
