@@ -1,11 +1,11 @@
-"""masq_fx's exportable gated delta rule (Qwen3.5's linear attention, the whole call as one chunk) against HF's
-reference kernels, at the widths of ``Qwen3_5TextConfig()``'s defaults (16 key heads, 32 value heads, 128 wide).
+"""masq_fx's exportable gated delta rule (Qwen3.5's linear attention: chunks solved in parallel, a scan across them)
+against HF's chunked reference kernel, at the widths of ``Qwen3_5TextConfig()``'s defaults (16 key heads, 32 value
+heads, 128 wide).
 
 For each call length, one fresh process per kernel runs it on random inputs (batch 1, log decays of a trained
 model's order) and prints the median time over ``--runs``, the growth of the peak RSS, and the largest output
-difference from HF's chunked kernel (chunks of 64, the reference the captured graph replaces). Ours computes
-``[value heads, tokens, tokens]`` maps, so its time and memory grow with tokens²; HF's chunked kernel grows
-linearly but loops in Python over chunks, which torch.export cannot capture with a dynamic length.
+difference from HF's chunked kernel (chunks of 64, the reference the captured graph replaces). Both grow linearly
+with the tokens; HF's loops over chunks in Python, which torch.export cannot capture with a dynamic length.
 
 Run: ``.venv/bin/python benchmarks/gated_delta_rule.py [--tokens 256 1024 2048 4096] [--runs 5] [--threads 2]``
 """

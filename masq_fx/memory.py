@@ -14,8 +14,9 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
   batch: the boolean attention mask ``rows × seq × seq`` and the rotary tables ``2 × rows × seq × head_dim``
   (float32), once per kind of layer (Gemma 3's sliding and full layers each have theirs);
 * one layer pass on the largest batch: its ``heads × seq × seq`` attention tensors (2 at once without
-  gradients, 6 under MAS learning's autograd, as measured on SmolLM2), or a linear-attention layer's
-  ``value heads × seq × seq`` tensors of its whole-call gated delta rule (5 and 6), and MLP intermediates;
+  gradients, 6 under MAS learning's autograd, as measured on SmolLM2) and MLP intermediates (a
+  linear-attention layer's chunked gated delta rule holds tensors linear in seq: 666 MiB at 2,048 tokens and
+  Qwen3.5-27B's widths, ``benchmarks/gated_delta_rule.py``);
 * the rotated copy of the decoder's linear weights that each distinct rotation of the recipes makes
   (:mod:`masq_fx.transforms.rotation`: the rotated float graph).
 
@@ -98,11 +99,6 @@ class MemoryEstimate:
 #: gradients besides); rounded up
 _FORWARD_SCORES = 2
 _LEARNING_SCORES = 6
-#: the same for a linear-attention layer's whole-call gated delta rule (:mod:`masq_fx.models.linear_attention`), in
-#: float32 ``[value heads, seq, seq]`` tensors, measured on its own (8 heads, 2,048 tokens): 4.4-5.0 without gradients,
-#: 5.8 with gradients through queries, keys and values
-_LINEAR_FORWARD_SCORES = 5
-_LINEAR_LEARNING_SCORES = 6
 
 
 def _gib(size: int) -> str:
@@ -139,12 +135,10 @@ def estimate_calibration_memory(
     text = adapter_for(model).text_config()
     kinds = len(set(getattr(text, "layer_types", None) or ["full_attention"]))
     layer_inputs = kinds * sum(rows * seq * (seq + 2 * captured.head_dim * _FLOAT32) for rows, seq in shapes)
-    learning = any(r.method == "mas" for r in recipes)
-    maps = (_LEARNING_SCORES if learning else _FORWARD_SCORES) * int(getattr(text, "num_attention_heads", 1))
-    if "linear_attention" in (getattr(text, "layer_types", None) or ()):
-        maps = max(maps, (_LINEAR_LEARNING_SCORES if learning else _LINEAR_FORWARD_SCORES) * int(text.linear_num_value_heads))
+    heads = int(getattr(text, "num_attention_heads", 1))
     widest = max(channels, default=hidden)
-    activations = max((rows * (maps * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
+    scores = _LEARNING_SCORES if any(r.method == "mas" for r in recipes) else _FORWARD_SCORES
+    activations = max((rows * (scores * heads * seq * seq + 4 * seq * widest) * _FLOAT32 for rows, seq in shapes), default=0)
     rotations = {r.rotation for r in recipes} - {None}
     weight_bytes = sum(w.numel() * w.element_size() for w in captured.weights.values())
     return MemoryEstimate(

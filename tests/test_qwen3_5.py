@@ -13,12 +13,10 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta
 from masq_fx.api import quantize
 from masq_fx.capture.decoder import capture
 from masq_fx.generation import capture_cached, full_attention_mask
-from masq_fx.memory import estimate_calibration_memory, observed_channels
 from masq_fx.models import DecoderInputs, adapter_for
 from masq_fx.models.linear_attention import gated_delta_rule
 from masq_fx.models.tiny import tiny_model
 from masq_fx.nn.routing import routers
-from masq_fx.recipes import PRESETS
 from masq_fx.replay import replaced_attributes
 
 
@@ -34,7 +32,7 @@ def _inputs(gen: torch.Generator, batch: int, tokens: int, key_heads: int, repea
 
 
 @settings(max_examples=12, deadline=None)
-@given(tokens=st.integers(1, 24), repeat=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+@given(tokens=st.integers(1, 140), repeat=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
 def test_gated_delta_rule_equals_the_token_by_token_recurrence(tokens, repeat, seed):
     q, k, v, decay, beta, state = _inputs(torch.Generator().manual_seed(seed), 2, tokens, 2, repeat, 8)
     out, last = gated_delta_rule(q, k, v, decay, beta, state)
@@ -46,7 +44,7 @@ def test_gated_delta_rule_equals_the_token_by_token_recurrence(tokens, repeat, s
 
 
 def test_gated_delta_rule_over_many_chunks_equals_hf_chunked_kernel():
-    """One whole-call chunk of 150 tokens equals HF's kernel chunking them by 64 (three chunks, the last padded)."""
+    """150 tokens (two chunks of 64 and a padded one) with memory reaching across chunks: HF's chunked kernel."""
     q, k, v, decay, beta, state = _inputs(torch.Generator().manual_seed(0), 1, 150, 2, 2, 16)
     decay = decay * 0.05  # memory reaching across chunks
     out, last = gated_delta_rule(q, k, v, decay, beta, state)
@@ -86,17 +84,6 @@ def test_a_prompt_continued_across_calls_equals_one_call(qwen35, one_thread):
     with torch.no_grad():
         prefill = capture(tiny.model)(inputs)[:, -1:]
     torch.testing.assert_close(whole, prefill, rtol=1e-5, atol=1e-5)
-
-
-def test_memory_estimate_counts_the_linear_attention_maps(qwen35):
-    """A layer pass holds 5 float32 ``[value heads, seq, seq]`` maps of the gated delta rule, more than full
-    attention's 2 ``[heads, seq, seq]`` here (4 heads each)."""
-    tiny, _, _ = qwen35
-    captured = capture(tiny.model)
-    estimate = estimate_calibration_memory(tiny.model, captured, PRESETS["smoothquant-w8a8"], [tiny.batch])
-    rows, seq = tiny.batch["input_ids"].shape
-    widest = max(observed_channels(captured))
-    assert estimate.activations == rows * (5 * 4 * seq * seq + 4 * seq * widest) * 4
 
 
 def test_one_plus_gamma_norms_become_plain_norm_sites(qwen35):

@@ -2,11 +2,10 @@
 
 HF's reference forward cannot be exported with a dynamic sequence length: it splits the sequence
 into chunks of 64 in a Python loop (whose trip count export freezes), branches on ``seq_len == 1``
-for decode, and solves its chunk systems by a 64-step loop under export. Here the whole call is one
-chunk: the gated delta rule's exact parallel form (a unit lower-triangular solve over the call's
-tokens, then one read and one write of the recurrent state), so one graph serves a prompt of any
-length and a one-token decode step alike. Its cost, like eager attention's, is quadratic in the
-call's tokens (``[batch, heads, tokens, tokens]`` tensors).
+for decode, and solves its chunk systems by a 64-step loop under export. Here every chunk's parallel
+form (a unit lower-triangular solve over its 64 tokens) is computed at once and the recurrent state is
+carried across chunks by the ``scan`` operator, which export keeps as one node of dynamic length, so one graph
+serves a prompt of any length and a one-token decode step alike, at the chunked kernel's linear cost.
 
 :func:`exportable_linear_attention` swaps this forward in on the model's linear-attention modules for
 the duration of a capture (the modules' own linears are still called, so they keep their names and
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._higher_order_ops.scan import scan_op
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, LinearAttentionLayer
 
@@ -42,6 +42,10 @@ class RecurrentLayer(LinearAttentionLayer):
         self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
 
 
+#: tokens per chunk: within one, the rule is solved in parallel (a unit lower-triangular system); across chunks, a scan
+CHUNK = 64
+
+
 def gated_delta_rule(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Outputs ``[batch, tokens, value heads, value dim]`` and the state after the last token, for the recurrence
     ``S ← exp(g_t)·S;  S ← S + k_t·(β_t·(v_t − Sᵀk_t))ᵀ;  o_t = Sᵀq_t`` from ``state`` (float32), queries and
@@ -49,30 +53,50 @@ def gated_delta_rule(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, b
 
     ``query``/``key`` are ``[batch, tokens, key heads, key dim]`` (each key head serves consecutive value heads),
     ``value`` ``[batch, tokens, value heads, value dim]``, ``decay`` (log space, ≤ 0) and ``beta``
-    ``[batch, tokens, value heads]``. The cumulative decay is summed in float64: differences of long float32
-    sums would lose the decay between nearby tokens.
+    ``[batch, tokens, value heads]``. The tokens are cut into chunks of :data:`CHUNK` (padded with tokens that
+    write nothing and do not decay the state); every chunk's parallel form is computed at once, and the state is
+    carried from chunk to chunk by the ``scan`` operator, whose length torch.export keeps dynamic.
     """
-    dtype = query.dtype
+    dtype, tokens = query.dtype, query.shape[1]
     repeat = value.shape[2] // key.shape[2]
     if repeat > 1:
         query, key = query.repeat_interleave(repeat, dim=2), key.repeat_interleave(repeat, dim=2)
-    query, key, value, beta = (x.transpose(1, 2).float() for x in (query, key, value, beta))
+    query, key, value, beta, decay = (x.transpose(1, 2).float() for x in (query, key, value, beta, decay))
     query = _l2norm(query) * query.shape[-1] ** -0.5
     key = _l2norm(key)
-    cumulative = decay.transpose(1, 2).double().cumsum(-1)  # [batch, heads, tokens]
-    tokens = cumulative.shape[-1]
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril()
-    pairwise = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp().float()
+    # one more chunk than the tokens fill, all padding: never one chunk, so export cannot specialise on that case
+    chunks = (tokens + CHUNK - 1) // CHUNK + 1
+    pad = chunks * CHUNK - tokens
+    query, key, value = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (chunks, CHUNK)) for x in (query, key, value))  # [b, h, n, C, d]
+    beta, decay = (F.pad(x, (0, pad)).unflatten(2, (chunks, CHUNK)) for x in (beta, decay))  # [b, h, n, C]
+    cumulative = decay.cumsum(-1)
+    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=query.device).tril()
+    pairwise = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     k_beta, v_beta = key * beta[..., None], value * beta[..., None]
     system = (k_beta @ key.transpose(-1, -2)) * pairwise  # strictly lower part: I + it is the transform's matrix
     new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    reads = torch.linalg.solve_triangular(system, k_beta * cumulative.exp().float()[..., None], upper=False, unitriangular=True)
-    corrections = new_values - reads @ state
-    out = (query * cumulative.exp().float()[..., None]) @ state + ((query @ key.transpose(-1, -2)) * pairwise) @ corrections
+    reads = torch.linalg.solve_triangular(system, k_beta * cumulative.exp()[..., None], upper=False, unitriangular=True)
     last = cumulative[..., -1:]
-    written = key * (last - cumulative).exp().float()[..., None]
-    state = state * last.exp().float()[..., None] + written.transpose(-1, -2) @ corrections
+    steps = (  # chunk-major for the scan
+        new_values,
+        reads,
+        query * cumulative.exp()[..., None],
+        (query @ key.transpose(-1, -2)) * pairwise,
+        key * (last - cumulative).exp()[..., None],
+        last.exp()[..., None],
+    )
+    # the scan operator itself: ``torch.scan`` would trace its body with dynamo, whose cache then holds the shapes of
+    # one capture for the next
+    state, out = scan_op(_chunk_step, [state], [x.movedim(2, 0).contiguous() for x in steps], ())
+    out = out.movedim(0, 2).flatten(2, 3)[:, :, :tokens]
     return out.transpose(1, 2).to(dtype), state
+
+
+def _chunk_step(state: Tensor, new_values: Tensor, reads: Tensor, query: Tensor, attention: Tensor, written: Tensor, decay: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk: the state after it, and its outputs from the state before it."""
+    corrections = new_values - reads @ state
+    out = query @ state + attention @ corrections
+    return state * decay + written.transpose(-1, -2) @ corrections, out
 
 
 def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
