@@ -45,8 +45,10 @@ def test_quantize_generate_and_round_trip(omni, quantized, tmp_path, one_thread)
 
 def test_lowered_model_generates_compiled(omni, one_thread):
     """The lowered model (int8 GEMMs, indexed CMC branches) generates through one compiled KV-cache graph
-    (``fullgraph=True``: a graph break raises), whose prefill and decode steps compute what the eager graph does."""
+    (``fullgraph=True``: a graph break raises), whose prefill and decode steps compute what the eager graph does;
+    the HF model's tensors are left as they were."""
     model, batch = omni
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     qm = quantize(model, replace(preset("mas-init", 8, 8), cmc=CMCConfig(rank=4)), [batch], progress=False)
     reference = qm.logits(batch)
     assert not qm.lower().unlowered
@@ -69,6 +71,8 @@ def test_lowered_model_generates_compiled(omni, one_thread):
         assert (compiled(*args) - eager).abs().max() <= 2e-2 * eager.abs().max()
     with pytest.raises(ValueError, match="save before lower"):
         qm.save("unused")
+    after = model.state_dict()  # quantizing, lowering and compiling never touch the HF model's tensors
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_recipes_resolve_by_name_object_or_json(tmp_path):

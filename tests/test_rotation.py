@@ -82,7 +82,7 @@ CONFIGS = st.builds(
 
 
 @pytest.mark.parametrize("family", ROTATABLE)
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(config=CONFIGS)
 def test_rotations_leave_the_float_logits_unchanged(family, config):
     tiny, captured, inputs, fp = float_family(family)

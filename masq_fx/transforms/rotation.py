@@ -121,7 +121,8 @@ def _value_linear(attention: fx.Node) -> str | None:
 
 def _whole(node: fx.Node) -> bool:
     """Whether an ``aten.slice`` node keeps its whole dim (as ``x[:, :, None]`` does), not a part of it."""
-    source, dim, start, end, step = [*node.args, *(None, 0, None, None, 1)[len(node.args) :]]
+    args: list[Any] = [*node.args, *(None, 0, None, None, 1)[len(node.args) :]]
+    source, dim, start, end, step = args
     size = source.meta["val"].shape[dim] if isinstance(source, fx.Node) and "val" in source.meta else None
     return bool(start in (None, 0) and step == 1 and (end is None or (size is not None and end >= size)))
 
