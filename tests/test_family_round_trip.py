@@ -16,7 +16,7 @@ from masq_fx.models.tiny import tiny_model
 NEW_TOKENS = 4
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-vl", "mistral3", "idefics3", "internvl", "llava-onevision", "voxtral", "gemma3", "gemma3-text", "qwen3-moe", "qwen3-vl-moe", "qwen3-omni-moe-thinker", "gemma4", "gemma4-text", "qwen3.5", "qwen3.5-moe"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-vl", "mistral3", "idefics3", "internvl", "llava-onevision", "voxtral", "gemma3", "gemma3-text", "qwen3-moe", "qwen3-vl-moe", "qwen3-omni-moe-thinker", "gemma4", "gemma4-text", "qwen3.5-moe"])
 def test_quantize_save_load_lower_generate(family, tmp_path, one_thread):
     tiny = tiny_model(family)
     qm = quantize(tiny.model, "masquant-w8a8", [tiny.batch], progress=False)
