@@ -70,8 +70,7 @@ def _load(model: str, fixtures: Path, samples: int, tokens: int):
     import transformers
     from PIL import Image
 
-    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-    from real_models import load_processor  # without torchvision: no video processor
+    from masq_fx.data.processor import load_processor  # without torchvision: no video processor
 
     folder = fixtures / model
     if not (folder / "config.json").is_file():

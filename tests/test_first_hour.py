@@ -334,7 +334,7 @@ def test_model_folders_the_command_line_cannot_use_are_refused_plainly(tmp_path,
     tiny_model("llama", seed=0).model.save_pretrained(text)  # weights and config, no tokenizer
     capsys.readouterr()
     expected = {
-        multimodal: "Qwen2_5_VLForConditionalGeneration, not a text-only causal LM",
+        multimodal: "holds a multimodal Qwen2_5_VLForConditionalGeneration but no processor",
         text: "has no usable tokenizer",
         tmp_path: "needs a config.json",
     }

@@ -21,6 +21,7 @@ import transformers
 from PIL import Image
 
 from masq_fx.capture.decoder import capture
+from masq_fx.data.processor import load_processor
 from masq_fx.modality import Modality
 from masq_fx.models import adapter_for
 
@@ -164,7 +165,7 @@ def test_one_layer_fixture_loads_runs_and_captures(name, scratch):
     embed = model.get_input_embeddings().weight
     assert (model.get_output_embeddings().weight is embed) == PUBLISHED[name][6]
 
-    processor = rm.load_processor(folder)
+    processor = load_processor(folder)
     batch, image_tokens, audio_tokens = _batch(processor, spec.omni)
     ids = batch["input_ids"][0].tolist()
     assert ids.count(IMAGE_TOKEN) == image_tokens == 6 and ids.count(AUDIO_TOKEN) == audio_tokens

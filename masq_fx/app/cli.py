@@ -27,7 +27,7 @@ REPORT_SAMPLES = 4
 MODEL_HELP = (
     "'default' (the built-in tri-modal thinker: SmolLM2-135M with trained vision and audio towers), "
     "'smollm2' (SmolLM2-135M-Instruct, text), 'tiny:FAMILY' (a tiny random model of a supported family) "
-    "or a local folder holding an HF causal LM and its tokenizer"
+    "or a local HF model folder (a supported family; multimodal with its processor, text-only with its tokenizer)"
 )
 CHECKPOINT_MODEL_HELP = MODEL_HELP + "; by default the model the checkpoint was quantized from (masq-fx quantize records it)"
 
@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("directory", type=Path, help="a folder written by masq-fx quantize")
     generate.add_argument("--model", default=None, help=CHECKPOINT_MODEL_HELP)
     generate.add_argument("--prompt", default=None, help="a text prompt")
-    generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default'")
-    generate.add_argument("--audio", type=Path, default=None, help="a 16 kHz 16-bit WAV file, for 'default'")
+    generate.add_argument("--image", type=Path, default=None, help="an image file (PNG/JPEG), for 'default' and image models")
+    generate.add_argument("--audio", type=Path, default=None, help="a 16-bit WAV file (16 kHz for 'default', the processor's rate for a folder), for audio models")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens to generate at most")
     generate.add_argument("--int8", action="store_true", help="run W8A8/W4A8 linears on torchao int8 kernels, W4A16 on the int4 CPU kernel")
     _device_option(generate)

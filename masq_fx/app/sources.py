@@ -3,8 +3,8 @@
 ``default`` is the built-in tri-modal thinker (SmolLM2 + trained vision/audio towers: exact-match
 accuracy per modality and text perplexity), ``smollm2`` the real SmolLM2-135M-Instruct (text
 perplexity), ``tiny:FAMILY`` a tiny random model of a supported family (logit SQNR against FP: it
-shows the mechanics, not accuracy), and a local folder an HF causal LM with its tokenizer (text
-perplexity). Calibration and evaluation use disjoint splits.
+shows the mechanics, not accuracy), and a local folder an HF model, multimodal with its processor or
+text-only with its tokenizer (:mod:`masq_fx.app.folder`). Calibration and evaluation use disjoint splits.
 
 Instead of the built-in calibration split, a source can calibrate on the user's samples (a JSONL
 file or a folder, :mod:`masq_fx.data.samples`), processed by the model's own processor
@@ -294,25 +294,9 @@ def load_source(
     folder = Path(name)
     if not folder.is_dir():
         raise MissingFileError(f"model {name!r} is neither 'default', 'smollm2', 'tiny:FAMILY' nor a local model folder")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from masq_fx.app.folder import folder_source
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{folder} is not an HF model folder transformers can read ({_first_line(error)}): it needs a config.json") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        kind = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
-        raise InputError(
-            f"{folder} holds a {kind}, not a text-only causal LM: the command line quantizes text-only model folders so far; "
-            "quantize a multimodal one through the Python API (masq_fx.quantize(model, recipe, batches) with batches from its processor)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{folder} has no usable tokenizer ({_first_line(error)}): copy the model's tokenizer files into it") from None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    place(model, device)
-    return _text_source(name, folder.name, model, tokenizer, sizes, calibration, progress)
+    return folder_source(folder, sizes, calibration, dtype, device, progress)
 
 
 def _first_line(error: BaseException) -> str:

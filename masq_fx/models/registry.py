@@ -34,11 +34,21 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     for cls in _ADAPTERS:
         if cls.matches(model):
             return cls(model)
+    raise _unsupported(type(model))
+
+
+def check_supported(model_class: type) -> None:
+    """Raise :class:`UnsupportedModelError` unless some adapter handles ``model_class`` (before building a model of it)."""
+    if not any(issubclass(model_class, cls.model_classes) for cls in _ADAPTERS):
+        raise _unsupported(model_class)
+
+
+def _unsupported(model_class: type) -> UnsupportedModelError:
     families = "\n".join(
         f"  - {cls.family}: {', '.join(c.__name__ for c in cls.model_classes)}" for cls in _ADAPTERS
     )
-    raise UnsupportedModelError(
-        f"masq_fx has no adapter for {type(model).__name__}. Supported families:\n{families}\n"
+    return UnsupportedModelError(
+        f"masq_fx has no adapter for {model_class.__name__}. Supported families:\n{families}\n"
         "To add one, subclass masq_fx.models.ModelAdapter (set `family`, `model_classes`, "
         "`position_rows`; implement `language_model()` and `modality_tokens()`) and decorate it "
         "with @masq_fx.models.register_adapter."
