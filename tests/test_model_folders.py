@@ -18,11 +18,13 @@ import torch
 import transformers
 
 from masq_fx.app.cli import main
+from masq_fx.app.folder import load_model
 from masq_fx.app.sources import Sizes, load_source
 from masq_fx.checkpoint import read_manifest
 from masq_fx.errors import InputError, MissingFileError
 from masq_fx.modality import Modality
 from masq_fx.models import UnsupportedModelError, adapter_for
+from masq_fx.models.tiny import tiny_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -115,3 +117,16 @@ def test_broken_folders_are_refused_before_the_weights_load(folders, tmp_path):
     transformers.BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(alien)
     with pytest.raises(UnsupportedModelError, match="no adapter for BertForMaskedLM"):
         load_source(str(alien))
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-omni-thinker", "qwen3-omni-moe-thinker"])
+def test_a_full_omni_folder_loads_its_thinker_alone(family, tmp_path):
+    thinker = tiny_model(family, seed=0).model
+    wrapper = getattr(transformers, type(thinker).__name__.replace("Thinker", ""))
+    config = wrapper.config_class(thinker_config=thinker.config.to_dict(), enable_audio_output=False)
+    full = wrapper(config)
+    full.thinker.load_state_dict(thinker.state_dict())
+    full.save_pretrained(tmp_path / "omni")  # as published: the thinker's weights under "thinker."
+    loaded = load_model(tmp_path / "omni")
+    assert type(loaded) is type(thinker) and loaded.state_dict().keys() == thinker.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), thinker.state_dict().values()))

@@ -4,7 +4,8 @@ The model class is the one ``config.json`` names, checked against the supported 
 weight is read; the weights are memory-mapped from the (sharded) safetensors files. A multimodal model
 (its config has a vision or audio tower) is read with its own processor, which builds every batch from
 chat prompts through the folder's chat template, one text, image or audio prompt per row. A text-only
-causal LM is read with its tokenizer.
+causal LM is read with its tokenizer. Of an omni model (Qwen2.5-Omni, Qwen3-Omni) the thinker is loaded
+and quantized, without the speech talker.
 
 Built-in data of a multimodal folder, when no ``--calib`` is given: text windows of the reference text and
 the shipped digit images (shown at 4 × their 56 × 112 size) asked which number they show; evaluation is
@@ -40,6 +41,12 @@ from masq_fx.models.registry import check_supported
 DIGIT_QUESTION = "What number is in the image? Answer with the number only."
 #: the question asked about a sample's image or clip when it brings no text
 MEDIA_QUESTION = {"vision": "Describe the image.", "audio": "What is said in this clip?"}
+#: omni models whose thinker (the text-generating part) is loaded and quantized; the talker, which turns its
+#: output into speech, is not loaded
+THINKERS = {
+    "Qwen2_5OmniForConditionalGeneration": "Qwen2_5OmniThinkerForConditionalGeneration",
+    "Qwen3OmniMoeForConditionalGeneration": "Qwen3OmniMoeThinkerForConditionalGeneration",
+}
 #: config attributes of a multimodal model's towers: such a folder is read with its processor
 TOWER_CONFIGS = ("vision_config", "audio_config")
 #: the built-in digit images are drawn at this many times their stored size
@@ -79,7 +86,7 @@ def _model_class(folder: Path, config: Any) -> type[nn.Module]:
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
-            check_supported(cls)
+            check_supported(getattr(transformers, THINKERS.get(name, name)))
             return cls
     if type(config) in AutoModelForCausalLM._model_mapping:
         causal = cast(type[nn.Module], AutoModelForCausalLM._model_mapping[type(config)])
@@ -91,17 +98,41 @@ def _model_class(folder: Path, config: Any) -> type[nn.Module]:
     )
 
 
-def folder_source(folder: Path, sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device, progress: bool) -> ModelSource:
-    """The model in ``folder`` (see the module docstring), in ``dtype`` on ``device``."""
-    from transformers import AutoConfig, AutoTokenizer
+def _config(folder: Path) -> Any:
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise InputError(f"{folder} is not an HF model folder transformers can read ({_first_line(error)}): it needs a config.json") from None
+
+
+def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The supported model in ``folder`` (an omni model's thinker), in eval mode; its weights memory-mapped
+    when ``dtype`` is theirs. Checks the class and the shards before reading any weight."""
+    import transformers
+
+    config = _config(folder)
     cls = _model_class(folder, config)
     _check_shards(folder)
-    multimodal = any(hasattr(config, tower) for tower in TOWER_CONFIGS)
+    options: dict[str, Any] = {}
+    if cls.__name__ in THINKERS:  # the thinker's own class, its weights read from under ``thinker.``
+        options = {"config": config.thinker_config, "key_mapping": {r"^thinker\.": ""}}
+        cls = getattr(transformers, THINKERS[cls.__name__])
+    try:
+        return cast(nn.Module, cls.from_pretrained(folder, dtype=dtype, **options).eval())  # type: ignore[attr-defined]
+    except OSError as error:
+        raise MissingFileError(f"{folder}'s weights cannot be read ({_first_line(error)}): download the model's safetensors files again") from None
+
+
+def folder_source(folder: Path, sizes: Sizes, calibration: Path | None, dtype: torch.dtype, device: torch.device, progress: bool) -> ModelSource:
+    """The model in ``folder`` (see the module docstring), in ``dtype`` on ``device``."""
+    from transformers import AutoTokenizer
+
+    config = _config(folder)
+    cls = _model_class(folder, config)
+    _check_shards(folder)
+    multimodal = cls.__name__ in THINKERS or any(hasattr(config, tower) for tower in TOWER_CONFIGS)
     if multimodal:
         if not has_processor(folder):
             raise InputError(
@@ -114,10 +145,7 @@ def folder_source(folder: Path, sizes: Sizes, calibration: Path | None, dtype: t
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError, TypeError) as error:
             raise InputError(f"{folder} has no usable tokenizer ({_first_line(error)}): copy the model's tokenizer files into it") from None
-    try:
-        model = cls.from_pretrained(folder, dtype=dtype).eval()  # type: ignore[attr-defined]
-    except OSError as error:
-        raise MissingFileError(f"{folder}'s weights cannot be read ({_first_line(error)}): download the model's safetensors files again") from None
+    model = load_model(folder, dtype)
     place(model, device)
     if not multimodal:
         return _text_source(str(folder), folder.name, model, tokenizer, sizes, calibration, progress)
