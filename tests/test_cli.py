@@ -72,7 +72,7 @@ def trimodal(one_thread):
     return load_trimodal()
 
 
-def test_quantize_on_a_calibration_file_and_eval_refuses_its_samples(trimodal, tmp_path, capsys, monkeypatch, one_thread):
+def test_quantize_on_a_calibration_file_eval_refuses_its_samples_and_generate_reads_the_examples(trimodal, tmp_path, capsys, monkeypatch, one_thread):
     import json
     from pathlib import Path
 
@@ -114,6 +114,12 @@ def test_quantize_on_a_calibration_file_and_eval_refuses_its_samples(trimodal, t
     header, fp, quantized = capsys.readouterr().out.strip().splitlines()[-3:]
     assert header.split() == ["model", "vision", "exact", "match"] and fp.startswith("FP32") and quantized.startswith(str(out))
     assert np.isfinite(float(quantized.split()[-1].rstrip("%")))
+
+    # the README's example media, as written: the quantized built-in model reads the number 7 in both
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for flag, name in (("--image", "seven.png"), ("--audio", "seven.wav")):
+        assert main(["generate", str(out), flag, str(examples / name), "--max-new-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "7", name
 
 
 def test_calibration_file_options_are_checked(tmp_path, capsys):
