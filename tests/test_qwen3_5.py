@@ -114,3 +114,34 @@ def test_smoothing_folds_into_a_norm_only_when_its_group_reads_it_alone(one_thre
     with torch.no_grad():
         fp = tiny.model(**tiny.batch).logits
     assert (qm.logits(tiny.batch) - fp).norm() < 0.1 * fp.norm()
+
+
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3.5-moe"])
+def test_text_only_classes_capture_generate_and_round_trip_like_hf(family, tmp_path, one_thread):
+    """``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM``: the same hybrid decoder without its tower (every token text)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+
+    from masq_fx.api import load
+    from masq_fx.generation import generate
+    from masq_fx.recipes import PRESETS
+
+    tiny = tiny_model(family)
+    cls = Qwen3_5MoeForCausalLM if family == "qwen3.5-moe" else Qwen3_5ForCausalLM
+    torch.manual_seed(0)
+    model = cls(tiny.model.config.text_config).eval()
+    batch = {k: tiny.batch[k] for k in ("input_ids", "attention_mask")}  # left-padded; its media ids are plain tokens here
+    adapter = adapter_for(model)
+    assert adapter.family == f"{family}-text" and int((batch["attention_mask"] == 0).sum()) > 0
+    prompt = adapter.decoder_inputs(batch)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(capture(model)(prompt), expected, rtol=1e-4, atol=1e-4)
+        length = batch["input_ids"].shape[1]
+        wanted = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=None)[:, length:]
+    cached = capture_cached(model, batch_size=2, max_cache_len=length + 4, logits_to_keep=0)
+    assert torch.equal(generate(cached, prompt, 4), wanted)
+    if family == "qwen3.5":
+        return  # the round trip below is the same for both; the MoE one has the experts too
+    quantized = quantize(model, PRESETS["masquant-w8a8"], [batch], progress=False)
+    quantized.save(tmp_path / "q")
+    assert torch.equal(load(tmp_path / "q", model).logits(batch), quantized.logits(batch))
