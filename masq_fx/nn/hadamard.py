@@ -3,7 +3,8 @@
 A :class:`Rotation` computes ``x · Q`` over the last dimension with ``Q = diag(signs) · (F_1 ⊗ … ⊗ F_r)``:
 random signs and small orthogonal factors. Applied factor by factor on ``x`` viewed as ``[…, s_1, …, s_r]``,
 it costs ``n · Σ s_i`` multiply-adds per token instead of ``n²``, which is what makes an online rotation
-(inside the compiled graph, on every token) cheap. :meth:`Rotation.matrix` is the dense ``Q`` that offline
+(inside the compiled graph, on every token) cheap; each factor is a GEMM on a view of ``x``, never a transposed
+copy (``benchmarks/online_hadamard.py``). :meth:`Rotation.matrix` is the dense ``Q`` that offline
 rotations fold into weights.
 
 ``kind="hadamard"``: the factors are Hadamard matrices (scaled to be orthogonal): powers of two by
@@ -127,10 +128,13 @@ class Rotation(nn.Module):
         return self.signs.double()[:, None] * dense
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        blocks = shape[-1] // self.width  # explicit, so that no rows (an expert no token reached) reshape too
-        y = (x.reshape(*shape[:-1], blocks, self.width) * self.signs.to(x.dtype)).reshape(*shape[:-1], blocks, *self.sizes)
+        shape, sizes = x.shape, self.sizes
+        rows = math.prod(shape[:-1]) * (shape[-1] // self.width)  # explicit, so that no rows (an expert no token reached) reshape too
+        y = x.reshape(rows, self.width) * self.signs.to(x.dtype)
         for axis, factor in enumerate(self.factors()):
-            dim = y.dim() - len(self.sizes) + axis
-            y = torch.movedim(torch.movedim(y, dim, -1) @ factor.to(x.dtype), -1, dim)
+            # on the [rows, s_1, …, s_r] view each factor acts on its own axis, with no transposed copies: the last
+            # as one GEMM, an inner one as a batch of small ones (F_iᵀ · Y over the axes after it)
+            before, size, after = math.prod(sizes[:axis]), sizes[axis], math.prod(sizes[axis + 1 :])
+            f = factor.to(x.dtype)
+            y = y.reshape(rows * before, size) @ f if after == 1 else f.t() @ y.reshape(rows * before, size, after)
         return y.reshape(shape)
