@@ -94,7 +94,7 @@ from masq_fx.calibration.calibrate import calibration_tokens
 from masq_fx.capture.decoder import CapturedDecoder, capture
 from masq_fx.distributed import gather_shards, is_leader
 from masq_fx.errors import InputError
-from masq_fx.files import fsync_directory, write_bytes_atomically
+from masq_fx.files import fsync_directory, write_bytes_atomically, write_safetensors
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for, model_device
 from masq_fx.nn.quant_linear import QuantLinear, QuantLinearState, branch_factor_config
@@ -260,7 +260,7 @@ class _Tables:
 
 def _store_weight(tensors: dict[str, Tensor], prefix: str, weight: QuantizedWeight) -> None:
     codes = weight.qdata.to(torch.int8)
-    tensors[f"{prefix}/codes"] = pack_int4(codes) if weight.config.bits <= 4 else codes.clone()
+    tensors[f"{prefix}/codes"] = pack_int4(codes) if weight.config.bits <= 4 else codes  # read, never written: not copied
     tensors[f"{prefix}/scale"] = weight.scale.detach().float().clone()
     if weight.zero_point is not None:
         tensors[f"{prefix}/zero_point"] = weight.zero_point.to(torch.int8).clone()
@@ -375,7 +375,7 @@ def save(
         return target
     _check_replaceable(target, overwrite)
     collected = _collect(context.graph_module, model)
-    tensors = {name: tensor.detach().cpu() for name, tensor in collected.tensors.items()}  # device-independent
+    tensors = collected.tensors  # written and hashed one at a time, on the CPU (device-independent)
     adapter = adapter_for(model)
     manifest = {
         "format": FORMAT,
@@ -394,11 +394,10 @@ def save(
     if source is not None:
         manifest["source"] = source
     text = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-    data = safetensors.torch.save(tensors, metadata={MANIFEST_SHA256_KEY: hashlib.sha256(text).hexdigest()})
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        write_bytes_atomically(staging / TENSORS, data)
+        write_safetensors(staging / TENSORS, tensors, metadata={MANIFEST_SHA256_KEY: hashlib.sha256(text).hexdigest()})
         write_bytes_atomically(staging / MANIFEST, text)
         if extra_files is not None:
             extra_files(staging)
@@ -594,10 +593,9 @@ def _read_tensors(directory: Path, record: dict[str, Any]) -> dict[str, Tensor]:
     path = directory / record["file"]
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; copy the whole directory, or save again")
-    data = path.read_bytes()
     if "content_sha256" in record:  # format 3: a hash of the tensors, not of the file (its header holds the manifest's)
         try:
-            tensors = safetensors.torch.load(data)
+            tensors = safetensors.torch.load_file(str(path))  # mapped, not read into a buffer first
         except Exception as error:
             raise CheckpointError(f"{path} is truncated or corrupt ({error}); copy the checkpoint again, or save it again") from None
         if tensors_sha256(sorted(tensors.items())) != record["content_sha256"]:
@@ -605,6 +603,7 @@ def _read_tensors(directory: Path, record: dict[str, Any]) -> dict[str, Tensor]:
                 f"{path} is corrupt: its sha256 differs from the manifest's; copy the checkpoint again, or save it again"
             )
         return tensors
+    data = path.read_bytes()
     if len(data) != record["bytes"]:
         raise CheckpointError(
             f"{path} is truncated or corrupt: {len(data)} bytes, the manifest records {record['bytes']}; "

@@ -27,7 +27,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -35,7 +34,7 @@ from torch import nn
 from masq_fx.checkpoint import calibration_record, decode_edits, encode_edits, library_versions, model_identity
 from masq_fx.distributed import is_leader, reduce
 from masq_fx.errors import InputError
-from masq_fx.files import write_bytes_atomically
+from masq_fx.files import write_bytes_atomically, write_safetensors
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, adapter_for, model_device
 from masq_fx.pipeline import Context
@@ -129,8 +128,7 @@ class Progress:
         encoded = encode_edits(layer_edits(context.captured, adapter_for(self.model), layer))
         reports = {step: [asdict(r) for r in records if isinstance(r, BranchReport)] for step, records in diagnostics.items()}
         metadata = {"graph": json.dumps(encoded.graph, sort_keys=True), "diagnostics": json.dumps(reports, sort_keys=True)}
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in encoded.tensors.items()}
-        write_bytes_atomically(self._file(job, layer), safetensors.torch.save(tensors, metadata=metadata))
+        write_safetensors(self._file(job, layer), encoded.tensors, metadata=metadata)
 
     def restore(self, job: int, layer: int, context: Context) -> None:
         """Install the saved results of ``layer`` into ``context``'s graph and diagnostics."""
