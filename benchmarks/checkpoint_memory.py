@@ -77,14 +77,14 @@ def one(mode: str, layers: int, recipe_name: str) -> None:
     quantized = quantize(model, PRESETS[recipe_name], [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False)
     folder = Path(tempfile.mkdtemp())
     path = folder / "quantized.safetensors"
-    write_safetensors(path, _collect(quantized.captured.graph_module, model).tensors)
+    write_safetensors(path, _collect(quantized.decoder.graph_module, model).tensors)
     size = path.stat().st_size
 
     def save_streamed() -> None:
-        write_safetensors(folder / "streamed.safetensors", _collect(quantized.captured.graph_module, model).tensors)
+        write_safetensors(folder / "streamed.safetensors", _collect(quantized.decoder.graph_module, model).tensors)
 
     def save_in_memory() -> None:
-        tensors = {name: t.clone() for name, t in _collect(quantized.captured.graph_module, model).tensors.items()}
+        tensors = {name: t.clone() for name, t in _collect(quantized.decoder.graph_module, model).tensors.items()}
         (folder / "in_memory.safetensors").write_bytes(safetensors.torch.save(tensors))
 
     loaded: list[dict[str, torch.Tensor]] = []

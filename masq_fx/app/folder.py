@@ -180,7 +180,7 @@ class _Chat:
         ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return next((i for i in reversed(ids) if i in candidates and i != self.tokenizer.pad_token_id), self.tokenizer.eos_token_id)
 
-    def _content(self, prompt: Prompt, kind: str) -> list[dict[str, str]]:
+    def _content(self, prompt: Prompt | FileSample, kind: str) -> list[dict[str, str]]:
         content: list[dict[str, str]] = []
         if prompt.image is not None:
             content.append({"type": "image"})
@@ -205,7 +205,7 @@ class _Chat:
                 if self.sample_rate is None:
                     raise InputError(f"{where} has audio, but the model in {self.folder} takes no audio: give it text or images")
                 audio.append(read_wav(prompt.audio, self.sample_rate))
-            chat = [{"role": "user", "content": self._content(Prompt(prompt.text, prompt.image, prompt.audio), kind)}]
+            chat = [{"role": "user", "content": self._content(prompt, kind)}]
             texts.append(self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
         media: dict[str, Any] = {}
         if images:
