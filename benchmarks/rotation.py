@@ -8,7 +8,8 @@ method's mean and sample standard deviation over the seeds are printed, so close
   taking the ``s``-th block of windows of the calibration split);
 - ``trimodal``: the built-in tri-modal thinker, vision and audio exact match on ``--items`` evaluation items
   and text perplexity on ``--windows`` × 512 tokens; seed ``s`` draws ``--calib-samples`` calibration samples
-  per modality from the shipped calibration split (64 per modality).
+  per modality from the shipped calibration split (64 per modality), and with ``--text-windows N`` also the
+  ``s``-th block of ``N`` windows of 256 reference-text tokens (the questions' text alone is short arithmetic).
 
 Methods, at W4A8 with GPTQ on the weights (``--methods``): RTN, SmoothQuant (tied), MAS-init, MAS (learned),
 the ``masquant-w4a8`` preset (MAS learned with clipping + GPTQ + CMC; tri-modal only, since SmolLM2 has only
@@ -115,6 +116,9 @@ def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, di
         groups = [draw.sample(shipped.samples(m), args.calib_samples) for m in ("vision", "audio", "text")]
         samples = [s for row in zip(*groups) for s in row]
         batches = [processor(samples[i : i + 8]) for i in range(0, len(samples), 8)]
+        if args.text_windows:  # seed s takes the s-th block of reference-text windows of the calibration split
+            pool = token_windows(processor.tokenizer, "calibration", window=256, count=args.text_windows * (seed + 1))[seed * args.text_windows :]
+            batches += [{"input_ids": w[None], "attention_mask": torch.ones_like(w[None])} for w in pool]
         calibrated = calibrate(model, batches, [r for _, r in rows], progress=False)
         if "FP32" not in results:
             results["FP32"] = {k: [v] for k, v in evaluate(calibrated.captured).items()}
@@ -127,6 +131,8 @@ def trimodal_part(args: argparse.Namespace, methods: list[str]) -> tuple[str, di
                 results.setdefault(label, {}).setdefault(metric, []).append(value)
             print(f"  {label}: {measured}", flush=True)
     title = f"built-in tri-modal thinker, {args.items} items per modality, {args.windows} × 512 text tokens, {args.calib_samples} calib samples per modality per seed"
+    if args.text_windows:
+        title += f" + {args.text_windows} × 256 reference-text tokens"
     return title, results
 
 
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,smoothquant,mas-init,mas,masquant-w4a8,w4a16", help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--calib-samples", type=int, default=16, help="SmolLM2: 256-token windows; tri-modal: samples per modality")
     parser.add_argument("--windows", type=int, default=4, help="512-token evaluation windows")
+    parser.add_argument("--text-windows", type=int, default=0, help="tri-modal: 256-token reference-text windows added to each seed's calibration")
     parser.add_argument("--items", type=int, default=64, help="tri-modal evaluation items per modality")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -360,7 +360,7 @@ def _check_device(args: argparse.Namespace) -> None:
 def _data_options(parser: argparse.ArgumentParser, calib: int | None, evaluation: bool) -> None:
     """The data size options of a command that calibrates (``calib``: its default sample count) and/or evaluates."""
     if calib is not None:
-        parser.add_argument("--calib-samples", type=_positive_int, default=calib, help="calibration samples (per modality for 'default'; text windows otherwise)")
+        parser.add_argument("--calib-samples", type=_positive_int, default=calib, help="calibration samples (per modality for 'default', with half as many reference-text windows; text windows otherwise)")
         parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per text calibration window")
     if evaluation:
         parser.add_argument("--eval-items", type=_positive_int, default=64, help="evaluation questions per modality ('default')")

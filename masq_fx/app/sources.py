@@ -177,12 +177,15 @@ def _trimodal_source(sizes: Sizes, calibration: Path | None, dtype: torch.dtype,
     def process(samples: Sequence[FileSample]) -> Batch:
         return processor([_trimodal_file_sample(processor, s) for s in samples])
 
+    # running text beside the short text questions: it calibrates what text perplexity measures (README: tri-modal rows)
+    text_windows = max(1, sizes.calibration // 2)
+
     batches, hashes, described = _calibration(
         process,
         sizes,
         calibration,
-        lambda: calibration_batches(processor, per_modality=sizes.calibration),
-        f"{sizes.calibration} calibration samples per modality",
+        lambda: calibration_batches(processor, per_modality=sizes.calibration, text_windows=text_windows, window=sizes.seq_len),
+        f"{sizes.calibration} calibration samples per modality and {text_windows} × {sizes.seq_len} reference-text tokens",
     )
     return ModelSource(
         name="default",

@@ -33,6 +33,7 @@ import torch
 
 from masq_fx.builtin.trimodal.processing import Sample, TrimodalProcessor
 from masq_fx.data.samples import Kind
+from masq_fx.data.text import token_windows
 from masq_fx.errors import InputError, MissingFileError
 
 Split = Literal["train", "calibration", "evaluation"]
@@ -158,8 +159,14 @@ def mixed_samples(shipped: ShippedSet, per_modality: int, modalities: Sequence[K
 
 
 def calibration_batches(
-    processor: TrimodalProcessor, per_modality: int = 32, batch_size: int = 8, folder: Path = ASSETS
+    processor: TrimodalProcessor, per_modality: int = 32, batch_size: int = 8, folder: Path = ASSETS, text_windows: int = 0, window: int = 256
 ) -> list[dict[str, torch.Tensor]]:
-    """Processed batches of the shipped calibration split (vision, audio and text interleaved), for ``decoder_inputs``."""
+    """Processed batches of the shipped calibration split (vision, audio and text interleaved), for ``decoder_inputs``;
+    then ``text_windows`` windows of ``window`` tokens of the reference text's calibration split, one a batch (the
+    text questions alone are short arithmetic, while text quality is measured on running text)."""
     samples = mixed_samples(load_set("calibration", folder), per_modality)
-    return [processor(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    batches = [processor(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    if text_windows:
+        rows = token_windows(processor.tokenizer, "calibration", window=window, count=text_windows)
+        batches += [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in rows]
+    return batches
