@@ -141,7 +141,7 @@ def scratch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(rm.MODELS))
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-omni-7b-thinker"])  # the 7B VL is the 3B's class at the omni's widths
 def test_one_layer_fixture_loads_runs_and_captures(name, scratch):
     tmp_path = scratch
     spec = rm.MODELS[name]

@@ -168,8 +168,8 @@ class _Chat:
         self.stop_id = self._turn_end(model)
 
     def _turn_end(self, model: nn.Module) -> int | None:
-        """The token that ends an assistant turn: among the model's end-of-sequence ids, the first the chat
-        template writes after a reply (the tokenizer's end of sequence if none is found)."""
+        """The token that ends an assistant turn: the last of the model's end-of-sequence ids in a chat rendered
+        with a reply (the one closing it; the tokenizer's end of sequence if none is found)."""
         generation = getattr(model, "generation_config", None)
         ends = getattr(generation, "eos_token_id", None)
         candidates = set(ends if isinstance(ends, list) else [] if ends is None else [ends])
