@@ -58,13 +58,16 @@ def _recipe(name: str, epochs: int):
     raise SystemExit(f"unknown recipe {name!r}")
 
 
-def _load(model: str, fixtures: Path, samples: int, tokens: int):
-    """(model, processed calibration batches) of ``model``."""
+def _load(model: str, fixtures: Path, samples: int, tokens: int, layers: int | None):
+    """(model, processed calibration batches) of ``model``; ``layers``: only the first decoder layers."""
     if model == "smollm2":
         from masq_fx.builtin.smollm2 import load_smollm2
         from masq_fx.data.text import token_windows
 
         hf, tokenizer = load_smollm2(torch.float32)
+        if layers is not None:
+            del hf.model.layers[layers:]
+            hf.config.num_hidden_layers = layers
         windows = token_windows(tokenizer, "calibration", tokens, samples)
         return hf, [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
     import transformers
@@ -76,8 +79,10 @@ def _load(model: str, fixtures: Path, samples: int, tokens: int):
     if not (folder / "config.json").is_file():
         raise SystemExit(f"{folder} has no model: write it with benchmarks/fixtures/real_models.py --models {model}")
     config = transformers.AutoConfig.from_pretrained(folder)
+    if layers is not None:  # the other layers' weights stay unread
+        config.get_text_config().num_hidden_layers = layers
     cls = getattr(transformers, config.architectures[0])
-    hf = cls.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    hf = cls.from_pretrained(folder, config=config, dtype=torch.bfloat16).eval()
     processor = load_processor(folder)
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -105,7 +110,7 @@ def _all_moments_bytes(captured, recipe) -> int:
     return sum(len(recipe.moment_modalities) * c * c * 8 for c in observed_channels(captured))
 
 
-def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: int, tokens: int, epochs: int) -> dict:
+def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: int, tokens: int, epochs: int, layers: int | None) -> dict:
     """Measure one configuration in this process; a JSON-able row."""
     from masq_fx.api import apply, calibrate
     from masq_fx.memory import estimate_calibration_memory
@@ -114,7 +119,7 @@ def run_one(model: str, recipe_name: str, path: str, fixtures: Path, samples: in
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(torch.get_num_threads())
-    hf, batches = _load(model, fixtures, samples, tokens)
+    hf, batches = _load(model, fixtures, samples, tokens, layers)
     loaded = _status_kib("VmRSS") * 1024
     recipe = _recipe(recipe_name, epochs)
     calibrated = calibrate(hf, batches, [recipe], progress=False)
@@ -155,12 +160,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration sample")
     parser.add_argument("--epochs", type=int, default=2, help="MAS learning epochs (the 7B shape takes 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="only the first decoder layers of each model (their time per layer; the peak leaves out what later layers add)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "RECIPE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
         model, recipe, path = args.one
-        print(json.dumps(run_one(model, recipe, path, args.fixtures, args.samples, args.tokens, args.epochs)))
+        print(json.dumps(run_one(model, recipe, path, args.fixtures, args.samples, args.tokens, args.epochs, args.layers)))
         return
     rows = []
     for model in args.models.split(","):
@@ -170,7 +176,7 @@ def main() -> None:
                 command = [
                     sys.executable, __file__, "--one", model, recipe, path, "--fixtures", str(args.fixtures), "--threads", str(args.threads),
                     "--samples", str(max(1, args.samples // 2) if big else args.samples), "--tokens", str(args.tokens),
-                    "--epochs", str(1 if big else args.epochs),
+                    "--epochs", str(1 if big else args.epochs), *(["--layers", str(args.layers)] if args.layers else []),
                 ]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:

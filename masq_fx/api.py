@@ -183,12 +183,12 @@ class Calibrated:
     sample_ranks: tuple[int, ...] = ()
     _stats: dict[str, ModalityStats] | None = field(default=None, repr=False)
 
-    def missing_modalities(self) -> tuple[Modality, ...]:
-        """Modalities the model has placeholder tokens for but the calibration samples contain none of."""
+    def seen_modalities(self) -> tuple[Modality, ...]:
+        """Modalities the calibration samples have tokens of (every rank's, in a process group)."""
         local = calibration_tokens(self.samples)
         seen = torch.tensor([local[m] for m in Modality], dtype=torch.float64)
-        reduce([seen], "sum", "counting the calibration tokens")  # every rank's, in a process group
-        return tuple(m for m in self.captured.modalities if m != Modality.TEXT and seen[m] == 0)
+        reduce([seen], "sum", "counting the calibration tokens")
+        return tuple(m for m in Modality if seen[m] > 0)
 
     @property
     def stats(self) -> dict[str, ModalityStats]:
@@ -279,7 +279,8 @@ def apply_all(
     (:mod:`masq_fx.resume`); delete the folder once the results are saved."""
     resolved = [resolve_recipe(r) for r in recipes]
     saved = None if resume is None else Progress(resume, calibrated.model, resolved, calibrated.samples, calibrated.sample_ranks)
-    absent = calibrated.missing_modalities()
+    seen = calibrated.seen_modalities()
+    absent = tuple(m for m in calibrated.captured.modalities if m != Modality.TEXT and m not in seen)
     for recipe in resolved:
         if absent and recipe.modality_aware:
             names = " or ".join(m.name.lower() for m in absent)
@@ -292,15 +293,15 @@ def apply_all(
         if recipe.method != "fp":
             recipe.modules.require_match(calibrated.captured.decoder_linears())
 
-    def site_moments(site: SmoothingGroup) -> tuple[Modality, ...]:  # collected only where a recipe reads them
+    def site_moments(site: SmoothingGroup) -> tuple[Modality, ...]:  # only where a recipe reads them, of tokens there are
         wanted = set(calibrated.moment_modalities).union(*(r.site_moments(site) for r in resolved))
-        return tuple(m for m in Modality if m in wanted)
+        return tuple(m for m in seen if m in wanted)
 
     jobs: dict[int, Job] = {}
     for rotation, sparsity in dict.fromkeys((r.rotation, r.sparsity) for r in resolved):  # one float pass per float graph
         floats = calibrated.captured
         if rotation is not None:
-            floats = rotate(floats, rotation)
+            floats = rotate(floats, rotation, lazy=True)  # each layer's weights when its turn comes
         if sparsity is not None:
             floats = sparsify(floats, sparsity, calibrated.samples, progress=progress)
         chosen = {i: r for i, r in enumerate(resolved) if (r.rotation, r.sparsity) == (rotation, sparsity)}

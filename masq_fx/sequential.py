@@ -14,6 +14,9 @@ For each decoder layer ``i``, in order:
    the pages of its float weights are given back where they are mapped from a safetensors file
    (:mod:`masq_fx.pages`), and the float stream moves on.
 
+A float capture rotated lazily (:func:`~masq_fx.transforms.rotation.rotate` with ``lazy=True``) gets layer ``i``'s
+rotated weights, shared with every job's copy, just before step 1.
+
 In a ``torch.distributed`` process group each rank runs this on its share of the samples and the
 statistics of step 1 are those of every rank's tokens (:mod:`masq_fx.distributed`). Only one layer's
 second moments and each stream's activations at one layer boundary are held at a time. Several pipelines (recipes) share one pass, so the float stream and the statistics are computed
@@ -42,6 +45,7 @@ from masq_fx.models import DecoderInputs
 from masq_fx.nn.quant_linear import QuantLinear
 from masq_fx.pages import release
 from masq_fx.pipeline import CALIBRATION_DATA, Context, LayerData, Pipeline, StepRecord, Transform, run_step
+from masq_fx.transforms.rotation import rotate_layer
 
 if TYPE_CHECKING:
     from masq_fx.resume import Progress
@@ -94,6 +98,7 @@ def run_layerwise(
     for layer in bar:
         with located(layer):  # in a process group, errors say which rank raised them, where
             began = time.perf_counter()
+            rotate_layer(float_capture, [job.context.captured for job in jobs], layer)  # a lazy rotation's turn
             segment = floats(layer)
             replayed = layer < finished
             (InsertObservers(()) if replayed else observe)(segment.module, Context(float_capture, layer=layer))

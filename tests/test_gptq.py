@@ -18,7 +18,7 @@ from masq_fx.pipeline import Context, Pipeline
 from masq_fx.quantizers import WeightQuantConfig, fake_quant_weight, weight_qparams
 from masq_fx.recipes import preset, recipe_steps
 from masq_fx.transforms import quant_linears
-from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights, gptq_quantize
+from masq_fx.transforms.gptq import GPTQConfig, GPTQWeights, gptq_codes, gptq_quantize
 
 
 def _problem(seed: int, out: int, columns: int, tokens: int):
@@ -53,6 +53,17 @@ def test_gptq_is_on_the_grid_and_beats_rounding(seed, bits, symmetric, group):
         codes = solved / scale + (0 if zero_point is None else zero_point)
         torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
         assert codes.round().min() >= config.qmin and codes.round().max() <= config.qmax
+
+
+def test_gptq_leaves_its_inputs_unless_they_are_scratch():
+    weight, hessian = _problem(3, 12, 32, 64)
+    hessian[5, :] = hessian[:, 5] = 0.0  # a dead column
+    config, gptq = WeightQuantConfig(bits=4), GPTQConfig(block_size=16)
+    kept = weight.clone(), hessian.clone()
+    solved = gptq_codes(weight, hessian, config, gptq)
+    assert torch.equal(weight, kept[0]) and torch.equal(hessian, kept[1])
+    again = gptq_codes(weight.clone(), hessian.clone(), config, gptq, scratch=True)
+    assert torch.equal(solved.qdata, again.qdata) and torch.equal(solved.scale, again.scale)
 
 
 @pytest.mark.parametrize("bits, group", [(3, None), (4, None), (4, 8), (8, None)])

@@ -27,7 +27,7 @@ from masq_fx.nn.hadamard import Rotation, paley, sylvester
 from masq_fx.nn.quant_linear import quantizers_off
 from masq_fx.pipeline import Context, Pipeline
 from masq_fx.recipes import Recipe, preset
-from masq_fx.transforms.rotation import Rotate, RotationConfig, apply_rotation, plan_rotation, rotate, rotation_record
+from masq_fx.transforms.rotation import Rotate, RotationConfig, apply_rotation, plan_rotation, rotate, rotate_layer, rotation_record
 
 FLOAT_RTOL = 1e-4
 #: the tiny families whose residual stream can be rotated (Gemma 3's sandwich norms cannot be)
@@ -124,6 +124,33 @@ def test_unrotatable_families_are_refused_a_rotation_with_the_reason(family):
     reason = "1 \\+ γ .* gated" if family.startswith("qwen3.5") else "sandwich norms"
     with pytest.raises(InputError, match=f"cannot rotate this {family} model: .*{reason}.*; quantize it without rotation"):
         rotate(captured, RotationConfig())
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-omni-thinker", "qwen3.5-moe"])
+def test_a_lazy_rotation_made_layer_by_layer_equals_the_eager_one(family):
+    tiny, captured, inputs, fp = float_family(family)
+    config = RotationConfig("orthogonal", seed=5)
+    eager = rotate(captured, config)
+    lazy = rotate(captured, config, lazy=True)
+    copy = lazy.copy()
+    assert sorted(rotation_record(lazy.graph_module).pending) == list(range(captured.num_layers))
+    head = next(name for name in lazy.linear_nodes() if name == "lm_head")
+    assert torch.equal(lazy.weights[head], eager.weights[head])  # outside the layers: rotated at once
+    first = captured.decoder_linears()[0]
+    assert lazy.weights[first] is captured.weights[first]  # a layer's weights: when its turn comes
+    for layer in range(captured.num_layers):
+        rotate_layer(lazy, [copy], layer)
+        rotate_layer(lazy, [copy], layer)  # nothing left to do
+    expected = eager.graph_module.state_dict()
+    for made in (lazy, copy):
+        assert not rotation_record(made.graph_module).pending
+        state = made.graph_module.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[key], value) for key, value in expected.items())
+        with torch.no_grad():
+            assert torch.equal(made(inputs), eager(inputs))
+    assert all(copy.weights[name] is lazy.weights[name] for name in lazy.decoder_linears())  # shared, not copied
+    assert set(map(id, rotation_record(copy.graph_module).produced.values())) == set(map(id, rotation_record(lazy.graph_module).produced.values()))
 
 
 def test_rotate_step_in_a_whole_graph_pipeline_equals_rotate():

@@ -62,6 +62,7 @@ from typing import Any, Final, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from masq_fx.modality import NUM_MODALITIES, Modality
 from masq_fx.quantizers import (
@@ -114,6 +115,10 @@ def branch_factor_config(bits: int) -> WeightQuantConfig:
 
 def _format(bits: int | None) -> str:
     return "float" if bits is None else f"{bits}-bit"
+
+
+#: output rows of a weight quantized at a time where no gradient is wanted (same values, bounded temporaries)
+WEIGHT_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -498,17 +503,27 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             return self._cache if self._use_cache() else None
 
-    def _smoothed_weight(self, row: int | None) -> Tensor:
-        weight = self.weight.float()
+    def _smoothed_weight(self, row: int | None, rows: slice = slice(None)) -> Tensor:
+        """``W·diag(s[row])`` (of the output ``rows``), float32."""
+        weight = self.weight[rows].float()
         if self.scales is not None and row is not None:
             weight = weight * self.scales[row]
         return weight
 
     def _scaled_weight(self, row: int | None) -> Tensor:
-        weight = self._smoothed_weight(row)
+        """The smoothed weight, quantize-dequantized with quantizers on."""
         if self.weight_quant is None or not self._quantizers_on:
-            return weight
-        return fake_quant_weight(weight, self.weight_quant, self.clip_ratio(row))
+            return self._smoothed_weight(row)
+        ratio = self.clip_ratio(row)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.weight, self.scales, ratio)):
+            return fake_quant_weight(self._smoothed_weight(row), self.weight_quant, ratio)
+        # no gradient: output rows are quantized independently, so blocks of them bound the temporaries (a 7B
+        # gate_proj's are a few times its 272 MiB) to a block's, with the same values
+        weight = torch.empty(self.out_features, self.in_features, device=self.weight.device)
+        for start in range(0, self.out_features, WEIGHT_BLOCK_ROWS):
+            rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+            weight[rows] = fake_quant_weight(self._smoothed_weight(row, rows), self.weight_quant, None if ratio is None else ratio[rows])
+        return weight
 
     @property
     def branch_bits(self) -> int | None:
@@ -574,6 +589,10 @@ class QuantLinear(nn.Module):
         if not self._quantizers_on:
             rows = [None] if self.scales is None else range(self.scales.shape[0])
             return torch.stack([self._scaled_weight(r) for r in rows])
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.scales, self.clip_ratios)):
+            # learning: the quantizer's temporaries (about 8 weight-sized tensors a row) are recomputed for the backward
+            # pass rather than kept from the forward, as a 7B layer's would be ~20 GiB; same values and gradients
+            return torch.stack([checkpoint(self.quantized_weight, r, use_reentrant=False) for r in self.stored_rows()])
         return torch.stack([self.quantized_weight(r) for r in self.stored_rows()])
 
     def smooth_input(self, x: Tensor, modality_ids: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from torch import Tensor, fx
 from masq_fx.distributed import gather, solve_once
 from masq_fx.errors import CoverageWarning
 from masq_fx.modality import Modality
-from masq_fx.nn.quant_linear import QuantLinear
+from masq_fx.nn.quant_linear import WEIGHT_BLOCK_ROWS, QuantLinear
 from masq_fx.pipeline import Capability, Context
 from masq_fx.transforms.prepare import quant_linears
 from masq_fx.transforms.quantize import WEIGHT_QUANT
@@ -155,14 +155,18 @@ class BranchReport:
 
 
 def low_rank_factors(error_t: Tensor, whitening: Whitening, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, R, singular values) of the rank-``rank`` whitened approximation of ``error_t`` = Eᵀ [in, out].
+    """(L, R, singular values) of the rank-``rank`` whitened approximation of ``error_t`` = Eᵀ [in, out]."""
+    return _whitened_factors(whitening.t @ error_t.double(), whitening, rank)
 
-    The singular vectors come from the eigendecomposition of the smaller Gram matrix of ``A = T·Eᵀ``
-    (``AAᵀ`` or ``AᵀA``, float64) rather than an SVD of ``A``: the same rank-``rank`` projection, several
-    times faster for the wide matrices of real models (a 2048 × 11008 gate_proj error: one GEMM and a
-    2048² eigh instead of a 2048 × 11008 SVD).
+
+def _whitened_factors(a: Tensor, whitening: Whitening, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(L, R, singular values) of the rank-``rank`` approximation of Eᵀ from ``a = T·Eᵀ`` (float64, left as is).
+
+    The singular vectors come from the eigendecomposition of the smaller Gram matrix of ``a`` (``aaᵀ`` or
+    ``aᵀa``) rather than an SVD of ``a``: the same rank-``rank`` projection, several times faster for the wide
+    matrices of real models (a 2048 × 11008 gate_proj error: one GEMM and a 2048² eigh instead of a
+    2048 × 11008 SVD).
     """
-    a = whitening.t @ error_t.double()
     if a.shape[0] <= a.shape[1]:
         eigenvalues, u = torch.linalg.eigh(a @ a.T)  # ascending
         u = u.flip(-1)[:, :rank]
@@ -187,6 +191,14 @@ def compensated(gm: fx.GraphModule) -> list[QuantLinear]:
     return [m for m in quant_linears(gm) if m.scales is not None and m.scales.shape[0] >= 2 and m.weight_quant is not None]
 
 
+def _column_energy(weight: Tensor) -> Tensor:
+    """``Σ_o W[o, j]²`` per input channel in float64, a block of output rows at a time (no float64 copy of ``W``)."""
+    energy = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for block in weight.split(WEIGHT_BLOCK_ROWS):
+        energy += block.double().square().sum(0)
+    return energy
+
+
 def own_channel_masks(sharing: list[QuantLinear], config: CMCConfig, stats: dict) -> dict[int, Tensor]:
     """Non-text scale row → the input channels that keep that row's own scale (bool ``[in]``) under
     ``config.own_channels``, for the linears ``sharing`` one scale table: the ``k`` channels where the
@@ -198,7 +210,7 @@ def own_channel_masks(sharing: list[QuantLinear], config: CMCConfig, stats: dict
     assert first.scales is not None  # compensated linears
     scales = first.scales.detach().double()
     text_row = int(first.row_of_modality[Modality.TEXT])
-    column_energy = [m.weight.detach().double().square().sum(0) for m in sharing]
+    column_energy = [_column_energy(m.weight.detach()) for m in sharing]
     masks: dict[int, Tensor] = {}
     for modality in Modality:
         row = int(first.row_of_modality[modality])
@@ -302,7 +314,7 @@ class CrossModalCompensation:
             module = tasks[index][0]
             if module.name not in text_weight:
                 text_weight.clear()
-                text_weight[module.name] = module.quantized_weight(int(module.row_of_modality[Modality.TEXT])).detach().double()
+                text_weight[module.name] = module.quantized_weight(int(module.row_of_modality[Modality.TEXT])).detach()
             factors, solved[index] = self._compensate(*tasks[index], text_weight[module.name])
             return list(factors)
 
@@ -340,22 +352,29 @@ class CrossModalCompensation:
         cfg = self.config
         assert module.scales is not None  # compensated linears
         scale = module.scales[row].detach()
-        if cfg.target == "quantized":
-            target = module.quantized_weight(row).detach().double()
-        else:
-            target = module.weight.detach().double() * scale.double()
-        error_t = (target - base).T  # [in, out]
         whitening = (
             Whitening.from_moment(moment, scale, cfg.damping)
             if cfg.whiten and moment is not None
             else Whitening.identity(module.in_features, module.weight.device)
         )
         rank = cfg.rank_for(module.in_features, module.out_features)
-        left, right, sigma = low_rank_factors(error_t, whitening, rank)
+        # T·Eᵀ [in, out] (E = target − base), its transpose built in blocks of output rows: a real model's float64
+        # [out, in] matrices are large (18,944 × 3,584: 0.5 GiB), so no whole E is held beside it
+        target = module.quantized_weight(row).detach() if cfg.target == "quantized" else module.weight.detach()
+        whitened_t = torch.empty(module.out_features, module.in_features, dtype=torch.float64, device=target.device)
+        for start in range(0, module.out_features, WEIGHT_BLOCK_ROWS):
+            rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+            error = target[rows].to(torch.float64, copy=True)
+            if cfg.target != "quantized":
+                error.mul_(scale.double())
+            torch.mm(error.sub_(base[rows]), whitening.t.T, out=whitened_t[rows])
+        whitened = whitened_t.T
+        del target
+        total = whitened.norm()
+        left, right, sigma = _whitened_factors(whitened, whitening, rank)
         module.set_branch(row, left, right, cfg.factor_bits)
         coded = (left, right) if cfg.factor_bits is None else tuple(f.double() for f in module.branches[row])  # the codes' errors
-        residual = whitening.t @ (error_t - coded[0] @ coded[1])
-        total = (whitening.t @ error_t).norm()
+        residual = whitened.addmm_(whitening.t @ coded[0], coded[1], alpha=-1)  # T·(Eᵀ − L·R), in place
         report = BranchReport(
             module=module.name,
             modality=modality,

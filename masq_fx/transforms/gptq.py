@@ -58,23 +58,32 @@ def gptq_quantize(
 
 @torch.no_grad()
 def gptq_codes(
-    weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig, ratio: Tensor | None = None
+    weight: Tensor, hessian: Tensor, config: WeightQuantConfig, gptq: GPTQConfig, ratio: Tensor | None = None, scratch: bool = False
 ) -> QuantizedWeight:
     """The integer codes and scales of :func:`gptq_quantize`'s result.
 
     ``ratio [out, n_groups]`` (learned clipping) shrinks each channel's (group's) range before its
     scale is taken. The inverse-Hessian factor is computed in float64; the column sweep in float32.
+    ``scratch``: ``weight`` (float32) and ``hessian`` (float64) are the caller's to overwrite, not copied (a 7B
+    down_proj's Hessian is 2.7 GiB; its inverse factor is computed with two such matrices held at most).
     """
-    w = weight.float().clone()
-    h = hessian.double().clone()
+    w = weight.float() if scratch else weight.float().clone()
+    h = hessian.double() if scratch else hessian.double().clone()
+    del hessian
     columns = w.shape[1]
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += gptq.damping * h.diagonal().mean() * torch.eye(columns, dtype=h.dtype, device=h.device)
-    # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve (torch.cholesky_inverse is ~100x slower on CPU)
-    l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(columns, dtype=h.dtype, device=h.device), upper=False)
-    h_inv = torch.linalg.cholesky(l_inv.T @ l_inv, upper=True).float()
+    h.diagonal().add_(gptq.damping * h.diagonal().mean())
+    # H⁻¹ = L⁻ᵀL⁻¹ through a triangular solve (torch.cholesky_inverse is ~100x slower on CPU), in place where it can be
+    lower = torch.linalg.cholesky(h, out=h)
+    eye = torch.eye(columns, dtype=h.dtype, device=h.device)
+    l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, out=eye)
+    del h, lower
+    product = l_inv.T @ l_inv
+    del l_inv, eye
+    h_inv = torch.linalg.cholesky(product, upper=True, out=product).float()
+    del product
     group = columns if config.group_size is None else config.group_size
     block = max(group, gptq.block_size // group * group) if group < columns else gptq.block_size
     codes = torch.zeros_like(w)
@@ -130,7 +139,10 @@ def _row_hessian(module: QuantLinear, stats, row: int) -> Tensor:
             f"GPTQ needs the second moment of {names} at {module.name}: calibrate with "
             "InsertObservers(moment_modalities=(Modality.TEXT, Modality.VISION, Modality.AUDIO))"
         )
-    return sum(stats.moments[m] for m in modalities)
+    hessian = stats.moments[modalities[0]].clone()
+    for modality in modalities[1:]:
+        hessian += stats.moments[modality]
+    return hessian
 
 
 @dataclass
@@ -169,13 +181,14 @@ class GPTQWeights:
         assert module.weight_quant is not None  # chosen so
         solved = {}
         for row in range(_rows(module)):
-            hessian = _row_hessian(module, stats, row)
-            weight = module.weight.detach().double()
+            hessian = _row_hessian(module, stats, row)  # a new tensor: scratch
+            weight = module.weight.detach().to(torch.float32, copy=True)
             if module.scales is not None:
-                scale = module.scales[row].detach().double()
-                weight = weight * scale
-                hessian = hessian / scale[:, None] / scale[None, :]
-            solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row))
+                scale = module.scales[row].detach()
+                weight.mul_(scale.float())  # = the float64 product rounded: float32 products are exact in it
+                hessian.div_(scale.double()[:, None]).div_(scale.double()[None, :])
+            solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row), scratch=True)
+            del hessian, weight
         return solved
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from masq_fx.capture.dataflow import PASSTHROUGH, SmoothingGroup
 from masq_fx.capture.decoder import LAYER_KEY, MODULE_KEY, CapturedDecoder, is_linear
 from masq_fx.errors import InputError
 from masq_fx.nn.hadamard import Rotation, RotationKind
+from masq_fx.nn.quant_linear import WEIGHT_BLOCK_ROWS
 from masq_fx.pipeline import GRAPH, Capability, Context
 from masq_fx.transforms.prepare import QUANT_LINEARS, quant_linears
 
@@ -176,6 +178,8 @@ class RotationRecord(Rotation):
         self.config = config
         self.plan = plan
         self.produced: dict[str, Tensor] = {}
+        #: decoder layer → the changes of its tensors not made yet (a lazy :func:`rotate`; :func:`rotate_layer`)
+        self.pending: dict[int, Edits] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x) if self.config.residual else x
@@ -206,50 +210,89 @@ def weight_paths(node: fx.Node) -> tuple[str, str | None]:
     return str(weight.target), (str(bias.target) if isinstance(bias, fx.Node) else None)
 
 
-def _value(gm: fx.GraphModule, new: Mapping[str, Tensor], path: str) -> Tensor:
-    """The float64 value at graph ``path``: the new one if computed, else the graph's."""
-    return new[path] if path in new else graph_tensor(gm, path).detach().double()
-
-
 Basis = Callable[[Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class Edit:
+    """One change of a graph tensor's float64 value; ``by_rows``: it maps each row on its own (``W·Q``, ``W·H``),
+    so a large weight can be changed a block of rows at a time."""
+
+    apply: Callable[[Tensor], Tensor]
+    by_rows: bool = False
+
+
+Edits = dict[str, list[Edit]]  # graph path → its changes, in order
+
+
+def _columns(basis: Basis, w: Tensor) -> Tensor:
+    """``Qᵀ W``: ``basis`` (``x ↦ x·Q``) on the columns of ``w``."""
+    return basis(w.T).T
+
+
 def fold_residual(
-    gm: fx.GraphModule, plan: RotationPlan, linears: Mapping[str, fx.Node], basis: Callable[[str], Basis | None], skip: set[str], new: dict[str, Tensor]
+    gm: fx.GraphModule, plan: RotationPlan, linears: Mapping[str, fx.Node], basis: Callable[[str], Basis | None], skip: set[str], edits: Edits
 ) -> None:
     """Fold each norm's γ into its readers and set it to one; give the readers ``W·diag(γ)·Q`` and the writers ``Qᵀ W``
     and ``b Q``, where ``basis(linear)`` multiplies rows by the ``Q`` of the residual stream that linear reads or
-    writes (``None``: unrotated). New float64 values go to ``new`` (graph path → value), read back from it too."""
-
-    def value(path: str) -> Tensor:
-        return _value(gm, new, path)
-
+    writes (``None``: unrotated). The changes are appended to ``edits`` (:func:`write_edits` makes them)."""
     for name, norm in plan.readers:
         if name in skip:
             continue
         path, _ = weight_paths(linears[name])
-        w = value(path)
+        changes = edits.setdefault(path, [])
         if norm is not None:
-            w = w * graph_tensor(gm, norm).detach().double()[None, :]
+            changes.append(Edit(partial(torch.mul, other=graph_tensor(gm, norm).detach().double()), by_rows=True))  # W·diag(γ)
         q = basis(name)
-        new[path] = w if q is None else q(w)  # W Q
+        if q is not None:
+            changes.append(Edit(q, by_rows=True))  # W Q
     for name in plan.writers:
         q = basis(name)
         if name in skip or q is None:
             continue
         path, bias = weight_paths(linears[name])
-        new[path] = q(value(path).T).T  # Qᵀ W
+        edits.setdefault(path, []).append(Edit(partial(_columns, q)))  # Qᵀ W
         if bias is not None:
-            new[bias] = q(value(bias))
+            edits.setdefault(bias, []).append(Edit(q))
     for path in plan.norms:
-        new[path] = torch.ones_like(graph_tensor(gm, path), dtype=torch.float64)
+        edits.setdefault(path, []).append(Edit(lambda g: torch.ones_like(g, dtype=torch.float64)))
 
 
-def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPlan, skip: Iterable[str] = ()) -> RotationRecord:
+def write_edits(gm: fx.GraphModule, edits: Edits) -> dict[str, nn.Parameter]:
+    """Give each graph path of ``edits`` a new parameter: its float64 value changed in order, in the old dtype.
+
+    One tensor at a time, and a tensor whose changes all map rows on their own a block of rows at a time, so only
+    a block is held in float64 (a 7B model's LM head is 4 GiB in float64)."""
+    produced: dict[str, nn.Parameter] = {}
+    for path, changes in edits.items():
+        old = graph_tensor(gm, path).detach()
+        if old.dim() == 2 and all(change.by_rows for change in changes):
+            value = torch.empty_like(old, memory_format=torch.contiguous_format)
+            for start in range(0, old.shape[0], WEIGHT_BLOCK_ROWS):
+                rows = slice(start, start + WEIGHT_BLOCK_ROWS)
+                block = old[rows].double()
+                for change in changes:
+                    block = change.apply(block)
+                value[rows] = block
+        else:
+            value = old.double()
+            for change in changes:
+                value = change.apply(value)
+        produced[path] = set_parameter(gm, path, value)
+        del value
+    return produced
+
+
+def apply_rotation(
+    gm: fx.GraphModule, config: RotationConfig, plan: RotationPlan, skip: Iterable[str] = (), lazy: bool = False
+) -> RotationRecord:
     """Rotate the float graph ``gm`` (in place) as ``plan`` says: new weights and γs, the entry and online nodes.
 
     The linears named in ``skip`` keep their weights (replay installs already-rotated modules there). The
-    HF model's tensors are never modified: the graph gets new parameters, computed in float64.
+    HF model's tensors are never modified: the graph gets new parameters, computed in float64. ``lazy``: the
+    decoder layers' tensors are left as they are and their changes kept in the record's ``pending``, made layer by
+    layer by :func:`rotate_layer` (a layer-sequential run holds one rotated layer's worth of new weights at a time
+    besides those of the layers it has done).
     """
     if rotation_record(gm) is not None:
         raise InputError("the graph is already rotated: rotate a fresh float capture")
@@ -262,36 +305,69 @@ def apply_rotation(gm: fx.GraphModule, config: RotationConfig, plan: RotationPla
     # x·Q on the rows of a float64 matrix through the rotation's Kronecker factors: n·Σ s_i per row, not n²
     residual = (lambda rows: Rotation.forward(record, rows)) if config.residual else None
     h = Rotation(plan.head_dim, config.kind, config.seed + 1).matrix() if config.heads else None
-    new: dict[str, Tensor] = {}  # graph path → float64 value
-    fold_residual(gm, plan, linears, lambda _: residual, skipped, new)
-
-    def value(path: str) -> Tensor:
-        return _value(gm, new, path)
-
+    edits: Edits = {}
+    fold_residual(gm, plan, linears, lambda _: residual, skipped, edits)
     if h is not None:
+        d = plan.head_dim
         for v_name, o_name in plan.heads:
             if v_name not in skipped:
                 path, bias = weight_paths(linears[v_name])
-                w = value(path)
-                new[path] = (h.T @ w.reshape(-1, plan.head_dim, w.shape[1])).reshape(w.shape)
+                edits.setdefault(path, []).append(Edit(lambda w: (h.T @ w.reshape(-1, d, w.shape[1])).reshape(w.shape)))
                 if bias is not None:
-                    new[bias] = (value(bias).reshape(-1, plan.head_dim) @ h).reshape(-1)
+                    edits.setdefault(bias, []).append(Edit(lambda b: (b.reshape(-1, d) @ h).reshape(-1)))
             if o_name not in skipped:
                 path, _ = weight_paths(linears[o_name])
-                w = value(path)
-                new[path] = (w.reshape(w.shape[0], -1, plan.head_dim) @ h).reshape(w.shape)
+                edits.setdefault(path, []).append(Edit(lambda w: (w.reshape(w.shape[0], -1, d) @ h).reshape(w.shape), by_rows=True))
     widths = {name: int(graph_tensor(gm, weight_paths(linears[name])[0]).shape[1]) for name in plan.online}
     by_width = {width: Rotation(width, config.kind, config.seed + 2) for width in set(widths.values())}  # shared by the layers
     online = {name: by_width[width] for name, width in widths.items()}
     for name, rotation in online.items():
         if name not in skipped:
             path, _ = weight_paths(linears[name])
-            new[path] = rotation(value(path))  # W H
-    for path, tensor in new.items():
-        record.produced[path] = set_parameter(gm, path, tensor)
+            edits.setdefault(path, []).append(Edit(rotation, by_rows=True))  # W H
+    for path, layer in _path_layers(linears, plan).items() if lazy else ():
+        if layer is not None and path in edits:
+            record.pending.setdefault(layer, {})[path] = edits.pop(path)
+    record.produced.update(write_edits(gm, edits))
     device = graph_tensor(gm, weight_paths(linears[plan.readers[0][0]])[0]).device  # the graph runs where its weights are
     _insert_nodes(gm, record, {name: (linears[name], rotation) for name, rotation in online.items()}, device)
     return record
+
+
+def _path_layers(linears: Mapping[str, fx.Node], plan: RotationPlan) -> dict[str, int | None]:
+    """Graph path of each linear's weight and bias, and of each norm γ its readers fold → their decoder layer (``None``:
+    outside the layers, as the LM head and the final norm are)."""
+    layers: dict[str, int | None] = {}
+    for node in linears.values():
+        for path in weight_paths(node):
+            if path is not None:
+                layers[path] = node.meta.get(LAYER_KEY)
+    for name, norm in plan.readers:
+        if norm is not None:
+            layers[norm] = linears[name].meta.get(LAYER_KEY)
+    return layers
+
+
+def rotate_layer(captured: CapturedDecoder, copies: Iterable[CapturedDecoder], layer: int) -> None:
+    """Make the changes a lazy :func:`rotate` left pending for decoder ``layer`` of ``captured``, and install the same new
+    tensors in ``copies`` of it (whose own records had the same changes pending). Nothing happens for an eager
+    rotation or an unrotated capture."""
+    record = rotation_record(captured.graph_module)
+    if record is None or layer not in record.pending:
+        return
+    produced = write_edits(captured.graph_module, record.pending.pop(layer))
+    for target in (captured, *copies):
+        gm = target.graph_module
+        own = rotation_record(gm)
+        assert own is not None, "a copy of a rotated capture is rotated"
+        own.pending.pop(layer, None)
+        for path, parameter in produced.items():
+            owner, _, name = path.rpartition(".")
+            setattr(gm.get_submodule(owner), name, parameter)
+            own.produced[path] = parameter
+        target.float_tensors = (*target.float_tensors, *produced.values())
+        nodes = target.linear_nodes()
+        target.weights.update({name: graph_tensor(gm, weight_paths(node)[0]) for name, node in nodes.items() if node.meta.get(LAYER_KEY) == layer})
 
 
 def set_parameter(gm: fx.GraphModule, path: str, tensor: Tensor) -> nn.Parameter:
@@ -323,15 +399,18 @@ def _insert_nodes(gm: fx.GraphModule, record: RotationRecord, online: Mapping[st
     gm.recompile()
 
 
-def rotate(captured: CapturedDecoder, config: RotationConfig) -> CapturedDecoder:
-    """A rotated copy of the float capture ``captured`` (which is left as it was): the same float model, other weights."""
+def rotate(captured: CapturedDecoder, config: RotationConfig, lazy: bool = False) -> CapturedDecoder:
+    """A rotated copy of the float capture ``captured`` (which is left as it was): the same float model, other weights.
+
+    ``lazy``: the decoder layers' weights are rotated when :func:`rotate_layer` is called for each (as the
+    layer-sequential run does); until then the copy is not the float model."""
     if any(True for _ in quant_linears(captured.graph_module)):
         raise InputError("rotate the float capture, before any quantization step (PrepareQuantLinears)")
     if captured.rotation_refusal is not None:
         raise InputError(f"cannot rotate this {captured.family} model: {captured.rotation_refusal}; quantize it without rotation")
     rotated = captured.copy()
     plan = plan_rotation(rotated.graph_module, rotated.sites, config, rotated.hidden_size, rotated.head_dim)
-    record = apply_rotation(rotated.graph_module, config, plan)
+    record = apply_rotation(rotated.graph_module, config, plan, lazy=lazy)
     gm = rotated.graph_module
     rotated.weights = {name: graph_tensor(gm, weight_paths(node)[0]) for name, node in rotated.linear_nodes().items()}
     rotated.float_tensors = (*captured.float_tensors, *record.produced.values())

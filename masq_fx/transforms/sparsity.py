@@ -41,7 +41,17 @@ from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs
 from masq_fx.nn.sparsity import BasisChange, BlockBases, Threshold, TopK
 from masq_fx.transforms.prepare import quant_linears
-from masq_fx.transforms.rotation import RotationConfig, RotationPlan, fold_residual, graph_tensor, plan_rotation, rotation_record, set_parameter, weight_paths
+from masq_fx.transforms.rotation import (
+    Edits,
+    RotationConfig,
+    RotationPlan,
+    fold_residual,
+    graph_tensor,
+    plan_rotation,
+    rotation_record,
+    weight_paths,
+    write_edits,
+)
 
 aten = torch.ops.aten
 SparsityMethod = Literal["larosa", "teal"]
@@ -364,14 +374,13 @@ def apply_sparsity(gm: fx.GraphModule, source: SparsityRecord, skip: Iterable[st
     if plan.roles is not None:
         q = record.bases.double().cpu()
         basis_of = dict(plan.bases)
-        new: dict[str, Tensor] = {}
+        edits: Edits = {}
 
         def basis(name: str) -> Callable[[Tensor], Tensor]:
             return lambda rows: rows @ q[basis_of[name]]
 
-        fold_residual(gm, plan.roles, linears, basis, set(skip), new)
-        for path, tensor in new.items():
-            record.produced[path] = set_parameter(gm, path, tensor)
+        fold_residual(gm, plan.roles, linears, basis, set(skip), edits)
+        record.produced.update(write_edits(gm, edits))
         dtype = next(iter(gm.parameters())).dtype
         embeds = next(n for n in graph.find_nodes(op="placeholder") if n.name == "inputs_embeds")
         gm.add_submodule(_ENTRY, BlockBases(q[list(plan.entry)].to(dtype=dtype, device=device)))
