@@ -20,7 +20,9 @@ compose the same way for custom pipelines.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from masq_fx.memory import available_memory, estimate_calibration_memory, requir
 from masq_fx.modality import Modality
 from masq_fx.models import DecoderInputs, ModelAdapter, adapter_for, model_device, place
 from masq_fx.nn.quant_linear import keep_weight_caches
+from masq_fx.offload import Offload
 from masq_fx.pages import release
 from masq_fx.pipeline import Context, Pipeline, Transform
 from masq_fx.recipes import PRESETS, Recipe, recipe_steps, resolve_recipe
@@ -268,6 +271,7 @@ def apply_all(
     progress: bool = True,
     extra_steps: Sequence[Transform] = (),
     resume: str | os.PathLike | None = None,
+    offload: bool | None = None,
 ) -> list[QuantizedModel]:
     """Apply every recipe of ``recipes`` in one layer-by-layer pass: the float activations and statistics
     are computed once for all of them (once per distinct rotation: a rotated recipe calibrates on its
@@ -276,7 +280,11 @@ def apply_all(
 
     ``resume``: a progress folder. Each layer's results are saved there as the run goes, and a run that
     finds the saved layers of the same model, recipes and calibration there continues after them
-    (:mod:`masq_fx.resume`); delete the folder once the results are saved."""
+    (:mod:`masq_fx.resume`); delete the folder once the results are saved.
+
+    ``offload``: move each finished layer's rotated weights to a memory-mapped file (:mod:`masq_fx.offload`), in the
+    progress folder if there is one, else in a temporary one. ``None``: where a rotation's weights would take more
+    than a quarter of the available memory."""
     resolved = [resolve_recipe(r) for r in recipes]
     saved = None if resume is None else Progress(resume, calibrated.model, resolved, calibrated.samples, calibrated.sample_ranks)
     seen = calibrated.seen_modalities()
@@ -297,31 +305,38 @@ def apply_all(
         wanted = set(calibrated.moment_modalities).union(*(r.site_moments(site) for r in resolved))
         return tuple(m for m in seen if m in wanted)
 
+    if offload is None:
+        available = available_memory()
+        weights = sum(w.numel() * w.element_size() for w in calibrated.captured.weights.values())
+        offload = any(r.rotation is not None for r in resolved) and available is not None and weights > available // 4
     jobs: dict[int, Job] = {}
-    for rotation, sparsity in dict.fromkeys((r.rotation, r.sparsity) for r in resolved):  # one float pass per float graph
-        floats = calibrated.captured
-        if rotation is not None:
-            floats = rotate(floats, rotation, lazy=True)  # each layer's weights when its turn comes
-        if sparsity is not None:
-            floats = sparsify(floats, sparsity, calibrated.samples, progress=progress)
-        chosen = {i: r for i, r in enumerate(resolved) if (r.rotation, r.sparsity) == (rotation, sparsity)}
-        group = {i: Job(Context(floats.copy(), calibrated.samples, calibrated.sample_ranks), recipe_steps(r, progress=False)) for i, r in chosen.items()}
-        with warnings.catch_warnings():
-            if absent:  # said once above, in plain words
-                warnings.simplefilter("ignore", CoverageWarning)
-            run_layerwise(
-                floats,
-                calibrated.samples,
-                list(group.values()),
-                (),
-                progress=progress,
-                site_moments=site_moments,
-                resume=None if saved is None else saved.of(list(group)),
-            )
-            for job in group.values():
-                if extra_steps:
-                    Pipeline(extra_steps).run(job.context, progress=False)
-        jobs.update(group)
+    with contextlib.ExitStack() as stack:
+        folder = Path(resume) / "offload" if resume is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for rotation, sparsity in dict.fromkeys((r.rotation, r.sparsity) for r in resolved):  # one float pass per float graph
+            floats = calibrated.captured
+            if rotation is not None:
+                floats = rotate(floats, rotation, lazy=True)  # each layer's weights when its turn comes
+            if sparsity is not None:
+                floats = sparsify(floats, sparsity, calibrated.samples, progress=progress)
+            chosen = {i: r for i, r in enumerate(resolved) if (r.rotation, r.sparsity) == (rotation, sparsity)}
+            group = {i: Job(Context(floats.copy(), calibrated.samples, calibrated.sample_ranks), recipe_steps(r, progress=False)) for i, r in chosen.items()}
+            with warnings.catch_warnings():
+                if absent:  # said once above, in plain words
+                    warnings.simplefilter("ignore", CoverageWarning)
+                run_layerwise(
+                    floats,
+                    calibrated.samples,
+                    list(group.values()),
+                    (),
+                    progress=progress,
+                    site_moments=site_moments,
+                    resume=None if saved is None else saved.of(list(group)),
+                    offload=Offload(folder) if offload else None,
+                )
+                for job in group.values():
+                    if extra_steps:
+                        Pipeline(extra_steps).run(job.context, progress=False)
+            jobs.update(group)
     return [
         QuantizedModel(calibrated.model, jobs[i].context.captured, recipe, jobs[i].context, data_hashes=calibrated.data_hashes)
         for i, recipe in enumerate(resolved)

@@ -18,7 +18,11 @@ Recipes run layer by layer (:mod:`masq_fx.sequential`). What stays resident, and
   linear-attention layer's chunked gated delta rule holds tensors linear in seq: 666 MiB at 2,048 tokens and
   Qwen3.5-27B's widths, ``benchmarks/gated_delta_rule.py``);
 * the rotated copy of the decoder's linear weights that each distinct rotation of the recipes makes
-  (:mod:`masq_fx.transforms.rotation`: the rotated float graph).
+  (:mod:`masq_fx.transforms.rotation`: the rotated float graph);
+* the largest layer's transform work, one step at a time: MAS learning's quantized weights of every scale row and
+  their gradients (float32), plus the weight quantizer it recomputes in the backward pass (about 8 weight-sized
+  temporaries of one row); GPTQ's float64 Hessian and inverse factor (3 ``in × in``) and float32 weight; CMC's
+  float64 whitened error and float32 text weight, and its eigendecompositions (about 4 ``min(in, out)²``).
 
 Model weights are already loaded when this runs, so they are not counted; nor are the copies of
 the decoder weights that transforms make (quantized codes, per-modality rows), nor allocator slack: on
@@ -73,10 +77,12 @@ class MemoryEstimate:
     activations: int
     #: the rotated decoder weights of the recipes' distinct rotations
     rotated_weights: int = 0
+    #: the largest layer's transform work (MAS learning, GPTQ, CMC), the costliest step
+    layer_work: int = 0
 
     @property
     def total(self) -> int:
-        return self.decoder_inputs + self.statistics + self.streams + self.layer_inputs + self.activations + self.rotated_weights
+        return self.decoder_inputs + self.statistics + self.streams + self.layer_inputs + self.activations + self.rotated_weights + self.layer_work
 
     def parts(self) -> str:
         """The terms, largest first, for messages."""
@@ -89,6 +95,7 @@ class MemoryEstimate:
             "attention masks and rotary tables": self.layer_inputs,
             "one layer pass on the largest batch": self.activations,
             "rotated weights": self.rotated_weights,
+            "the largest layer's transform work": self.layer_work,
         }
         return ", ".join(f"{name} {_gib(size)}" for name, size in sorted(terms.items(), key=lambda t: -t[1]) if size)
 
@@ -108,6 +115,29 @@ def _gib(size: int) -> str:
 def observed_channels(captured: CapturedDecoder) -> list[int]:
     """Input width of every site calibration observes: one per distinct input of the decoder-layer linears."""
     return [int(captured.weights[site.linears[0]].shape[1]) for site in captured.groups()]
+
+
+def _layer_work(captured: CapturedDecoder, recipes: Sequence[Recipe]) -> int:
+    """Bytes of the costliest transform step on the largest layer (see the module docstring)."""
+    rows = max(1, len(captured.modalities))  # scale rows of a per-modality recipe
+    layers: dict[int, list[tuple[int, int]]] = {}
+    for name, weight in captured.weights.items():
+        layer = captured.linear_layers.get(name)
+        if layer is not None:
+            layers.setdefault(layer, []).append((int(weight.shape[0]), int(weight.shape[1])))
+    work = 0
+    for shapes in layers.values():
+        sizes = [o * i for o, i in shapes]
+        for recipe in recipes:
+            if recipe.method == "fp":
+                continue
+            if recipe.method == "mas":
+                work = max(work, (2 * rows * sum(sizes) + 8 * max(sizes)) * _FLOAT32)
+            if recipe.gptq is not None:
+                work = max(work, max(3 * i * i * _FLOAT64 + o * i * _FLOAT32 for o, i in shapes))
+            if recipe.cmc is not None:
+                work = max(work, max(o * i * (_FLOAT64 + _FLOAT32) + 4 * min(o, i) ** 2 * _FLOAT64 for o, i in shapes))
+    return work
 
 
 def estimate_calibration_memory(
@@ -152,6 +182,7 @@ def estimate_calibration_memory(
         layer_inputs=layer_inputs,
         activations=activations,
         rotated_weights=len(rotations) * weight_bytes,
+        layer_work=_layer_work(captured, recipes),
     )
 
 

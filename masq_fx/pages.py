@@ -43,7 +43,7 @@ def _safetensors_mappings() -> list[_Mapping]:
     found = []
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+        if len(fields) == 6 and fields[5].removesuffix(" (deleted)").endswith(".safetensors"):  # deleted: offload.py's
             start, end = (int(x, 16) for x in fields[0].split("-"))
             found.append(_Mapping(start, end))
     return found

@@ -48,6 +48,7 @@ from masq_fx.pipeline import CALIBRATION_DATA, Context, LayerData, Pipeline, Ste
 from masq_fx.transforms.rotation import rotate_layer
 
 if TYPE_CHECKING:
+    from masq_fx.offload import Offload
     from masq_fx.resume import Progress
 
 
@@ -71,6 +72,7 @@ def run_layerwise(
     progress: bool = True,
     site_moments: Callable[[SmoothingGroup], Iterable[Modality]] | None = None,
     resume: Progress | None = None,
+    offload: Offload | None = None,
 ) -> None:
     """Run every job's steps layer by layer on its context, calibrating on ``samples`` once for all.
 
@@ -79,7 +81,8 @@ def run_layerwise(
     calibration data count as available); afterwards each context holds every layer's statistics
     without second moments, and its history the steps' total times. With ``resume``, each job's results
     are saved after every layer, and the layers every job has saved already are replayed, not recomputed
-    (:mod:`masq_fx.resume`; their statistics are observed again, without second moments).
+    (:mod:`masq_fx.resume`; their statistics are observed again, without second moments). With ``offload``, each
+    finished layer's rotated weights are moved to a memory-mapped file (:mod:`masq_fx.offload`).
     """
     for job in jobs:
         job.context.provided.update((STATS, CALIBRATION_DATA))
@@ -135,6 +138,8 @@ def run_layerwise(
                     if isinstance(module, QuantLinear) and context.in_scope(module.name):
                         module.release()
             release(segment.module.state_dict(keep_vars=True).values())  # this layer's float weights, where mapped
+            if offload is not None:
+                offload.layer(float_capture, [job.context.captured for job in jobs], layer)
             light = {id(s): s.without_moments() for s in stats.values()}
             for job in jobs:
                 job.context.stats.update({name: light[id(s)] for name, s in stats.items()})

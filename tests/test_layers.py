@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: every room below the API
 LIBRARY = set(
-    "resume checkpoint generation replay backends recipes memory eval data sequential transforms calibration pipeline capture nn models modality quantizers files pages distributed errors".split()
+    "resume checkpoint generation replay backends recipes memory eval data sequential offload transforms calibration pipeline capture nn models modality quantizers files pages distributed errors".split()
 )
 
 #: room → the other rooms its modules may import (bottom floor first; the same table as docs/architecture.md)
@@ -47,7 +47,8 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "calibration": {"pipeline", "capture", "nn", "models", "modality", "quantizers", "distributed", "errors"},
     "transforms": {"calibration", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "distributed", "errors"},
-    "sequential": {"calibration", "pipeline", "capture", "nn", "models", "modality", "pages", "distributed", "errors"},
+    "offload": {"transforms", "capture", "nn", "pages", "files"},
+    "sequential": {"transforms", "calibration", "pipeline", "capture", "nn", "models", "modality", "pages", "distributed", "errors"},
     # stage 4 and running / persisting a transformed graph
     "backends": {"capture", "nn", "models", "modality", "quantizers", "errors"},
     "replay": {"transforms", "pipeline", "capture", "nn", "models", "modality", "quantizers", "files", "errors"},

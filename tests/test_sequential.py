@@ -120,6 +120,41 @@ def test_apply_all_computes_the_float_statistics_once(calibrated, monkeypatch, o
     assert [q.recipe.label for q in together] == [PRESETS[r].label for r in recipes]
 
 
+def test_second_moments_are_collected_only_of_modalities_the_calibration_has(calibrated, monkeypatch):
+    collected: set = set()
+    real = sequential.collect_stats
+
+    def spy(gm, layer=None):
+        stats = real(gm, layer)
+        collected.update(m for s in stats.values() for m in s.moments)
+        return stats
+
+    monkeypatch.setattr(sequential, "collect_stats", spy)
+    apply(calibrated, "smoothquant-w4a8-gptq", progress=False)  # GPTQ reads every modality's Hessian
+    assert collected == set(calibrated.seen_modalities())
+    assert (Modality.AUDIO in collected) == (Modality.AUDIO in calibrated.captured.modalities)  # the VL model has none
+
+
+def test_offloaded_rotated_weights_are_mapped_and_change_nothing(calibrated, tmp_path, one_thread):
+    from masq_fx.checkpoint import TENSORS
+    from masq_fx.pages import _safetensors_mappings
+
+    recipe = replace(PRESETS["masquant-w4a8"], learning=replace(PRESETS["masquant-w4a8"].learning, epochs=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoverageWarning)
+        kept = apply_all(calibrated, [recipe, "rtn-w8a8"], progress=False, offload=False)
+        moved = apply_all(calibrated, [recipe, "rtn-w8a8"], progress=False, offload=True)
+    mappings = _safetensors_mappings()
+    rotated = [m for m in moved[0].decoder.graph_module.modules() if isinstance(m, QuantLinear)]
+    assert rotated and all(any(r.start <= m.weight.data_ptr() < r.end for r in mappings) for m in rotated)
+    sample = calibrated.samples[0]
+    for ours, theirs, name in zip(moved, kept, ("rotated", "plain")):
+        assert torch.equal(ours.decoder(sample), theirs.decoder(sample)), name
+        ours.save(tmp_path / f"moved-{name}")
+        theirs.save(tmp_path / f"kept-{name}")
+        assert (tmp_path / f"moved-{name}" / TENSORS).read_bytes() == (tmp_path / f"kept-{name}" / TENSORS).read_bytes(), name
+
+
 def test_segments_run_in_turn_equal_the_whole_graph(calibrated):
     gm = calibrated.captured.graph_module
     segments = Segments(gm, calibrated.captured.num_layers)
