@@ -311,7 +311,9 @@ def apply_all(
         offload = any(r.rotation is not None for r in resolved) and available is not None and weights > available // 4
     jobs: dict[int, Job] = {}
     with contextlib.ExitStack() as stack:
-        folder = Path(resume) / "offload" if resume is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        spill = None
+        if offload:
+            spill = Offload(Path(resume) / "offload" if resume is not None else Path(stack.enter_context(tempfile.TemporaryDirectory())))
         for rotation, sparsity in dict.fromkeys((r.rotation, r.sparsity) for r in resolved):  # one float pass per float graph
             floats = calibrated.captured
             if rotation is not None:
@@ -331,7 +333,7 @@ def apply_all(
                     progress=progress,
                     site_moments=site_moments,
                     resume=None if saved is None else saved.of(list(group)),
-                    offload=Offload(folder) if offload else None,
+                    offload=spill,
                 )
                 for job in group.values():
                     if extra_steps:

@@ -30,9 +30,7 @@ def test_larosa_beats_teal_and_keeps_its_level_on_real_weights(smollm2, smollm2_
     model, _ = smollm2
     adapter = adapter_for(model)
     samples, evaluation = windows
-    dense = perplexity(smollm2_captured, adapter, evaluation)
-    rotated = sparsify(smollm2_captured, SparsityConfig(levels=(0.0, 0.0)), samples, progress=False)
-    assert perplexity(rotated, adapter, evaluation) == pytest.approx(dense, rel=1e-4)
+    dense = perplexity(smollm2_captured, adapter, evaluation)  # the rotations alone are float-exact: tests/test_sparsity.py, every family
     larosa = sparsify(smollm2_captured, SparsityConfig("larosa", 0.5), samples, progress=False)
     teal = sparsify(smollm2_captured, SparsityConfig("teal", 0.5), samples, progress=False)
     assert dense < perplexity(larosa, adapter, evaluation) < perplexity(teal, adapter, evaluation)
