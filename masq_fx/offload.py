@@ -31,8 +31,6 @@ class Offload:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        #: bytes moved out of memory so far
-        self.moved = 0
 
     def layer(self, captured: CapturedDecoder, copies: Iterable[CapturedDecoder], layer: int) -> None:
         """Move decoder ``layer``'s rotated weights of ``captured`` (a rotated float capture) and of its ``copies``."""
@@ -53,7 +51,6 @@ class Offload:
         for target in (captured, *copies):
             _replace(target, held, moved)
         release(moved.values())
-        self.moved += sum(t.numel() * t.element_size() for t in held.values())
 
 
 def _replace(target: CapturedDecoder, held: dict[str, Tensor], moved: dict[int, nn.Parameter]) -> None:

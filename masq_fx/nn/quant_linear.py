@@ -503,6 +503,10 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             return self._cache if self._use_cache() else None
 
+    def _gradient_wanted(self) -> bool:
+        """Whether a gradient must reach the weight, the scales or the clipping ratios (MAS learning)."""
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.weight, self.scales, self.clip_ratios))
+
     def _smoothed_weight(self, row: int | None, rows: slice = slice(None)) -> Tensor:
         """``W·diag(s[row])`` (of the output ``rows``), float32."""
         weight = self.weight[rows].float()
@@ -515,7 +519,7 @@ class QuantLinear(nn.Module):
         if self.weight_quant is None or not self._quantizers_on:
             return self._smoothed_weight(row)
         ratio = self.clip_ratio(row)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.weight, self.scales, ratio)):
+        if self._gradient_wanted():
             return fake_quant_weight(self._smoothed_weight(row), self.weight_quant, ratio)
         # no gradient: output rows are quantized independently, so blocks of them bound the temporaries (a 7B
         # gate_proj's are a few times its 272 MiB) to a block's, with the same values
@@ -589,7 +593,7 @@ class QuantLinear(nn.Module):
         if not self._quantizers_on:
             rows = [None] if self.scales is None else range(self.scales.shape[0])
             return torch.stack([self._scaled_weight(r) for r in rows])
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (self.scales, self.clip_ratios)):
+        if self._gradient_wanted():
             # learning: the quantizer's temporaries (about 8 weight-sized tensors a row) are recomputed for the backward
             # pass rather than kept from the forward, as a 7B layer's would be ~20 GiB; same values and gradients
             return torch.stack([checkpoint(self.quantized_weight, r, use_reentrant=False) for r in self.stored_rows()])

@@ -181,15 +181,22 @@ class GPTQWeights:
         assert module.weight_quant is not None  # chosen so
         solved = {}
         for row in range(_rows(module)):
-            hessian = _row_hessian(module, stats, row)  # a new tensor: scratch
             weight = module.weight.detach().to(torch.float32, copy=True)
             if module.scales is not None:
-                scale = module.scales[row].detach()
-                weight.mul_(scale.float())  # = the float64 product rounded: float32 products are exact in it
-                hessian.div_(scale.double()[:, None]).div_(scale.double()[None, :])
-            solved[row] = gptq_codes(weight, hessian, module.weight_quant, self.config, module.clip_ratio(row), scratch=True)
-            del hessian, weight
+                weight.mul_(module.scales[row].detach().float())  # = the float64 product rounded: float32 products are exact in it
+            # the Hessian passed inline: gptq_codes holds its only reference and lets it go once factored
+            solved[row] = gptq_codes(weight, _smoothed_hessian(module, stats, row), module.weight_quant, self.config, module.clip_ratio(row), scratch=True)
+            del weight
         return solved
+
+
+def _smoothed_hessian(module: QuantLinear, stats, row: int) -> Tensor:
+    """``D⁻¹HD⁻¹`` of scale row ``row`` (``D = diag(s_row)``), a new float64 tensor."""
+    hessian = _row_hessian(module, stats, row)
+    if module.scales is not None:
+        scale = module.scales[row].detach().double()
+        hessian.div_(scale[:, None]).div_(scale[None, :])
+    return hessian
 
 
 def _rows(module: QuantLinear) -> int:
